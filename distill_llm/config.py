@@ -1,0 +1,272 @@
+"""Typed configuration for every stage: one YAML file drives generate, train and eval.
+
+Every section forbids unknown keys, so a typo fails before any work starts with the dotted
+name of the key. Command-line overrides are dotted (``train.alpha=0.5``) and parsed as YAML
+scalars, so ``x=1`` is an int, ``x=[a,b]`` a list and ``x=null`` None.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem the user can fix; printed without a traceback."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(_Section):
+    """The teacher model and its vLLM engine."""
+
+    model: str = "toy-teacher"  # hub id, local path, URL, or a built-in toy name
+    revision: str | None = None
+    tokenizer: str | None = None  # defaults to the model's own
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1)  # engines running at once (Ray actors)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # GPU only
+    cpu_kv_cache_gb: float = Field(1.0, gt=0)  # CPU only: KV cache size per engine
+    max_model_len: int | None = Field(None, ge=16)
+    max_num_seqs: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)  # rows handed to one engine call
+    enforce_eager: bool | None = None  # None: eager on CPU, graphs on GPU
+    use_gpu: bool | None = None  # None: use GPUs when the Ray cluster has them
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to vllm.LLM as is
+
+
+class DataConfig(_Section):
+    """Where prompts (and, for training, shards) come from."""
+
+    prompts: str = "toy:train"  # JSONL, Parquet, a saved HF dataset dir, or toy:train / toy:eval
+    num_prompts: int | None = Field(256, ge=1)  # first N prompts (toy: how many to make)
+    system_prompt: str | None = None
+    checker: str = "toy"  # answer checker: toy, math, exact, none
+    shards: list[str] | None = None  # training input; None: output.dir
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class GenerateConfig(_Section):
+    """Sampling settings of the teacher stage."""
+
+    samples_per_prompt: int = Field(1, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    top_k_logprobs: int = Field(20, ge=0)  # k; 0 stores no logprobs (sequence-level KD only)
+    logprobs_dtype: Literal["float16", "float32"] = "float16"
+    rows_per_shard: int = Field(4096, ge=1)
+    max_errored_rows: int | None = Field(None, ge=0)  # fail the run past this many skipped rows
+
+
+class OutputConfig(_Section):
+    dir: str = "runs/quickstart/shards"  # local path or s3:// / gs:// URL
+    student_dir: str = "runs/quickstart/student"
+    eval_dir: str | None = None  # None: <student_dir>/../eval
+    resume: bool = True  # reuse committed shards of the same run in output.dir
+    overwrite: bool = False  # delete a different run's shards in output.dir instead of refusing
+
+
+class LoraSettings(_Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class StudentConfig(_Section):
+    model: str = "toy-student"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    lora: LoraSettings | None = Field(default_factory=LoraSettings)  # null: full fine-tuning
+    merge_lora: bool = True
+    gradient_checkpointing: bool = False
+
+
+class TrainConfig(_Section):
+    alpha: float = Field(0.5, ge=0, le=1)  # weight of the token-level KD term; 0 = sequence-level only
+    temperature: float = Field(1.0, gt=0)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
+    jsd_beta: float = Field(0.5, gt=0, lt=1)
+    tail_bucket: bool = False  # keep the teacher's mass outside the top-k as one extra bucket
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
+    batch_size: int = Field(16, ge=1)  # per worker
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_seq_len: int = Field(1024, ge=8)
+    loss_chunk_size: int = Field(1024, ge=1)  # tokens per chunk of the loss; bounds logits memory
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    storage_path: str = "runs/quickstart/train"  # local dir or fsspec URL
+    run_name: str | None = None  # None: derived from data, student and settings
+    resume: bool = True  # continue the same run from its latest checkpoint; false starts a new run
+    checkpoint_every: int | None = Field(None, ge=1)  # steps; None: once at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    filter_correct: bool = False  # keep only rows whose answer check passed
+    seed: int = 0
+    log_every: int = Field(1, ge=1)
+    max_failures: int = Field(0, ge=-1)
+
+
+class EvalConfig(_Section):
+    prompts: str = "toy:eval"
+    num_prompts: int | None = Field(200, ge=1)
+    models: list[str] = Field(default_factory=list)  # extra models to score beside teacher/student
+    include_teacher: bool = True
+    include_base_student: bool = True
+    samples: int = Field(1, ge=1)  # n per prompt; pass@k is reported for k <= n
+    temperature: float = Field(0.0, ge=0)
+    max_new_tokens: int | None = Field(None, ge=1)  # None: generate.max_new_tokens
+    seed: int = 1234
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None: connect to RAY_ADDRESS or start a local Ray in-process
+    num_cpus: int | None = None  # for a local Ray only
+    dashboard_host: str = "127.0.0.1"
+
+
+class Config(_Section):
+    """The whole job: sections named like the YAML keys."""
+
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        if self.train.alpha > 0 and self.generate.top_k_logprobs == 0:
+            raise ValueError("train.alpha > 0 needs top-k logprobs: set generate.top_k_logprobs >= 1 or train.alpha=0")
+        return self
+
+    @property
+    def shard_dirs(self) -> list[str]:
+        return self.data.shards or [self.output.dir]
+
+    @property
+    def eval_dir(self) -> str:
+        return self.output.eval_dir or str(Path(self.output.student_dir).parent / "eval")
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ``["a.b=1", "c=x"]`` into a nested dict, values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None) if field else None
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        model = next((a for a in candidates if issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        name = ".".join(str(p) for p in loc) or "<config>"
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(Config, loc)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f" (did you mean {'.'.join(str(p) for p in loc[:-1] + (close[0],))}?)" if close else ""
+            lines.append(f"{name}: unknown key{hint}")
+        elif e["type"] == "value_error":
+            lines.append(f"{name}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"{name}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build_config(tree: dict | None = None) -> Config:
+    """Validate a nested dict into a Config, with errors that name the dotted key."""
+    try:
+        return Config.model_validate(tree or {})
+    except ValidationError as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (or nothing, for the built-in defaults) and apply dotted overrides."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(tree).__name__}")
+    return build_config(_merge(tree, parse_overrides(overrides or [])))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,120 @@
+"""The teacher stage: prompts -> vLLM engines on Ray Data -> committed Parquet shards -> manifest."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .config import Config, ConfigError
+from .paths import absolute, resolve_model
+from .schema import LOGPROB_SEMANTICS, SCHEMA_VERSION
+from .shards import ShardError, ShardWriter, prepare_output, write_manifest
+from .teacher import EngineSpec, SamplingSpec
+from .tokenization import load_tokenizer, tokenizer_fingerprint
+
+
+def model_limits(path: str, revision: str | None, trust_remote_code: bool) -> dict[str, int | None]:
+    """Vocabulary and context length from the model's config.json (no weights loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        conf = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ConfigError(f"cannot load the config of model {path}: {err}") from None
+    conf = getattr(conf, "text_config", conf)
+    return {"vocab_size": getattr(conf, "vocab_size", None),
+            "max_position_embeddings": getattr(conf, "max_position_embeddings", None)}
+
+
+def engine_spec(cfg: Config, model: str, use_gpu: bool, seed: int) -> EngineSpec:
+    t = cfg.teacher
+    return EngineSpec(
+        model=model, tokenizer=t.tokenizer, revision=t.revision, trust_remote_code=t.trust_remote_code,
+        dtype=t.dtype, tensor_parallel_size=t.tensor_parallel_size, pipeline_parallel_size=t.pipeline_parallel_size,
+        gpu_memory_utilization=t.gpu_memory_utilization, max_model_len=t.max_model_len, max_num_seqs=t.max_num_seqs,
+        kv_cache_memory_bytes=None if use_gpu else int(t.cpu_kv_cache_gb * 2**30),
+        enforce_eager=(not use_gpu) if t.enforce_eager is None else t.enforce_eager, seed=seed,
+        engine_kwargs=t.engine_kwargs,
+    )
+
+
+def validate_engine(cfg: Config, model: str, k: int) -> dict[str, int | None]:
+    """Fail before any work when k or max_model_len cannot work with this model."""
+    limits = model_limits(model, cfg.teacher.revision, cfg.teacher.trust_remote_code)
+    vocab, ctx = limits["vocab_size"], limits["max_position_embeddings"]
+    if vocab and k > vocab:
+        raise ConfigError(f"generate.top_k_logprobs={k} exceeds the teacher's vocabulary of {vocab} tokens")
+    if ctx and cfg.teacher.max_model_len and cfg.teacher.max_model_len > ctx:
+        raise ConfigError(f"teacher.max_model_len={cfg.teacher.max_model_len} exceeds the model's context "
+                          f"of {ctx} tokens (max_position_embeddings)")
+    return limits
+
+
+def run_record(cfg: Config, model: str, tokenizer) -> dict[str, Any]:
+    """The description of this run stored in run.json, the manifest and every shard's metadata."""
+    g = cfg.generate
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "teacher": {"model": cfg.teacher.model, "resolved": model if cfg.teacher.model.startswith("toy-") else None,
+                    "revision": cfg.teacher.revision, "dtype": cfg.teacher.dtype},
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "prompts": {"source": cfg.data.prompts, "num_prompts": cfg.data.num_prompts,
+                    "system_prompt": cfg.data.system_prompt, "checker": cfg.data.checker},
+        "sampling": {"samples_per_prompt": g.samples_per_prompt, "max_new_tokens": g.max_new_tokens,
+                     "temperature": g.temperature, "top_p": g.top_p, "seed": g.seed},
+        "top_k_logprobs": g.top_k_logprobs,
+        "logprobs_dtype": g.logprobs_dtype,
+        "logprob_semantics": LOGPROB_SEMANTICS,
+    }
+
+
+def apply_engine(ds, spec: EngineSpec, sampling: SamplingSpec, replicas: int, use_gpu: bool, batch_size: int):
+    """Map a dataset of sample rows through ``replicas`` engine actors."""
+    from .teacher import TeacherEngine, engine_resources
+
+    return ds.map_batches(
+        TeacherEngine, fn_constructor_args=(spec, sampling), batch_size=batch_size, batch_format="pyarrow",
+        concurrency=replicas, **engine_resources(spec, use_gpu),
+    )
+
+
+def use_gpu_for(setting: bool | None) -> bool:
+    from .runtime import cluster_gpus
+
+    return cluster_gpus() > 0 if setting is None else setting
+
+
+def generate(cfg: Config) -> dict[str, Any]:
+    """Run the teacher stage; returns the manifest. Resumes a matching run found in output.dir."""
+    from .data import ShardSink, expand_samples, read_prompts
+    from .runtime import init_ray
+
+    start = time.time()
+    g, out_dir = cfg.generate, absolute(cfg.output.dir)
+    model = resolve_model(cfg.teacher.model)
+    validate_engine(cfg, model, g.top_k_logprobs)
+    tokenizer = load_tokenizer(cfg.teacher.tokenizer or model, cfg.teacher.revision, cfg.teacher.trust_remote_code)
+    run = run_record(cfg, model, tokenizer)
+    resume = prepare_output(out_dir, run, cfg.output.resume, cfg.output.overwrite)
+    init_ray(cfg.ray)
+    use_gpu = use_gpu_for(cfg.teacher.use_gpu)
+    if resume.committed:
+        print(f"generate: resuming {out_dir}: {len(resume.done_sample_ids):,} samples already committed")
+    samples = expand_samples(read_prompts(cfg.data), g.samples_per_prompt, resume.done_sample_ids)
+    sampling = SamplingSpec(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed,
+                            top_k_logprobs=g.top_k_logprobs, logprobs_dtype=g.logprobs_dtype,
+                            checker=cfg.data.checker, system_prompt=cfg.data.system_prompt)
+    rows = apply_engine(samples, engine_spec(cfg, model, use_gpu, g.seed), sampling, cfg.teacher.replicas, use_gpu,
+                        cfg.teacher.batch_size)
+    writer = ShardWriter(out_dir, g.top_k_logprobs, g.logprobs_dtype, metadata=run)
+    rows.write_datasink(ShardSink(writer, g.rows_per_shard))
+    manifest = write_manifest(out_dir, extra={"config": cfg.model_dump(mode="json")}, max_rejected=g.max_errored_rows)
+    seconds = time.time() - start
+    t = manifest["totals"]
+    print(f"generate: {t['rows']:,} rows ({t['rejected']:,} rejected: {manifest['rejected'] or 'none'}), "
+          f"{t['completion_tokens']:,} completion tokens in {seconds:.1f}s "
+          f"({t['completion_tokens'] / max(seconds, 1e-9):,.0f} tok/s) -> {out_dir}")
+    return manifest
+
+
+__all__ = ["generate", "apply_engine", "engine_spec", "run_record", "ShardError"]

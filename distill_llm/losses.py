@@ -1,0 +1,115 @@
+"""Distillation losses on completion tokens, computed in chunks so logits never exist for a whole batch.
+
+    loss = (1 - alpha) * CE(student, teacher's sampled tokens) + alpha * T^2 * D(teacher_T || student_T)
+
+The teacher distribution is its stored top-k log-probabilities renormalised at temperature T, with
+an optional (k+1)-th bucket for the mass outside the top k. The student distribution is taken over
+the same buckets: its temperature-T probabilities at the teacher's top-k ids, renormalised over
+those k ids, or with the rest of its mass as the tail bucket. D is one of forward_kl, reverse_kl,
+jsd (with beta) or tvd. Pure torch: no Ray, no transformers.
+
+Shapes: N completion positions, H hidden size, V vocabulary, k top-k size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    alpha: float = 0.5
+    temperature: float = 1.0
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
+    tail_bucket: bool = False
+    chunk_size: int = 1024
+
+
+def _log_tail(logp_top: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum(exp(logp_top))) per row, clamped so a top-k holding all mass gives a tiny tail."""
+    mass = torch.logsumexp(logp_top, dim=-1).exp().clamp(max=1 - _EPS)
+    return torch.log1p(-mass)
+
+
+def teacher_buckets(topk_logprobs: torch.Tensor, temperature: float, tail: bool) -> torch.Tensor:
+    """[N, k] untempered teacher log-probs -> [N, k(+1)] log-probs at temperature T, summing to 1."""
+    lp = topk_logprobs.float()
+    if tail:
+        lp = torch.cat([lp, _log_tail(lp).unsqueeze(-1)], dim=-1)
+    return F.log_softmax(lp / temperature, dim=-1)
+
+
+def student_buckets(logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float, tail: bool) -> torch.Tensor:
+    """[N, V] student logits -> [N, k(+1)] log-probs at temperature T over the teacher's buckets."""
+    scaled = logits.float() / temperature
+    if not tail:
+        return F.log_softmax(scaled.gather(-1, topk_ids.long()), dim=-1)
+    top = F.log_softmax(scaled, dim=-1).gather(-1, topk_ids.long())
+    return torch.cat([top, _log_tail(top).unsqueeze(-1)], dim=-1)
+
+
+def divergence(t_logp: torch.Tensor, s_logp: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
+    """Per-position divergence [N] between teacher and student bucket log-probs [N, B]."""
+    p, q = t_logp.exp(), s_logp.exp()
+    if kind == "forward_kl":
+        return (p * (t_logp - s_logp)).sum(-1)
+    if kind == "reverse_kl":
+        return (q * (s_logp - t_logp)).sum(-1)
+    if kind == "jsd":
+        m_logp = torch.logsumexp(torch.stack([t_logp + torch.log(torch.tensor(beta)),
+                                              s_logp + torch.log(torch.tensor(1 - beta))]), dim=0)
+        return beta * (p * (t_logp - m_logp)).sum(-1) + (1 - beta) * (q * (s_logp - m_logp)).sum(-1)
+    if kind == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}; choose one of {DIVERGENCES}")
+
+
+def _chunk_terms(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, topk_ids: torch.Tensor | None,
+                 topk_logprobs: torch.Tensor | None, s: KDSettings) -> torch.Tensor:
+    """Summed (CE, KD) of one chunk as a [2] tensor; the chunk's logits live only inside this call."""
+    logits = (hidden @ weight.t()).float()
+    ce = F.cross_entropy(logits, targets.long(), reduction="sum")
+    if s.alpha == 0 or topk_ids is None:
+        return torch.stack([ce, ce.new_zeros(())])
+    t_logp = teacher_buckets(topk_logprobs, s.temperature, s.tail_bucket)
+    s_logp = student_buckets(logits, topk_ids, s.temperature, s.tail_bucket)
+    kd = divergence(t_logp, s_logp, s.divergence, s.jsd_beta).sum()
+    return torch.stack([ce, kd])
+
+
+def distill_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor | None,
+                 settings: KDSettings, normalizer: float | None = None) -> dict[str, torch.Tensor]:
+    """Mixed CE + KD over N completion positions, computed ``settings.chunk_size`` rows at a time.
+
+    hidden [N, H] are the student's final hidden states at the positions that predict each
+    completion token; weight [V, H] its output embedding; targets [N] the teacher's sampled tokens;
+    topk_ids [N, k] and topk_logprobs [N, k] the stored teacher top-k. Each chunk is recomputed in
+    backward (activation checkpointing), so peak memory is O(chunk_size x V), not O(N x V).
+    Returns loss (the mean over ``normalizer`` positions, default N), ce and kd (means, detached).
+    """
+    n = hidden.shape[0]
+    denom = float(normalizer if normalizer is not None else max(n, 1))
+    totals = hidden.new_zeros(2, dtype=torch.float32)
+    for start in range(0, n, settings.chunk_size):
+        sl = slice(start, start + settings.chunk_size)
+        ids = topk_ids[sl] if topk_ids is not None else None
+        lps = topk_logprobs[sl] if topk_logprobs is not None else None
+        args = (hidden[sl], weight, targets[sl], ids, lps, settings)
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            terms = checkpoint(_chunk_terms, *args, use_reentrant=False)
+        else:
+            terms = _chunk_terms(*args)
+        totals = totals + terms
+    ce, kd = totals[0] / denom, totals[1] / denom
+    a, t2 = settings.alpha, settings.temperature ** 2
+    loss = (1 - a) * ce + a * t2 * kd
+    return {"loss": loss, "ce": ce.detach(), "kd": kd.detach()}

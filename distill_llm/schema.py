@@ -1,0 +1,77 @@
+"""The shard contract between the teacher and student stages.
+
+A shard set is a folder of plain Parquet files plus ``manifest.json`` (written last). Readers that
+do not use this package (pandas, DuckDB, ``datasets``) see one row per sampled completion with the
+columns below; the file metadata (key ``distill_llm``) and the manifest carry the run description.
+
+Bump ``SCHEMA_VERSION`` on any change a reader could notice, and say what changed here:
+  1: first version.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"distill_llm"
+MANIFEST_NAME = "manifest.json"
+SHARD_PREFIX = "part-"
+LOGPROB_SEMANTICS = (
+    "topk_logprobs[i][j] is log p(topk_token_ids[i][j] | prompt, completion[:i]) under the teacher's "
+    "untempered distribution (temperature 1, no top-p/top-k filtering: vLLM raw_logprobs), "
+    "most likely first; the sampled token completion_token_ids[i] may lie outside the top k"
+)
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+
+def shard_schema(k: int, logprobs_dtype: str = "float16", metadata: dict[str, Any] | None = None) -> pa.Schema:
+    """Arrow schema of a shard file for top-k size ``k`` (k = 0: no logprob columns)."""
+    fields = [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("messages", pa.list_(MESSAGE)),
+        pa.field("prompt_token_ids", pa.list_(pa.int32())),
+        pa.field("completion_token_ids", pa.list_(pa.int32())),
+        pa.field("completion_text", pa.string()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("answer", pa.string()),
+        pa.field("answer_correct", pa.bool_()),
+    ]
+    if k > 0:
+        fields += [
+            pa.field("topk_token_ids", pa.list_(pa.list_(pa.int32(), k))),
+            pa.field("topk_logprobs", pa.list_(pa.list_(pa.from_numpy_dtype(logprobs_dtype), k))),
+        ]
+    schema = pa.schema(fields)
+    if metadata is not None:
+        schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+    return schema
+
+
+# Rows the teacher could not turn into samples go to rejects/ with a reason, never into shards.
+REJECT_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("prompt_id", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
+])
+
+# Columns the engine returns: a shard row plus the reason it must be rejected (null when good).
+SKIP_REASON = "skip_reason"
+SKIP_DETAIL = "skip_detail"
+
+
+def engine_output_schema(k: int, logprobs_dtype: str) -> pa.Schema:
+    return shard_schema(k, logprobs_dtype).append(pa.field(SKIP_REASON, pa.string())).append(
+        pa.field(SKIP_DETAIL, pa.string()))
+
+
+REQUIRED_FOR_TRAINING = ("sample_id", "prompt_token_ids", "completion_token_ids", "completion_text", "messages")
+REQUIRED_FOR_KD = ("topk_token_ids", "topk_logprobs")
+
+
+def read_metadata(schema: pa.Schema) -> dict[str, Any] | None:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else None

@@ -1,0 +1,349 @@
+"""Shard sets on disk: atomic commits, the run record, the manifest, verification and ``inspect``.
+
+Layout of ``output.dir`` (local path or object-store URL)::
+
+    run.json                 what produced these shards (written first; a rerun must match it)
+    part-<id>.parquet        committed shards (written under _tmp/ then moved, or put whole)
+    _commits/part-<id>.json  one record per committed shard: rows, tokens, bytes, sha256 (after the move)
+    rejects/part-<id>.parquet  rows the teacher could not use, with the reason
+    manifest.json            written last, only when every prompt is accounted for
+
+A shard without its commit record was cut off mid-commit and is ignored (and replaced on resume).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import ConfigError
+from .paths import filesystem, join
+from .schema import (MANIFEST_NAME, REJECT_SCHEMA, SCHEMA_VERSION, SHARD_PREFIX, SKIP_DETAIL, SKIP_REASON,
+                     read_metadata, shard_schema)
+
+RUN_NAME = "run.json"
+COMMITS = "_commits"
+TMP = "_tmp"
+REJECTS = "rejects"
+# Keys of the run record that decide whether two runs produce the same samples.
+IDENTITY_KEYS = ("schema_version", "teacher", "tokenizer_fingerprint", "prompts", "sampling", "top_k_logprobs",
+                 "logprobs_dtype")
+
+
+class ShardError(ConfigError):
+    """A shard set that cannot be used as asked: incomplete, corrupt, or from another run."""
+
+
+# ---------------------------------------------------------------- small file helpers
+
+
+def _read_json(fs, path: str) -> Any | None:
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def _write_bytes_atomic(fs, path: str, data: bytes) -> None:
+    """Write under a temporary name, then move: readers see the old file or the new one, never half."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def write_json(fs, path: str, obj: Any) -> None:
+    _write_bytes_atomic(fs, path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _sha256(fs, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _list(fs, path: str, suffix: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+
+
+def _base(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+# ---------------------------------------------------------------- the run record
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two run records (identity keys only)."""
+    diffs: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b:
+            diffs.append(f"{prefix}: {a!r} -> {b!r}")
+
+    for key in IDENTITY_KEYS:
+        walk(old.get(key), new.get(key), key)
+    return diffs
+
+
+@dataclass
+class Resume:
+    done_sample_ids: set[str]
+    committed: int  # shard files already committed
+
+
+def prepare_output(out_dir: str, run: dict[str, Any], resume: bool, overwrite: bool) -> Resume:
+    """Claim ``out_dir`` for this run: start fresh, resume the same run, or refuse another run's shards."""
+    fs, root = filesystem(out_dir)
+    old = _read_json(fs, join(root, RUN_NAME))
+    existing = _list(fs, root, ".parquet")
+    import pyarrow.fs as pafs
+
+    if old is None and existing:
+        if not overwrite:
+            raise ShardError(f"{out_dir} holds Parquet files but no {RUN_NAME}: not a distill-llm shard set; "
+                             "choose another output.dir or set output.overwrite=true")
+    if old is not None:
+        diffs = identity_diff(old, run)
+        if diffs and not overwrite:
+            raise ShardError(
+                f"{out_dir} holds shards of a different run:\n  " + "\n  ".join(diffs)
+                + "\nchoose another output.dir, or set output.overwrite=true to delete them and start anew")
+        if not diffs and not resume and not overwrite:
+            raise ShardError(f"{out_dir} already holds this run; set output.resume=true to continue it "
+                             "or output.overwrite=true to start again")
+    if overwrite and (old is not None or existing):
+        fs.delete_dir_contents(root, missing_dir_ok=True)
+        old = None
+    fs.create_dir(root, recursive=True)
+    if old is None:
+        write_json(fs, join(root, RUN_NAME), run)
+        return Resume(set(), 0)
+    # Resuming: a previous manifest no longer describes the set once more shards arrive.
+    if fs.get_file_info(join(root, MANIFEST_NAME)).type != pafs.FileType.NotFound:
+        fs.delete_file(join(root, MANIFEST_NAME))
+    records = commit_records(out_dir)
+    done: set[str] = set()
+    for rec in records:
+        done.update(pq.read_table(join(root, rec["file"]), columns=["sample_id"], filesystem=fs)
+                    .column("sample_id").to_pylist())
+        if rec.get("rejects_file"):
+            done.update(pq.read_table(join(root, rec["rejects_file"]), columns=["sample_id"], filesystem=fs)
+                        .column("sample_id").to_pylist())
+    return Resume(done, len(records))
+
+
+def commit_records(out_dir: str) -> list[dict[str, Any]]:
+    fs, root = filesystem(out_dir)
+    return [_read_json(fs, p) for p in _list(fs, join(root, COMMITS), ".json")]
+
+
+# ---------------------------------------------------------------- writing shards (runs in Ray tasks)
+
+
+class ShardWriter:
+    """Writes one batch of engine output as a committed shard plus its rejects; picklable."""
+
+    def __init__(self, out_dir: str, k: int, logprobs_dtype: str, metadata: dict[str, Any],
+                 compression: str = "zstd", compression_level: int = 3):
+        self.out_dir, self.k, self.dtype = out_dir, k, logprobs_dtype
+        self.metadata, self.compression, self.level = metadata, compression, compression_level
+
+    def write(self, tables: Iterable[pa.Table]) -> dict[str, Any] | None:
+        fs, root = filesystem(self.out_dir)
+        table = pa.concat_tables(list(tables))
+        if table.num_rows == 0:
+            return None
+        schema = shard_schema(self.k, self.dtype, self.metadata)
+        rejected = pa.compute.invert(pa.compute.is_null(table.column(SKIP_REASON)))
+        good, bad = table.filter(pa.compute.invert(rejected)), table.filter(rejected)
+        name = f"{SHARD_PREFIX}{uuid.uuid4().hex[:16]}"
+        record: dict[str, Any] = {"file": f"{name}.parquet", "rows": good.num_rows, "rejected": {}}
+        if bad.num_rows:
+            rejects = pa.table({"sample_id": bad["sample_id"], "prompt_id": bad["prompt_id"],
+                                "reason": bad[SKIP_REASON], "detail": bad[SKIP_DETAIL]}, schema=REJECT_SCHEMA)
+            fs.create_dir(join(root, REJECTS), recursive=True)
+            record["rejects_file"] = f"{REJECTS}/{name}.parquet"
+            pq.write_table(rejects, join(root, record["rejects_file"]), filesystem=fs)
+            record["rejected"] = dict(Counter(bad.column(SKIP_REASON).to_pylist()))
+        good = good.select(schema.names).cast(schema)
+        fs.create_dir(join(root, TMP), recursive=True)
+        tmp, final = join(root, TMP, record["file"]), join(root, record["file"])
+        pq.write_table(good, tmp, filesystem=fs, compression=self.compression,
+                       compression_level=self.level, use_dictionary=["sample_id", "prompt_id", "finish_reason"])
+        fs.move(tmp, final)
+        record.update(
+            bytes=fs.get_file_info(final).size, sha256=_sha256(fs, final),
+            prompt_tokens=int(pa.compute.sum(pa.compute.list_value_length(good["prompt_token_ids"])).as_py() or 0),
+            completion_tokens=int(pa.compute.sum(
+                pa.compute.list_value_length(good["completion_token_ids"])).as_py() or 0),
+            prompts=len(set(good.column("prompt_id").to_pylist())),
+        )
+        fs.create_dir(join(root, COMMITS), recursive=True)
+        write_json(fs, join(root, COMMITS, f"{name}.json"), record)  # the commit point
+        return record
+
+
+# ---------------------------------------------------------------- the manifest
+
+
+def write_manifest(out_dir: str, extra: dict[str, Any] | None = None, max_rejected: int | None = None) -> dict[str, Any]:
+    """Gather every commit record into manifest.json, written last; returns the manifest.
+
+    Past ``max_rejected`` rejected rows no manifest is written: the set stays visibly incomplete.
+    """
+    fs, root = filesystem(out_dir)
+    run = _read_json(fs, join(root, RUN_NAME))
+    records = commit_records(out_dir)
+    shards = [{k: r[k] for k in ("file", "rows", "prompt_tokens", "completion_tokens", "bytes", "sha256")}
+              for r in records if r["rows"] > 0]
+    rejected: Counter = Counter()
+    for r in records:
+        rejected.update(r.get("rejected", {}))
+    if max_rejected is not None and sum(rejected.values()) > max_rejected:
+        raise ShardError(f"{sum(rejected.values())} rows were rejected ({dict(rejected)}), more than "
+                         f"generate.max_errored_rows={max_rejected}; see {join(out_dir, REJECTS)}/ for the reasons. "
+                         "No manifest was written.")
+    # A shard moved into place whose commit record never landed is an orphan of a killed run.
+    known = {r["file"] for r in records}
+    for path in _list(fs, root, ".parquet"):
+        if _base(path) not in known:
+            fs.delete_file(path)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "complete": True,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run": run,
+        "shards": shards,
+        "totals": {
+            "rows": sum(s["rows"] for s in shards),
+            "prompt_tokens": sum(s["prompt_tokens"] for s in shards),
+            "completion_tokens": sum(s["completion_tokens"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "rejected": sum(rejected.values()),
+        },
+        "rejected": dict(rejected),
+        **(extra or {}),
+    }
+    write_json(fs, join(root, MANIFEST_NAME), manifest)
+    return manifest
+
+
+def read_manifest(shard_dir: str) -> dict[str, Any]:
+    """The manifest of a complete shard set, or a ShardError saying why it cannot be used."""
+    fs, root = filesystem(shard_dir)
+    manifest = _read_json(fs, join(root, MANIFEST_NAME))
+    if manifest is None:
+        hint = " (a run was started there but did not finish: rerun `distill-llm generate` to resume it)" \
+            if _read_json(fs, join(root, RUN_NAME)) else ""
+        raise ShardError(f"{shard_dir} has no {MANIFEST_NAME}: not a complete shard set{hint}")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ShardError(f"{shard_dir} has shard schema v{manifest.get('schema_version')}, this distill-llm "
+                         f"reads v{SCHEMA_VERSION}: regenerate it with this version")
+    return manifest
+
+
+def shard_files(shard_dir: str, verify: str = "size") -> list[str]:
+    """Full paths of the manifest's shards, checked by size (or size and sha256: verify='sha256')."""
+    fs, root = filesystem(shard_dir)
+    manifest = read_manifest(shard_dir)
+    paths = []
+    for shard in manifest["shards"]:
+        path = join(root, shard["file"])
+        info = fs.get_file_info(path)
+        if info.type == 0:
+            raise ShardError(f"shard {path} listed in the manifest is missing")
+        if info.size != shard["bytes"]:
+            raise ShardError(f"shard {path} is {info.size} bytes, the manifest says {shard['bytes']}: "
+                             "it was truncated or altered")
+        if verify == "sha256" and _sha256(fs, path) != shard["sha256"]:
+            raise ShardError(f"shard {path} does not match its sha256 in the manifest: it was altered")
+        paths.append(path)
+    return paths
+
+
+def check_compatible(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Several shard sets may train one student only if k, dtype and tokenizer agree; returns the run."""
+    items = list(manifests.items())
+    first_dir, first = items[0]
+    for other_dir, other in items[1:]:
+        for key in ("top_k_logprobs", "tokenizer_fingerprint", "logprobs_dtype"):
+            a, b = first["run"].get(key), other["run"].get(key)
+            if a != b:
+                raise ShardError(f"shard sets disagree on {key}: {first_dir} has {a!r}, {other_dir} has {b!r}")
+    return first["run"]
+
+
+def file_metadata(path: str) -> dict[str, Any] | None:
+    fs, p = filesystem(path)
+    return read_metadata(pq.read_schema(p, filesystem=fs))
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def inspect(shard_dir: str) -> dict[str, Any]:
+    """What a user wants to know about a shard set, computed from the files (not trusted from the manifest)."""
+    fs, root = filesystem(shard_dir)
+    manifest = read_manifest(shard_dir)
+    paths = shard_files(shard_dir)
+    cols = ["prompt_id", "finish_reason", "answer_correct", "completion_token_ids"]
+    rows = prompts_seen = tokens = 0
+    prompt_ids: set[str] = set()
+    finish: Counter = Counter()
+    checked = passed = 0
+    for path in paths:
+        t = pq.read_table(path, columns=cols, filesystem=fs)
+        rows += t.num_rows
+        prompt_ids.update(t.column("prompt_id").to_pylist())
+        finish.update(t.column("finish_reason").to_pylist())
+        tokens += int(pa.compute.sum(pa.compute.list_value_length(t["completion_token_ids"])).as_py() or 0)
+        correct = [c for c in t.column("answer_correct").to_pylist() if c is not None]
+        checked, passed = checked + len(correct), passed + sum(correct)
+    prompts_seen = len(prompt_ids)
+    run = manifest["run"]
+    size = sum(s["bytes"] for s in manifest["shards"])
+    return {
+        "dir": shard_dir, "schema_version": manifest["schema_version"], "teacher": run.get("teacher"),
+        "shards": len(paths), "rows": rows, "prompts": prompts_seen, "completion_tokens": tokens,
+        "k": run.get("top_k_logprobs"), "bytes": size, "bytes_per_token": size / tokens if tokens else None,
+        "finish_reasons": dict(finish), "rejected": manifest.get("rejected", {}),
+        "answer_pass_rate": passed / checked if checked else None, "answers_checked": checked,
+    }
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    teacher = info["teacher"] or {}
+    lines = [
+        f"shard set      {info['dir']}  (schema v{info['schema_version']}, {info['shards']} shards)",
+        f"teacher        {teacher.get('model')} (revision {teacher.get('revision')})",
+        f"rows           {info['rows']:,} completions of {info['prompts']:,} prompts",
+        f"tokens         {info['completion_tokens']:,} completion tokens, top-k k={info['k']}",
+        f"size           {info['bytes']:,} bytes"
+        + (f", {info['bytes_per_token']:.1f} bytes per token" if info["bytes_per_token"] else ""),
+        "finish reasons " + ", ".join(f"{k}: {v}" for k, v in sorted(info["finish_reasons"].items())),
+        "rejected rows  " + (", ".join(f"{k}: {v}" for k, v in info["rejected"].items()) or "none"),
+        "answer check   " + (f"{info['answer_pass_rate']:.1%} of {info['answers_checked']} passed"
+                             if info["answer_pass_rate"] is not None else "no reference answers"),
+    ]
+    return "\n".join(lines)

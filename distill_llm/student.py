@@ -1,0 +1,98 @@
+"""The student model: load, wrap with LoRA, compute the loss, merge and save a Hugging Face folder. No Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ConfigError, LoraSettings
+from .losses import KDSettings, distill_loss
+
+
+def load_student(path: str, dtype: torch.dtype, revision: str | None = None, trust_remote_code: bool = False,
+                 gradient_checkpointing: bool = False):
+    """A causal LM from a local folder or hub id, safetensors only (no pickle)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
+                                                     dtype=dtype, use_safetensors=True)
+    except OSError as err:
+        raise ConfigError(f"cannot load student model {path}: {err}") from None
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def add_lora(model, lora: LoraSettings):
+    """Wrap with a peft LoRA adapter; a target list that matches no module is a ConfigError."""
+    from peft import LoraConfig, get_peft_model
+
+    conf = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    try:
+        wrapped = get_peft_model(model, conf)
+    except ValueError as err:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(f"student.lora.target_modules={lora.target_modules!r} matched no layer of the "
+                          f"student ({err}); linear layers are named {names}") from None
+    return wrapped  # 'all-linear' leaves lm_head out on purpose: it stays frozen
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+class StudentWithLoss(nn.Module):
+    """The student and the chunked distillation loss in one module, so DDP sees one forward.
+
+    The causal LM runs without its head; the loss applies the output embedding chunk by chunk
+    at completion positions only, so full-batch logits never exist.
+    """
+
+    def __init__(self, model, settings: KDSettings):
+        super().__init__()
+        self.model, self.settings = model, settings
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.backbone = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+        self.head = base.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask, gather_index, targets, topk_ids=None, topk_logprobs=None,
+                normalizer: float | None = None) -> dict[str, torch.Tensor]:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather_index)
+        out = distill_loss(flat, self.head.weight, targets, topk_ids, topk_logprobs, self.settings, normalizer)
+        if gather_index.numel() == 0:  # keep every parameter in the graph so DDP's reducer stays in step
+            out["loss"] = out["loss"] + 0.0 * (hidden.sum() + self.head.weight.sum())
+        return out
+
+
+def save_hf_folder(model, tokenizer, out_dir: str | Path, merge_lora: bool = True,
+                   card: str | None = None, extra_files: dict[str, Any] | None = None) -> Path:
+    """Write a folder that transformers and vLLM load as is: merged weights (safetensors), tokenizer, card.
+
+    With LoRA the adapter is kept beside the merged weights under ``adapter/``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(str(out / "adapter"), safe_serialization=True)
+        if merge_lora:
+            model = model.merge_and_unload()
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    if getattr(model, "generation_config", None) is not None:
+        gen = model.generation_config
+        gen.eos_token_id = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+        gen.save_pretrained(str(out))
+    if card:
+        (out / "README.md").write_text(card)
+    for name, obj in (extra_files or {}).items():
+        (out / name).write_text(obj if isinstance(obj, str) else json.dumps(obj, indent=2))
+    return out

@@ -1,0 +1,192 @@
+"""The per-worker training loop: the only module that calls ``ray.train``.
+
+Reads batches from ``get_dataset_shard('train')``, steps the student, and reports checkpoints
+(weights or adapter, optimizer, step, epoch position and the metrics so far) from rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import build_config
+from .losses import KDSettings
+from .student import StudentWithLoss, add_lora, count_parameters, load_student
+from .tokenization import build_batch, completion_ids, load_tokenizer, prompt_ids
+
+STATE = "trainer_state.json"
+METRICS = "metrics.jsonl"
+
+
+def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at a (1-based) step."""
+    if warmup and step <= warmup:
+        return step / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
+def _save(model, optimizer, state: dict, metrics: list[dict], directory: Path) -> None:
+    inner = model.module if hasattr(model, "module") else model
+    student = inner.model
+    if hasattr(student, "peft_config"):
+        student.save_pretrained(str(directory / "adapter"), safe_serialization=True)
+    else:
+        student.save_pretrained(str(directory / "model"), safe_serialization=True)
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    (directory / STATE).write_text(json.dumps(state))
+    (directory / METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def _restore(student, optimizer, directory: Path) -> tuple[Any, dict, list[dict]]:
+    if (directory / "adapter").is_dir():
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(student, load_file(str(directory / "adapter" / "adapter_model.safetensors")))
+    else:
+        from safetensors.torch import load_file
+
+        weights = {}
+        for f in sorted((directory / "model").glob("*.safetensors")):
+            weights.update(load_file(str(f)))
+        student.load_state_dict(weights, strict=False)
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+    metrics = [json.loads(line) for line in (directory / METRICS).read_text().splitlines() if line]
+    return student, json.loads((directory / STATE).read_text()), metrics
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = build_config(loop_config["config"])
+    info = loop_config["info"]
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(t.seed + rank)
+    device = ray.train.torch.get_device()
+    dtype = torch.bfloat16 if t.use_gpu else torch.float32
+    if not t.use_gpu:
+        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+
+    tokenizer = load_tokenizer(info["student_path"], cfg.student.revision, cfg.student.trust_remote_code)
+    student = load_student(info["student_path"], dtype, cfg.student.revision, cfg.student.trust_remote_code,
+                           cfg.student.gradient_checkpointing)
+    if cfg.student.lora is not None:
+        student = add_lora(student, cfg.student.lora)
+    settings = KDSettings(alpha=t.alpha, temperature=t.temperature, divergence=t.divergence, jsd_beta=t.jsd_beta,
+                          tail_bucket=t.tail_bucket, chunk_size=t.loss_chunk_size)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
+    metrics: list[dict] = []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            student, state, metrics = _restore(student, optimizer, Path(d))
+        if rank == 0:
+            print(f"train: resumed from step {state['step']} (epoch {state['epoch']}, "
+                  f"batch {state['batches_in_epoch']})", flush=True)
+    model = ray.train.torch.prepare_model(StudentWithLoss(student, settings), parallel_strategy_kwargs=None) \
+        if world > 1 else StudentWithLoss(student, settings).to(device)
+
+    retokenize = None
+    if info["retokenize"]:
+        def retokenize(row):
+            return prompt_ids(tokenizer, row["messages"]), completion_ids(tokenizer, row["completion_text"],
+                                                                          row["finish_reason"])
+
+    total = info["total_steps"]
+    shard = ray.train.get_dataset_shard("train")
+    progress = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        trainable, all_params = count_parameters(student)
+        print(f"train: {world} worker(s) on {device}, {trainable:,} of {all_params:,} parameters trainable, "
+              f"{total} steps", flush=True)
+        progress = tqdm(total=total, initial=state["step"], desc="train", mininterval=2.0,
+                        disable=os.environ.get("DISTILL_LLM_NO_PROGRESS") == "1")
+    counts: dict[str, int] = {}
+    step_tokens, t_step, wait = 0, time.time(), 0.0
+    micro = 0
+    model.train()
+    done = state["step"] >= total
+    while not done and state["epoch"] < info["epochs"]:
+        batches = shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow", prefetch_batches=2)
+        t_wait = time.time()
+        for index, table in enumerate(batches):
+            if index < state["batches_in_epoch"]:  # resuming mid-epoch: skip what was already trained on
+                continue
+            wait += time.time() - t_wait
+            batch, stats = build_batch(table, max_seq_len=t.max_seq_len, pad_id=tokenizer.pad_token_id,
+                                       with_topk=settings.alpha > 0, retokenize=retokenize)
+            for key, value in stats.items():
+                counts[key] = counts.get(key, 0) + value
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch)
+            (out["loss"] / t.grad_accum).backward()
+            step_tokens += int(batch["targets"].numel())
+            micro += 1
+            state["batches_in_epoch"] = index + 1
+            if micro % t.grad_accum == 0:
+                state["step"] += 1
+                scale = lr_at(state["step"], total, t.warmup_steps, t.lr_schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = t.lr * scale
+                if t.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                elapsed = time.time() - t_step
+                row = {"step": state["step"], "epoch": state["epoch"], "loss": out["loss"].item(),
+                       "ce": out["ce"].item(), "kd": out["kd"].item(), "lr": t.lr * scale,
+                       "tokens": step_tokens, "tokens_per_s": step_tokens * world / max(elapsed, 1e-9),
+                       "data_wait_frac": wait / max(elapsed, 1e-9)}
+                metrics.append(row)
+                if progress is not None:
+                    progress.update(1)
+                    if state["step"] % t.log_every == 0:
+                        progress.set_postfix(loss=f"{row['loss']:.4f}", ce=f"{row['ce']:.4f}", kd=f"{row['kd']:.4f}",
+                                             lr=f"{row['lr']:.2e}", refresh=False)
+                step_tokens, t_step, wait = 0, time.time(), 0.0
+                done = state["step"] >= total
+                if not done and t.checkpoint_every and state["step"] % t.checkpoint_every == 0:
+                    _report(model, optimizer, state, metrics, counts, rank)
+                if done:
+                    break
+            t_wait = time.time()
+        if not done:
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+    if progress is not None:
+        progress.close()
+    _report(model, optimizer, state, metrics, counts, rank)
+
+
+def _report(model, optimizer, state: dict, metrics: list[dict], counts: dict, rank: int) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint."""
+    import ray.train
+
+    last = metrics[-1] if metrics else {}
+    report = {"step": state["step"], "epoch": state["epoch"], **{k: last.get(k) for k in ("loss", "ce", "kd")},
+              **{f"rows_{k}": v for k, v in counts.items()}}
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as d:
+            _save(model, optimizer, state, metrics, Path(d))
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"checkpoint_step{state['step']:07d}")
+    else:
+        ray.train.report(report)

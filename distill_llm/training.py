@@ -1,0 +1,194 @@
+"""The student stage on the driver: check shards and tokenizers, run TorchTrainer, export the student."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError
+from .paths import absolute, filesystem, is_url, resolve_model
+from .shards import check_compatible, read_manifest, shard_files
+from .tokenization import first_vocab_mismatch, load_tokenizer, tokenizer_fingerprint
+
+TRAIN_COLUMNS = ["sample_id", "messages", "prompt_token_ids", "completion_token_ids", "completion_text",
+                 "finish_reason", "answer_correct"]
+
+
+def check_tokenizers(cfg: Config, run: dict[str, Any], student_tok) -> bool:
+    """True when completions must be re-tokenised for the student; a ConfigError when KD cannot work."""
+    if tokenizer_fingerprint(student_tok) == run["tokenizer_fingerprint"]:
+        return False
+    teacher_ref = run["teacher"].get("resolved") or run["teacher"]["model"]
+    try:
+        teacher_tok = load_tokenizer(resolve_model(teacher_ref), run["teacher"].get("revision"))
+        mismatch = first_vocab_mismatch(teacher_tok, student_tok)
+    except Exception:  # teacher tokenizer not reachable from here: the fingerprint is all we have
+        mismatch = "tokenizer fingerprints differ and the teacher's tokenizer could not be loaded to compare"
+    if mismatch is None:
+        return False
+    if cfg.train.alpha > 0:
+        raise ConfigError(f"token-level KD (train.alpha={cfg.train.alpha}) needs the student to share the teacher's "
+                          f"token ids, but {mismatch}. Use a student of the teacher's family, or train.alpha=0 "
+                          "(sequence-level KD re-tokenises the teacher's text)")
+    return True
+
+
+def run_name(cfg: Config) -> str:
+    """Same data, student and training settings -> same name, so a rerun resumes instead of restarting."""
+    key = json.dumps({"shards": cfg.shard_dirs, "student": cfg.student.model_dump(mode="json"),
+                      "train": cfg.train.model_dump(mode="json", exclude={"storage_path", "num_workers", "resume"})},
+                     sort_keys=True)
+    if cfg.train.run_name:
+        return cfg.train.run_name
+    name = f"student-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return name if cfg.train.resume else f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def training_dataset(cfg: Config, files: list[str], with_topk: bool):
+    """Shard rows streamed from Parquet (never loaded whole), optionally only answer-checked ones."""
+    import pyarrow.compute as pc
+    import ray.data
+
+    fs, _ = filesystem(files[0])
+    columns = TRAIN_COLUMNS + (["topk_token_ids", "topk_logprobs"] if with_topk else [])
+    ds = ray.data.read_parquet(files, columns=columns, filesystem=fs if is_url(files[0]) else None)
+    if cfg.train.filter_correct:
+        ds = ds.map_batches(lambda t: t.filter(pc.fill_null(t["answer_correct"], False)), batch_format="pyarrow")
+    return ds.randomize_block_order(seed=cfg.train.seed)
+
+
+def plan_steps(rows: int, cfg: Config) -> tuple[int, int]:
+    """(total optimizer steps, epochs to iterate) for ``rows`` rows split evenly over the workers."""
+    t = cfg.train
+    per_worker = rows // t.num_workers
+    if per_worker == 0:
+        raise ConfigError(f"{rows} training rows cannot feed {t.num_workers} workers; lower train.num_workers")
+    steps_per_epoch = max(1, math.ceil(per_worker / t.batch_size) // t.grad_accum)
+    if t.max_steps:
+        return t.max_steps, math.ceil(t.max_steps / steps_per_epoch)
+    return steps_per_epoch * t.epochs, t.epochs
+
+
+def train(cfg: Config) -> str:
+    """Run the student stage; returns the exported student folder."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .runtime import init_ray
+    from .train_loop import train_loop_per_worker
+
+    start = time.time()
+    student_path = resolve_model(cfg.student.model)
+    manifests = {d: read_manifest(absolute(d)) for d in cfg.shard_dirs}
+    run = check_compatible(manifests)
+    with_topk = cfg.train.alpha > 0
+    if with_topk and not run.get("top_k_logprobs"):
+        raise ConfigError(f"train.alpha={cfg.train.alpha} needs top-k logprobs, but the shards were generated "
+                          "with generate.top_k_logprobs=0; set train.alpha=0 or regenerate")
+    student_tok = load_tokenizer(student_path, cfg.student.revision, cfg.student.trust_remote_code)
+    retokenize = check_tokenizers(cfg, run, student_tok)
+    files = [f for d in cfg.shard_dirs for f in shard_files(absolute(d))]
+    init_ray(cfg.ray)
+    ds = training_dataset(cfg, files, with_topk)
+    rows = ds.count() if cfg.train.filter_correct else sum(m["totals"]["rows"] for m in manifests.values())
+    if rows == 0:
+        raise ConfigError("the training set is empty" + (" after train.filter_correct kept only rows whose answer "
+                                                         "check passed" if cfg.train.filter_correct else ""))
+    total_steps, epochs = plan_steps(rows, cfg)
+    storage = absolute(cfg.train.storage_path)
+    name = run_name(cfg)
+    t = cfg.train
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"),
+                           "info": {"student_path": student_path, "retokenize": retokenize,
+                                    "total_steps": total_steps, "epochs": epochs}},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
+        datasets={"train": ds},
+    )
+    print(f"train: {rows:,} rows, {total_steps} steps on {t.num_workers} worker(s), run {storage}/{name}")
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training ended without a checkpoint: {result.error}")
+    out = export_student(cfg, result.checkpoint, student_path, student_tok, run, manifests, name)
+    metrics = result.metrics or {}
+    print(f"train: {metrics.get('step')} steps, final loss {metrics.get('loss'):.4f} (ce {metrics.get('ce'):.4f}, "
+          f"kd {metrics.get('kd'):.4f}) in {time.time() - start:.1f}s -> {out}")
+    return out
+
+
+def shard_fingerprint(manifests: dict[str, dict[str, Any]]) -> str:
+    digests = sorted(s["sha256"] for m in manifests.values() for s in m["shards"])
+    return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
+
+
+def export_student(cfg: Config, checkpoint, student_path: str, tokenizer, run: dict[str, Any],
+                   manifests: dict[str, dict[str, Any]], name: str) -> str:
+    """Checkpoint -> a Hugging Face folder at output.student_dir with card, curves and TensorBoard events."""
+    import torch
+
+    from .plots import plot_curves, write_tensorboard
+    from .student import load_student, save_hf_folder
+
+    with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(d)
+        if (ckpt / "adapter").is_dir():
+            from peft import PeftModel
+
+            base = load_student(student_path, torch.float32, cfg.student.revision, cfg.student.trust_remote_code)
+            model = PeftModel.from_pretrained(base, str(ckpt / "adapter"))
+        else:
+            model = load_student(str(ckpt / "model"), torch.float32, trust_remote_code=cfg.student.trust_remote_code)
+        metrics = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines() if line]
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        local = Path(tmp) / "student" if is_url(cfg.output.student_dir) else Path(absolute(cfg.output.student_dir))
+        if local.exists():
+            shutil.rmtree(local)
+        info = {"teacher": run["teacher"], "shards": cfg.shard_dirs, "shard_fingerprint": shard_fingerprint(manifests),
+                "rows": sum(m["totals"]["rows"] for m in manifests.values()), "student_base": cfg.student.model,
+                "train": cfg.train.model_dump(mode="json"), "lora": cfg.student.lora.model_dump() if cfg.student.lora
+                else None, "steps": state["step"], "run": name,
+                "final": {k: metrics[-1][k] for k in ("loss", "ce", "kd")} if metrics else {}}
+        save_hf_folder(model, tokenizer, local, merge_lora=cfg.student.merge_lora, card=model_card(info),
+                       extra_files={"distill_llm.json": info})
+        write_tensorboard(metrics, local / "logs")
+        plot_curves(metrics, local / "training_curves.png")
+        if is_url(cfg.output.student_dir):
+            import pyarrow.fs as pafs
+
+            fs, dest = filesystem(cfg.output.student_dir)
+            pafs.copy_files(str(local), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return cfg.output.student_dir if is_url(cfg.output.student_dir) else str(local)
+
+
+def model_card(info: dict[str, Any], evaluation: str | None = None) -> str:
+    t = info["train"]
+    lines = [
+        "---", "library_name: transformers", "tags: [distill-llm, distillation]", "---", "",
+        "# Student distilled with distill-llm", "",
+        f"- teacher: `{info['teacher'].get('model')}` (revision {info['teacher'].get('revision')})",
+        f"- student base: `{info['student_base']}`, " + (f"LoRA r={info['lora']['r']} (merged)" if info["lora"]
+                                                         else "full fine-tuning"),
+        f"- data: {info['rows']:,} teacher samples from {', '.join(info['shards'])} "
+        f"(shard fingerprint `{info['shard_fingerprint']}`)",
+        f"- loss: (1 - {t['alpha']}) * CE + {t['alpha']} * T^2 * {t['divergence']} at T={t['temperature']}"
+        + (" with a tail bucket" if t["tail_bucket"] else ""),
+        f"- steps: {info['steps']}, batch {t['batch_size']} x {t['num_workers']} workers x accum {t['grad_accum']}, "
+        f"lr {t['lr']} ({t['lr_schedule']}), max_seq_len {t['max_seq_len']}",
+        f"- final loss: {info['final']}", "",
+        "Training curves: `training_curves.png`; TensorBoard events: `logs/`; settings: `distill_llm.json`.", "",
+    ]
+    if evaluation:
+        lines += ["## Evaluation", "", evaluation, ""]
+    return "\n".join(lines)
