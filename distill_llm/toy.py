@@ -101,26 +101,33 @@ def check_answer(completion: str, answer: str) -> bool:
 # ---------------------------------------------------------------- tokenizer and models
 
 
-def build_tokenizer(out_dir: str | Path | None = None):
-    """A character-level fast tokenizer with ChatML special tokens and a chat template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import AddedToken
-    from transformers import PreTrainedTokenizerFast
+def _byte_level(char: str) -> str:
+    """GPT-2/Qwen byte-level alphabet: printable bytes map to themselves, others to U+0100 + n."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    b = char.encode()[0]
+    if b in printable:
+        return chr(b)
+    return chr(256 + sorted(set(range(256)) - set(printable)).index(b))
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + THINK_TOKENS + CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+
+def build_tokenizer(out_dir: str | Path | None = None):
+    """A Qwen2 tokenizer with one token per character: byte-level BPE without merges.
+
+    It is a real ``Qwen2Tokenizer`` (the class AutoTokenizer picks for a qwen2 model), so the
+    tokenizer built here, the one reloaded from disk and the one vLLM loads encode alike.
+    """
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + THINK_TOKENS + [_byte_level(c) for c in CHARS])}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<unk>", eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", model_max_length=512)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        unk_token="<unk>", model_max_length=512,
-    )
-    fast.chat_template = CHAT_TEMPLATE
+    tok.chat_template = CHAT_TEMPLATE
     if out_dir is not None:
-        fast.save_pretrained(str(out_dir))
-    return fast
+        tok.save_pretrained(str(out_dir))
+    return tok
 
 
 def qwen2_config(shape: dict[str, int], tokenizer) -> Any:
