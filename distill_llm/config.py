@@ -124,7 +124,7 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     filter_correct: bool = False  # keep only rows whose answer check passed
     seed: int = 0
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(50, ge=1)  # steps between console lines
     max_failures: int = Field(0, ge=-1)
 
 

@@ -104,6 +104,9 @@ def generate(cfg: Config) -> dict[str, Any]:
     if resume.committed:
         print(f"generate: resuming {out_dir}: {len(resume.done_sample_ids):,} samples already committed")
     samples = expand_samples(read_prompts(cfg.data), g.samples_per_prompt, resume.done_sample_ids)
+    if resume.committed and samples.count() == 0:
+        print(f"generate: every sample in {out_dir} is already committed; nothing to generate")
+        return write_manifest(out_dir, extra={"config": cfg.model_dump(mode="json")}, max_rejected=g.max_errored_rows)
     sampling = SamplingSpec(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed,
                             top_k_logprobs=g.top_k_logprobs, logprobs_dtype=g.logprobs_dtype,
                             checker=cfg.data.checker, system_prompt=cfg.data.system_prompt)

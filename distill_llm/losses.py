@@ -4,8 +4,8 @@
 
 The teacher distribution is its stored top-k log-probabilities renormalised at temperature T, with
 an optional (k+1)-th bucket for the mass outside the top k. The student distribution is taken over
-the same buckets: its temperature-T probabilities at the teacher's top-k ids, renormalised over
-those k ids, or with the rest of its mass as the tail bucket. D is one of forward_kl, reverse_kl,
+the same buckets, built the same way: its probabilities at the teacher's top-k ids (renormalised
+over those k, or with the rest of its mass as the tail bucket), then tempered. D is one of forward_kl, reverse_kl,
 jsd (with beta) or tvd. Pure torch: no Ray, no transformers.
 
 Shapes: N completion positions, H hidden size, V vocabulary, k top-k size.
@@ -48,12 +48,15 @@ def teacher_buckets(topk_logprobs: torch.Tensor, temperature: float, tail: bool)
 
 
 def student_buckets(logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float, tail: bool) -> torch.Tensor:
-    """[N, V] student logits -> [N, k(+1)] log-probs at temperature T over the teacher's buckets."""
-    scaled = logits.float() / temperature
+    """[N, V] student logits -> [N, k(+1)] log-probs at temperature T over the teacher's buckets.
+
+    Built exactly like the teacher's: untempered buckets first, then tempered, so a student equal
+    to the teacher has zero divergence at any T, with or without the tail bucket.
+    """
     if not tail:
-        return F.log_softmax(scaled.gather(-1, topk_ids.long()), dim=-1)
-    top = F.log_softmax(scaled, dim=-1).gather(-1, topk_ids.long())
-    return torch.cat([top, _log_tail(top).unsqueeze(-1)], dim=-1)
+        return F.log_softmax(logits.float().gather(-1, topk_ids.long()) / temperature, dim=-1)
+    top = F.log_softmax(logits.float(), dim=-1).gather(-1, topk_ids.long())
+    return F.log_softmax(torch.cat([top, _log_tail(top).unsqueeze(-1)], dim=-1) / temperature, dim=-1)
 
 
 def divergence(t_logp: torch.Tensor, s_logp: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
@@ -77,7 +80,7 @@ def _chunk_terms(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     """Summed (CE, KD) of one chunk as a [2] tensor; the chunk's logits live only inside this call."""
     logits = (hidden @ weight.t()).float()
     ce = F.cross_entropy(logits, targets.long(), reduction="sum")
-    if s.alpha == 0 or topk_ids is None:
+    if topk_ids is None:  # with top-k given, kd is computed (and logged) even at alpha = 0
         return torch.stack([ce, ce.new_zeros(())])
     t_logp = teacher_buckets(topk_logprobs, s.temperature, s.tail_bucket)
     s_logp = student_buckets(logits, topk_ids, s.temperature, s.tail_bucket)
@@ -97,7 +100,7 @@ def distill_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     Returns loss (the mean over ``normalizer`` positions, default N), ce and kd (means, detached).
     """
     n = hidden.shape[0]
-    denom = float(normalizer if normalizer is not None else max(n, 1))
+    denom = float(max(normalizer if normalizer is not None else n, 1))  # a count of tokens; 0 would divide by 0
     totals = hidden.new_zeros(2, dtype=torch.float32)
     for start in range(0, n, settings.chunk_size):
         sl = slice(start, start + settings.chunk_size)

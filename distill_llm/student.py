@@ -44,6 +44,17 @@ def add_lora(model, lora: LoraSettings):
     return wrapped  # 'all-linear' leaves lm_head out on purpose: it stays frozen
 
 
+def check_lora_targets(path: str, lora: LoraSettings, revision: str | None = None,
+                       trust_remote_code: bool = False) -> None:
+    """Apply the LoRA config to a weightless (meta-device) copy of the student: fails fast on the driver."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(conf, trust_remote_code=trust_remote_code)
+    add_lora(skeleton, lora)
+
+
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())

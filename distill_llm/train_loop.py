@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -90,7 +89,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
+    state = {"step": 0, "epoch": 0, "batches": 0}
     metrics: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -98,7 +97,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             student, state, metrics = _restore(student, optimizer, Path(d))
         if rank == 0:
             print(f"train: resumed from step {state['step']} (epoch {state['epoch']}, "
-                  f"batch {state['batches_in_epoch']})", flush=True)
+                  f"batch {state['batches']})", flush=True)
     model = ray.train.torch.prepare_model(StudentWithLoss(student, settings), parallel_strategy_kwargs=None) \
         if world > 1 else StudentWithLoss(student, settings).to(device)
 
@@ -112,68 +111,73 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     progress = None
     if rank == 0:
-        from tqdm import tqdm
-
         trainable, all_params = count_parameters(student)
         print(f"train: {world} worker(s) on {device}, {trainable:,} of {all_params:,} parameters trainable, "
               f"{total} steps", flush=True)
-        progress = tqdm(total=total, initial=state["step"], desc="train", mininterval=2.0,
-                        disable=os.environ.get("DISTILL_LLM_NO_PROGRESS") == "1")
+        progress = _Progress(total, state["step"], t.log_every)
     counts: dict[str, int] = {}
-    step_tokens, t_step, wait = 0, time.time(), 0.0
-    micro = 0
+    step_tokens, t_step, wait, micro = 0, time.time(), 0.0, 0
     model.train()
-    done = state["step"] >= total
-    while not done and state["epoch"] < info["epochs"]:
-        batches = shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow", prefetch_batches=2)
+    # One pass over a stream that holds every epoch (see training.epoch_stream); a resumed run skips
+    # the batches it already trained on, so the data position continues where the checkpoint was.
+    batches = shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow", prefetch_batches=2,
+                                 local_shuffle_buffer_size=t.batch_size * 8, local_shuffle_seed=t.seed + rank)
+    t_wait = time.time()
+    for index, table in enumerate(batches):
+        if state["step"] >= total:
+            break
+        if index < state["batches"]:
+            continue
+        wait += time.time() - t_wait
+        batch, stats = build_batch(table, max_seq_len=t.max_seq_len, pad_id=tokenizer.pad_token_id,
+                                   with_topk=settings.alpha > 0, retokenize=retokenize)
+        for key, value in stats.items():
+            counts[key] = counts.get(key, 0) + value
+        out = model(**{k: v.to(device) for k, v in batch.items()})
+        (out["loss"] / t.grad_accum).backward()
+        step_tokens += int(batch["targets"].numel())
+        micro += 1
+        state["batches"] = index + 1
+        state["epoch"] = index // info["batches_per_epoch"]
+        if micro % t.grad_accum == 0:
+            state["step"] += 1
+            scale = lr_at(state["step"], total, t.warmup_steps, t.lr_schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = t.lr * scale
+            if t.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.time() - t_step
+            row = {"step": state["step"], "epoch": state["epoch"], "loss": out["loss"].item(),
+                   "ce": out["ce"].item(), "kd": out["kd"].item(), "lr": t.lr * scale,
+                   "tokens": step_tokens, "tokens_per_s": step_tokens * world / max(elapsed, 1e-9),
+                   "data_wait_frac": wait / max(elapsed, 1e-9)}
+            metrics.append(row)
+            if progress is not None:
+                progress.update(row)
+            step_tokens, t_step, wait = 0, time.time(), 0.0
+            if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and state["step"] < total:
+                _report(model, optimizer, state, metrics, counts, rank)
         t_wait = time.time()
-        for index, table in enumerate(batches):
-            if index < state["batches_in_epoch"]:  # resuming mid-epoch: skip what was already trained on
-                continue
-            wait += time.time() - t_wait
-            batch, stats = build_batch(table, max_seq_len=t.max_seq_len, pad_id=tokenizer.pad_token_id,
-                                       with_topk=settings.alpha > 0, retokenize=retokenize)
-            for key, value in stats.items():
-                counts[key] = counts.get(key, 0) + value
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch)
-            (out["loss"] / t.grad_accum).backward()
-            step_tokens += int(batch["targets"].numel())
-            micro += 1
-            state["batches_in_epoch"] = index + 1
-            if micro % t.grad_accum == 0:
-                state["step"] += 1
-                scale = lr_at(state["step"], total, t.warmup_steps, t.lr_schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = t.lr * scale
-                if t.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                elapsed = time.time() - t_step
-                row = {"step": state["step"], "epoch": state["epoch"], "loss": out["loss"].item(),
-                       "ce": out["ce"].item(), "kd": out["kd"].item(), "lr": t.lr * scale,
-                       "tokens": step_tokens, "tokens_per_s": step_tokens * world / max(elapsed, 1e-9),
-                       "data_wait_frac": wait / max(elapsed, 1e-9)}
-                metrics.append(row)
-                if progress is not None:
-                    progress.update(1)
-                    if state["step"] % t.log_every == 0:
-                        progress.set_postfix(loss=f"{row['loss']:.4f}", ce=f"{row['ce']:.4f}", kd=f"{row['kd']:.4f}",
-                                             lr=f"{row['lr']:.2e}", refresh=False)
-                step_tokens, t_step, wait = 0, time.time(), 0.0
-                done = state["step"] >= total
-                if not done and t.checkpoint_every and state["step"] % t.checkpoint_every == 0:
-                    _report(model, optimizer, state, metrics, counts, rank)
-                if done:
-                    break
-            t_wait = time.time()
-        if not done:
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
-    if progress is not None:
-        progress.close()
     _report(model, optimizer, state, metrics, counts, rank)
+
+
+class _Progress:
+    """One dense line every ``every`` steps (workers have no terminal, so no redrawn bar): rank 0 only."""
+
+    def __init__(self, total: int, start: int, every: int):
+        self.total, self.every, self.t0, self.start = total, every, time.time(), start
+
+    def update(self, row: dict) -> None:
+        step = row["step"]
+        if step % self.every and step != self.total:
+            return
+        rate = (step - self.start) / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        print(f"train: step {step}/{self.total} ({step / self.total:4.0%}) loss {row['loss']:.4f} ce {row['ce']:.4f} "
+              f"kd {row['kd']:.4f} lr {row['lr']:.2e} {row['tokens_per_s']:,.0f} tok/s "
+              f"data-wait {row['data_wait_frac']:.0%} eta {eta:.0f}s", flush=True)
 
 
 def _report(model, optimizer, state: dict, metrics: list[dict], counts: dict, rank: int) -> None:

@@ -51,7 +51,7 @@ def run_name(cfg: Config) -> str:
 
 
 def training_dataset(cfg: Config, files: list[str], with_topk: bool):
-    """Shard rows streamed from Parquet (never loaded whole), optionally only answer-checked ones."""
+    """Shard rows streamed from Parquet (never loaded whole into one process), optionally only answer-checked ones."""
     import pyarrow.compute as pc
     import ray.data
 
@@ -60,19 +60,30 @@ def training_dataset(cfg: Config, files: list[str], with_topk: bool):
     ds = ray.data.read_parquet(files, columns=columns, filesystem=fs if is_url(files[0]) else None)
     if cfg.train.filter_correct:
         ds = ds.map_batches(lambda t: t.filter(pc.fill_null(t["answer_correct"], False)), batch_format="pyarrow")
-    return ds.randomize_block_order(seed=cfg.train.seed)
+    return ds
 
 
-def plan_steps(rows: int, cfg: Config) -> tuple[int, int]:
-    """(total optimizer steps, epochs to iterate) for ``rows`` rows split evenly over the workers."""
+def plan_steps(rows: int, cfg: Config) -> tuple[int, int, int]:
+    """(total optimizer steps, epochs to stream, batches per epoch per worker) for ``rows`` rows."""
     t = cfg.train
     per_worker = rows // t.num_workers
     if per_worker == 0:
         raise ConfigError(f"{rows} training rows cannot feed {t.num_workers} workers; lower train.num_workers")
-    steps_per_epoch = max(1, math.ceil(per_worker / t.batch_size) // t.grad_accum)
+    batches = math.ceil(per_worker / t.batch_size)
+    steps_per_epoch = max(1, batches // t.grad_accum)
     if t.max_steps:
-        return t.max_steps, math.ceil(t.max_steps / steps_per_epoch)
-    return steps_per_epoch * t.epochs, t.epochs
+        return t.max_steps, math.ceil(t.max_steps / steps_per_epoch), batches
+    return steps_per_epoch * t.epochs, t.epochs, batches
+
+
+def epoch_stream(ds, epochs: int, seed: int):
+    """All epochs as one dataset, each in its own block order.
+
+    One streaming execution for the whole run: restarting Ray Data's split for every epoch cost
+    about 15 s each on the toy run (most of its time), which a single stream does not pay.
+    """
+    parts = [ds.randomize_block_order(seed=seed + e) for e in range(epochs)]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def train(cfg: Config) -> str:
@@ -91,6 +102,10 @@ def train(cfg: Config) -> str:
     if with_topk and not run.get("top_k_logprobs"):
         raise ConfigError(f"train.alpha={cfg.train.alpha} needs top-k logprobs, but the shards were generated "
                           "with generate.top_k_logprobs=0; set train.alpha=0 or regenerate")
+    if cfg.student.lora is not None:
+        from .student import check_lora_targets
+
+        check_lora_targets(student_path, cfg.student.lora, cfg.student.revision, cfg.student.trust_remote_code)
     student_tok = load_tokenizer(student_path, cfg.student.revision, cfg.student.trust_remote_code)
     retokenize = check_tokenizers(cfg, run, student_tok)
     files = [f for d in cfg.shard_dirs for f in shard_files(absolute(d))]
@@ -100,7 +115,7 @@ def train(cfg: Config) -> str:
     if rows == 0:
         raise ConfigError("the training set is empty" + (" after train.filter_correct kept only rows whose answer "
                                                          "check passed" if cfg.train.filter_correct else ""))
-    total_steps, epochs = plan_steps(rows, cfg)
+    total_steps, epochs, batches_per_epoch = plan_steps(rows, cfg)
     storage = absolute(cfg.train.storage_path)
     name = run_name(cfg)
     t = cfg.train
@@ -108,14 +123,14 @@ def train(cfg: Config) -> str:
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"),
                            "info": {"student_path": student_path, "retokenize": retokenize,
-                                    "total_steps": total_steps, "epochs": epochs}},
+                                    "total_steps": total_steps, "batches_per_epoch": batches_per_epoch}},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
-        datasets={"train": ds},
+        datasets={"train": epoch_stream(ds, epochs, t.seed)},
     )
     print(f"train: {rows:,} rows, {total_steps} steps on {t.num_workers} worker(s), run {storage}/{name}")
     result = trainer.fit()

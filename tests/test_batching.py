@@ -1,0 +1,64 @@
+"""Training sequences: positions, truncation, top-k alignment and counted skips."""
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from distill_llm.schema import shard_schema
+from distill_llm.tokenization import build_batch
+
+K = 3
+
+
+def table(rows):
+    schema = shard_schema(K, "float32")
+    data = {f.name: [r.get(f.name) for r in rows] for f in schema}
+    return pa.table({k: pa.array(v, type=schema.field(k).type) for k, v in data.items()}, schema=schema)
+
+
+def row(prompt, completion, lp=None):
+    c = len(completion)
+    ids = [[t, t + 100, t + 200] for t in completion]  # the sampled token first in each top-k row
+    lps = lp if lp is not None else [[-0.1 - i, -2.0, -3.0] for i in range(c)]
+    return {"sample_id": "s", "prompt_id": "p", "sample_index": 0, "prompt_token_ids": prompt,
+            "completion_token_ids": completion, "topk_token_ids": ids, "topk_logprobs": lps}
+
+
+def test_positions_targets_and_topk_line_up():
+    t = table([row([1, 2, 3], [10, 11]), row([4], [20, 21, 22])])
+    batch, stats = build_batch(t, max_seq_len=16, pad_id=0, with_topk=True)
+    ids = batch["input_ids"]
+    assert ids.tolist() == [[1, 2, 3, 10, 11], [4, 20, 21, 22, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    flat = ids.reshape(-1)
+    # the token at gather position p + 1 is the target predicted from position p
+    assert flat[batch["gather_index"] + 1].tolist() == batch["targets"].tolist() == [10, 11, 20, 21, 22]
+    assert batch["topk_ids"][:, 0].tolist() == [10, 11, 20, 21, 22]
+    assert torch.allclose(batch["topk_logprobs"][:, 0], torch.tensor([-0.1, -1.1, -0.1, -1.1, -2.1]))
+    assert stats["rows"] == 2 and stats["truncated"] == 0
+
+
+def test_truncation_and_skips_are_counted():
+    t = table([row([1, 2, 3], [10, 11, 12, 13]),  # truncated to 5 tokens: 2 completion tokens kept
+               row([1, 2, 3, 4, 5, 6], [30]),  # prompt alone fills max_seq_len: skipped
+               row([1], [40, 41], lp=[[-0.1, float("nan"), -3.0], [-0.1, -2.0, -3.0]]),  # NaN: skipped
+               row([1], [])])  # empty completion: skipped
+    batch, stats = build_batch(t, max_seq_len=5, pad_id=0, with_topk=True)
+    assert stats == {"rows": 1, "truncated": 1, "skipped_prompt_too_long": 1, "skipped_empty": 1,
+                     "skipped_non_finite": 1}
+    assert batch["targets"].tolist() == [10, 11] and batch["topk_ids"].shape == (2, K)
+
+
+def test_sequence_level_only_needs_no_topk_and_can_retokenize():
+    t = table([row([1, 2], [7, 8])])
+    batch, _ = build_batch(t, max_seq_len=8, pad_id=0,
+                           with_topk=False, retokenize=lambda r: ([5, 5, 5], [9]))
+    assert "topk_ids" not in batch
+    assert batch["input_ids"].tolist() == [[5, 5, 5, 9]] and batch["targets"].tolist() == [9]
+
+
+def test_empty_batch_still_has_shapes():
+    t = table([row([1, 2, 3, 4], [9])])
+    batch, stats = build_batch(t, max_seq_len=3, pad_id=0, with_topk=True)
+    assert stats["rows"] == 0 and batch["gather_index"].numel() == 0 and batch["topk_ids"].shape == (0, K)
+    assert np.all(batch["input_ids"].numpy() == 0)
