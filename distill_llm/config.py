@@ -122,6 +122,7 @@ class TrainConfig(_Section):
     resume: bool = True  # continue the same run from its latest checkpoint; false starts a new run
     checkpoint_every: int | None = Field(None, ge=1)  # steps; None: once at the end
     keep_checkpoints: int = Field(2, ge=1)
+    cache_max_gb: float = Field(2.0, ge=0)  # shard sets up to this size are held in the object store
     filter_correct: bool = False  # keep only rows whose answer check passed
     seed: int = 0
     log_every: int = Field(50, ge=1)  # steps between console lines

@@ -89,7 +89,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
-    state = {"step": 0, "epoch": 0, "batches": 0}
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
     metrics: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -97,7 +97,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             student, state, metrics = _restore(student, optimizer, Path(d))
         if rank == 0:
             print(f"train: resumed from step {state['step']} (epoch {state['epoch']}, "
-                  f"batch {state['batches']})", flush=True)
+                  f"batch {state['batches_in_epoch']})", flush=True)
     model = ray.train.torch.prepare_model(StudentWithLoss(student, settings), parallel_strategy_kwargs=None) \
         if world > 1 else StudentWithLoss(student, settings).to(device)
 
@@ -118,49 +118,54 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     counts: dict[str, int] = {}
     step_tokens, t_step, wait, micro = 0, time.time(), 0.0, 0
     model.train()
-    # One pass over a stream that holds every epoch (see training.epoch_stream); a resumed run skips
-    # the batches it already trained on, so the data position continues where the checkpoint was.
-    batches = shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow", prefetch_batches=2,
-                                 local_shuffle_buffer_size=t.batch_size * 8, local_shuffle_seed=t.seed + rank)
-    t_wait = time.time()
-    for index, table in enumerate(batches):
-        if state["step"] >= total:
-            break
-        if index < state["batches"]:
-            continue
-        wait += time.time() - t_wait
-        batch, stats = build_batch(table, max_seq_len=t.max_seq_len, pad_id=tokenizer.pad_token_id,
-                                   with_topk=settings.alpha > 0, retokenize=retokenize)
-        for key, value in stats.items():
-            counts[key] = counts.get(key, 0) + value
-        out = model(**{k: v.to(device) for k, v in batch.items()})
-        (out["loss"] / t.grad_accum).backward()
-        step_tokens += int(batch["targets"].numel())
-        micro += 1
-        state["batches"] = index + 1
-        state["epoch"] = index // info["batches_per_epoch"]
-        if micro % t.grad_accum == 0:
-            state["step"] += 1
-            scale = lr_at(state["step"], total, t.warmup_steps, t.lr_schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = t.lr * scale
-            if t.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            elapsed = time.time() - t_step
-            row = {"step": state["step"], "epoch": state["epoch"], "loss": out["loss"].item(),
-                   "ce": out["ce"].item(), "kd": out["kd"].item(), "lr": t.lr * scale,
-                   "tokens": step_tokens, "tokens_per_s": step_tokens * world / max(elapsed, 1e-9),
-                   "data_wait_frac": wait / max(elapsed, 1e-9)}
-            metrics.append(row)
-            if progress is not None:
-                progress.update(row)
-            step_tokens, t_step, wait = 0, time.time(), 0.0
-            if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and state["step"] < total:
-                _report(model, optimizer, state, metrics, counts, rank)
+    while state["step"] < total and state["epoch"] < info["epochs"]:
         t_wait = time.time()
+        for index, table in enumerate(shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow",
+                                                         prefetch_batches=2)):
+            if index < state["batches_in_epoch"]:  # resumed mid-epoch: the data position continues
+                continue
+            wait += time.time() - t_wait
+            batch, stats = build_batch(table, max_seq_len=t.max_seq_len, pad_id=tokenizer.pad_token_id,
+                                       with_topk=settings.alpha > 0, retokenize=retokenize)
+            for key, value in stats.items():
+                counts[key] = counts.get(key, 0) + value
+            out = model(**{k: v.to(device) for k, v in batch.items()})
+            (out["loss"] / t.grad_accum).backward()
+            step_tokens += int(batch["targets"].numel())
+            micro += 1
+            state["batches_in_epoch"] = index + 1
+            if micro % t.grad_accum == 0:
+                state["step"] += 1
+                row = _step(optimizer, params, state["step"], total, t, out)
+                row.update(epoch=state["epoch"], tokens=step_tokens,
+                           tokens_per_s=step_tokens * world / max(time.time() - t_step, 1e-9),
+                           data_wait_frac=wait / max(time.time() - t_step, 1e-9))
+                metrics.append(row)
+                if progress is not None:
+                    progress.update(row)
+                step_tokens, t_step, wait = 0, time.time(), 0.0
+                if state["step"] >= total:
+                    break
+                if t.checkpoint_every and state["step"] % t.checkpoint_every == 0:
+                    _report(model, optimizer, state, metrics, counts, rank)
+            t_wait = time.time()
+        else:
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
     _report(model, optimizer, state, metrics, counts, rank)
+
+
+def _step(optimizer, params, step: int, total: int, t, out: dict) -> dict:
+    """Set the scheduled learning rate, clip, step; returns the step's metrics row."""
+    scale = lr_at(step, total, t.warmup_steps, t.lr_schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = t.lr * scale
+    if t.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"step": step, "loss": out["loss"].item(), "ce": out["ce"].item(), "kd": out["kd"].item(),
+            "lr": t.lr * scale}
 
 
 class _Progress:
