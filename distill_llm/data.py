@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import ray.data
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
@@ -96,9 +97,9 @@ def read_prompts(cfg: DataConfig, source: str | None = None, num_prompts: int | 
         return ray.data.from_arrow(pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA))
     fs, p = filesystem(source)
     info = fs.get_file_info(p)
-    if info.type == 0:  # NotFound
+    if info.type == pafs.FileType.NotFound:
         raise ConfigError(f"prompts file {source} does not exist")
-    if source.endswith((".jsonl", ".json", ".jsonl.gz")) and info.type == 1:  # a file
+    if source.endswith((".jsonl", ".json")) and info.type == pafs.FileType.File:
         rows = _read_jsonl(source, limit)
         if not rows:
             raise ConfigError(f"prompts file {source} holds no rows")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def models_to_score(cfg: Config, student: str | None) -> list[tuple[str, str]]:
     return models
 
 
-def evaluate_model(cfg: Config, model: str) -> tuple[dict[str, Any], pa.Table]:
+def evaluate_model(cfg: Config, model: str, is_teacher: bool = False) -> tuple[dict[str, Any], pa.Table]:
     from .data import expand_samples, read_prompts
     from .generation import apply_engine, engine_spec, use_gpu_for
 
@@ -73,6 +74,8 @@ def evaluate_model(cfg: Config, model: str) -> tuple[dict[str, Any], pa.Table]:
                             seed=e.seed, top_k_logprobs=0, checker=cfg.data.checker,
                             system_prompt=cfg.data.system_prompt)
     spec = engine_spec(cfg, path, use_gpu, e.seed)
+    if not is_teacher:  # students are served one GPU per engine, whatever the teacher's parallelism
+        spec = replace(spec, tensor_parallel_size=1, pipeline_parallel_size=1)
     rows = apply_engine(expand_samples(prompts, e.samples, set()), spec, sampling, cfg.teacher.replicas, use_gpu,
                         cfg.teacher.batch_size)
     batches = list(rows.iter_batches(batch_format="pyarrow", batch_size=None))
@@ -108,7 +111,7 @@ def evaluate(cfg: Config, student: str | None = None) -> dict[str, dict[str, Any
     out = Path(absolute(cfg.eval_dir)) if not is_url(cfg.eval_dir) else None
     results: dict[str, dict[str, Any]] = {}
     for label, model in models:
-        result, table = evaluate_model(cfg, model)
+        result, table = evaluate_model(cfg, model, is_teacher=label == "teacher")
         results[label] = {"model": model, **result}
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)

@@ -69,15 +69,18 @@ def run_record(cfg: Config, model: str, tokenizer) -> dict[str, Any]:
 
 
 def apply_engine(ds, spec: EngineSpec, sampling: SamplingSpec, replicas: int, use_gpu: bool, batch_size: int):
-    """Map a dataset of sample rows through ``replicas`` engine actors."""
+    """Map a dataset of sample rows through ``replicas`` engine actors.
+
+    Ray Data restarts a dead actor and retries its batch (its defaults for actor pools), and the engine
+    re-raises a dead engine instead of rejecting rows, so a crashed engine loses no sample.
+    """
     from .teacher import TeacherEngine, engine_resources
 
     from ray.data import ActorPoolStrategy
 
     return ds.map_batches(
         TeacherEngine, fn_constructor_args=(spec, sampling), batch_size=batch_size, batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=replicas), max_restarts=3, max_task_retries=3,
-        **engine_resources(spec, use_gpu),
+        compute=ActorPoolStrategy(size=replicas), **engine_resources(spec, use_gpu),
     )
 
 

@@ -30,6 +30,7 @@ def plot_curves(metrics: list[dict], path: str | Path) -> None:
         axes[0].plot(steps, [m[key] for m in metrics], label=key)
     axes[0].set_xlabel("step")
     axes[0].set_title("training loss")
+    axes[0].set_yscale("log")
     axes[0].legend()
     axes[1].plot(steps, [m["lr"] for m in metrics], color="tab:gray")
     axes[1].set_xlabel("step")

@@ -265,13 +265,15 @@ def read_manifest(shard_dir: str) -> dict[str, Any]:
 
 def shard_files(shard_dir: str, verify: str = "size") -> list[str]:
     """Full paths of the manifest's shards, checked by size (or size and sha256: verify='sha256')."""
+    import pyarrow.fs as pafs
+
     fs, root = filesystem(shard_dir)
     manifest = read_manifest(shard_dir)
     paths = []
     for shard in manifest["shards"]:
         path = join(root, shard["file"])
         info = fs.get_file_info(path)
-        if info.type == 0:
+        if info.type == pafs.FileType.NotFound:
             raise ShardError(f"shard {path} listed in the manifest is missing")
         if info.size != shard["bytes"]:
             raise ShardError(f"shard {path} is {info.size} bytes, the manifest says {shard['bytes']}: "

