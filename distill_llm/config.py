@@ -69,7 +69,7 @@ class GenerateConfig(_Section):
     seed: int = 0
     top_k_logprobs: int = Field(20, ge=0)  # k; 0 stores no logprobs (sequence-level KD only)
     logprobs_dtype: Literal["float16", "float32"] = "float16"
-    rows_per_shard: int = Field(4096, ge=1)
+    rows_per_shard: int = Field(4096, ge=1)  # at least this many rows per shard file (Ray may bundle more)
     max_errored_rows: int | None = Field(None, ge=0)  # fail the run past this many skipped rows
 
 

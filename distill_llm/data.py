@@ -82,6 +82,18 @@ def _normalize_batch(batch: pa.Table, start: int = 0) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
 
 
+def drop_duplicates(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows read on the driver, with repeats of an earlier prompt marked skipped: ids are content hashes,
+    so a repeated prompt would otherwise repeat its sample ids."""
+    seen: set[str] = set()
+    for index, row in enumerate(rows):
+        if row[SKIP_REASON] is None:
+            if row["prompt_id"] in seen:
+                rows[index] = _bad(index, "duplicate_prompt", f"same messages as an earlier row ({row['prompt_id']})")
+            seen.add(row["prompt_id"])
+    return pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
+
+
 def read_prompts(cfg: DataConfig, source: str | None = None, num_prompts: int | None = None):
     """A Ray Dataset of normalised prompt rows (PROMPT_SCHEMA) from a toy split, JSONL, Parquet or HF dir."""
     source = source or cfg.prompts
@@ -93,8 +105,7 @@ def read_prompts(cfg: DataConfig, source: str | None = None, num_prompts: int | 
             items = make_problems(source.split(":", 1)[1], limit or 256)
         except ValueError as err:
             raise ConfigError(f"data.prompts: {err}") from None
-        rows = [normalize_prompt(p, i) for i, p in enumerate(items)]
-        return ray.data.from_arrow(pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA))
+        return ray.data.from_arrow(drop_duplicates([normalize_prompt(p, i) for i, p in enumerate(items)]))
     fs, p = filesystem(source)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.NotFound:
@@ -103,7 +114,7 @@ def read_prompts(cfg: DataConfig, source: str | None = None, num_prompts: int | 
         rows = _read_jsonl(source, limit)
         if not rows:
             raise ConfigError(f"prompts file {source} holds no rows")
-        return ray.data.from_arrow(pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA))
+        return ray.data.from_arrow(drop_duplicates(rows))
     if not is_url(source) and (Path(p) / "dataset_info.json").is_file():  # datasets.save_to_disk
         import datasets
 
@@ -112,7 +123,7 @@ def read_prompts(cfg: DataConfig, source: str | None = None, num_prompts: int | 
             raise ConfigError(f"{source} holds splits {list(hf)}; point data.prompts at one split's folder")
         table = hf.data.table if limit is None else hf.select(range(min(limit, len(hf)))).data.table
         _check_columns(source, table.schema.names)
-        return ray.data.from_arrow(_normalize_batch(table))
+        return ray.data.from_arrow(drop_duplicates(_normalize_batch(table).to_pylist()))
     try:
         ds = ray.data.read_parquet(source)
         names = ds.schema().names
@@ -121,7 +132,8 @@ def read_prompts(cfg: DataConfig, source: str | None = None, num_prompts: int | 
     _check_columns(source, names)
     if limit is not None:
         ds = ds.limit(limit)
-    # Row positions for ids of bad rows are per batch here; the reason and detail still name the row.
+    # Streamed Parquet is not deduplicated (that needs a shuffle); row positions in the ids of bad rows
+    # are per batch here, while the reason and detail still describe the row.
     return ds.map_batches(_normalize_batch, batch_format="pyarrow", zero_copy_batch=True)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from .config import Config, ConfigError
 from .paths import absolute, resolve_model
 from .schema import LOGPROB_SEMANTICS, SCHEMA_VERSION
-from .shards import ShardError, ShardWriter, prepare_output, write_manifest
+from .shards import ShardWriter, prepare_output, write_manifest
 from .teacher import EngineSpec, SamplingSpec
 from .tokenization import load_tokenizer, tokenizer_fingerprint
 
@@ -125,5 +125,3 @@ def generate(cfg: Config) -> dict[str, Any]:
           f"({t['completion_tokens'] / max(seconds, 1e-9):,.0f} tok/s) -> {out_dir}")
     return manifest
 
-
-__all__ = ["generate", "apply_engine", "engine_spec", "run_record", "ShardError"]

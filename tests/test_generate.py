@@ -82,6 +82,7 @@ def test_bad_prompt_rows_are_skipped_and_counted(ray_session, tmp_path):
 
     prompts = tmp_path / "prompts.jsonl"
     lines = [json.dumps({"prompt": "What is 2+2?", "answer": 4}),
+             json.dumps({"prompt": "What is 2+2?", "answer": 4}),
              json.dumps({"messages": [{"role": "user", "content": "What is 10+5?"}], "answer": "15"}),
              json.dumps({"question": "no prompt column in this row"}),
              json.dumps({"prompt": "   "}),
@@ -94,7 +95,7 @@ def test_bad_prompt_rows_are_skipped_and_counted(ray_session, tmp_path):
     manifest = generate(cfg)
     assert manifest["totals"]["rows"] == 2
     assert manifest["rejected"] == {"missing_prompt": 1, "empty_prompt": 1, "prompt_too_long": 1,
-                                    "bad_json": 1, "bad_messages": 1}
+                                    "bad_json": 1, "bad_messages": 1, "duplicate_prompt": 1}
     rejects = pa.concat_tables([pq.read_table(p) for p in (tmp_path / "shards" / "rejects").glob("*.parquet")])
     assert "max_model_len" in " ".join(rejects.column("detail").to_pylist())
     table = rows_of(str(tmp_path / "shards"))

@@ -71,3 +71,11 @@ def test_eval_model_shorthand():
     cfg = load("eval", ["model=/a/b", "model=c", "eval.samples=2"])
     assert cfg.eval.models == ["/a/b", "c"] and cfg.eval.samples == 2
     assert json.loads(json.dumps(cfg.model_dump(mode="json")))["eval"]["models"] == ["/a/b", "c"]
+
+
+def test_repeated_prompts_are_skipped_not_duplicated(ray_session, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": p}) for p in ["a?", "b?", "a?"]) + "\n")
+    got = read_prompts(DataConfig(prompts=str(path), num_prompts=None)).take_all()
+    assert [r["skip_reason"] for r in got] == [None, None, "duplicate_prompt"]
+    assert len({r["prompt_id"] for r in got}) == 3
