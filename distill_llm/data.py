@@ -123,7 +123,7 @@ def read_prompts(cfg: DataConfig, source: str | None = None, num_prompts: int | 
             raise ConfigError(f"{source} holds splits {list(hf)}; point data.prompts at one split's folder")
         table = hf.data.table if limit is None else hf.select(range(min(limit, len(hf)))).data.table
         _check_columns(source, table.schema.names)
-        return ray.data.from_arrow(drop_duplicates(_normalize_batch(table).to_pylist()))
+        return ray.data.from_arrow(drop_duplicates([normalize_prompt(r, i) for i, r in enumerate(table.to_pylist())]))
     try:
         ds = ray.data.read_parquet(source)
         names = ds.schema().names

@@ -64,8 +64,6 @@ def evaluate_model(cfg: Config, model: str, is_teacher: bool = False) -> tuple[d
     from .generation import apply_engine, engine_spec, use_gpu_for
 
     path = resolve_model(model)
-    if cfg.data.checker == "none":
-        raise ConfigError("evaluation needs an answer checker: set data.checker (toy, math, exact)")
     e = cfg.eval
     use_gpu = use_gpu_for(cfg.teacher.use_gpu)
     prompts = read_prompts(cfg.data, source=e.prompts, num_prompts=e.num_prompts)
@@ -104,7 +102,8 @@ def evaluate(cfg: Config, student: str | None = None) -> dict[str, dict[str, Any
 
     from .runtime import init_ray
 
-    get_checker(cfg.data.checker)
+    if get_checker(cfg.data.checker) is None:
+        raise ConfigError("evaluation needs an answer checker: set data.checker (toy, math, exact)")
     models = models_to_score(cfg, student)
     init_ray(cfg.ray)
     start = time.time()

@@ -23,7 +23,8 @@ def init_ray(cfg: RayConfig) -> None:
     else:
         # Logical CPUs are scheduling tokens: on a 2-core laptop two Train workers would take both and
         # starve the Ray Data tasks that feed them (a deadlock), so a local Ray gets at least 4.
-        ray.init(num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, dashboard_host=cfg.dashboard_host,
+        ray.init(num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+                 dashboard_host=cfg.dashboard_host,
                  runtime_env=env, logging_level=logging.WARNING, configure_logging=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True

@@ -137,9 +137,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if micro % t.grad_accum == 0:
                 state["step"] += 1
                 row = _step(optimizer, params, state["step"], total, t, out)
-                row.update(epoch=state["epoch"], tokens=step_tokens,
-                           tokens_per_s=step_tokens * world / max(time.time() - t_step, 1e-9),
-                           data_wait_frac=wait / max(time.time() - t_step, 1e-9))
+                elapsed = max(time.time() - t_step, 1e-9)
+                row.update(epoch=state["epoch"], tokens=step_tokens, tokens_per_s=step_tokens * world / elapsed,
+                           data_wait_frac=wait / elapsed)
                 metrics.append(row)
                 if progress is not None:
                     progress.update(row)

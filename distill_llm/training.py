@@ -110,7 +110,8 @@ def train(cfg: Config) -> str:
     retokenize = check_tokenizers(cfg, run, student_tok)
     files = [f for d in cfg.shard_dirs for f in shard_files(absolute(d))]
     init_ray(cfg.ray)
-    ds = training_dataset(cfg, files, with_topk)
+    ds = cache_small(training_dataset(cfg, files, with_topk).randomize_block_order(seed=cfg.train.seed),
+                     manifests, cfg.train.cache_max_gb)
     rows = ds.count() if cfg.train.filter_correct else sum(m["totals"]["rows"] for m in manifests.values())
     if rows == 0:
         raise ConfigError("the training set is empty" + (" after train.filter_correct kept only rows whose answer "
@@ -130,7 +131,7 @@ def train(cfg: Config) -> str:
             name=name, storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
-        datasets={"train": cache_small(ds.randomize_block_order(seed=t.seed), manifests, t.cache_max_gb)},
+        datasets={"train": ds},
     )
     print(f"train: {rows:,} rows, {total_steps} steps on {t.num_workers} worker(s), run {storage}/{name}")
     result = trainer.fit()
