@@ -30,6 +30,7 @@ class TeacherConfig(_Section):
     revision: str | None = None
     tokenizer: str | None = None  # defaults to the model's own
     trust_remote_code: bool = False
+    allow_pickle_weights: bool = False  # weights load from safetensors only unless this is on
     dtype: str = "auto"
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
@@ -41,6 +42,7 @@ class TeacherConfig(_Section):
     batch_size: int = Field(64, ge=1)  # rows handed to one engine call
     enforce_eager: bool | None = None  # None: eager on CPU, graphs on GPU
     use_gpu: bool | None = None  # None: use GPUs when the Ray cluster has them
+    resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per engine (a node-group label)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to vllm.LLM as is
 
 
@@ -92,6 +94,7 @@ class StudentConfig(_Section):
     model: str = "toy-student"
     revision: str | None = None
     trust_remote_code: bool = False
+    allow_pickle_weights: bool = False  # weights load from safetensors only unless this is on
     lora: LoraSettings | None = Field(default_factory=LoraSettings)  # null: full fine-tuning
     merge_lora: bool = True
     gradient_checkpointing: bool = False
@@ -117,6 +120,7 @@ class TrainConfig(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)  # custom Ray resources (a node-group label)
     storage_path: str = "runs/quickstart/train"  # local dir or fsspec URL
     run_name: str | None = None  # None: derived from data, student and settings
     resume: bool = True  # continue the same run from its latest checkpoint; false starts a new run

@@ -73,7 +73,8 @@ def evaluate_model(cfg: Config, model: str, is_teacher: bool = False) -> tuple[d
                             system_prompt=cfg.data.system_prompt)
     spec = engine_spec(cfg, path, use_gpu, e.seed)
     if not is_teacher:  # students are served one GPU per engine, whatever the teacher's parallelism
-        spec = replace(spec, tensor_parallel_size=1, pipeline_parallel_size=1)
+        spec = replace(spec, tensor_parallel_size=1, pipeline_parallel_size=1,
+                       load_format="auto" if cfg.student.allow_pickle_weights else "safetensors")
     rows = apply_engine(expand_samples(prompts, e.samples, set()), spec, sampling, cfg.teacher.replicas, use_gpu,
                         cfg.teacher.batch_size)
     batches = list(rows.iter_batches(batch_format="pyarrow", batch_size=None))

@@ -34,6 +34,7 @@ def engine_spec(cfg: Config, model: str, use_gpu: bool, seed: int) -> EngineSpec
         gpu_memory_utilization=t.gpu_memory_utilization, max_model_len=t.max_model_len, max_num_seqs=t.max_num_seqs,
         kv_cache_memory_bytes=None if use_gpu else int(t.cpu_kv_cache_gb * 2**30),
         enforce_eager=(not use_gpu) if t.enforce_eager is None else t.enforce_eager, seed=seed,
+        load_format="auto" if t.allow_pickle_weights else "safetensors", resources=t.resources,
         engine_kwargs=t.engine_kwargs,
     )
 

@@ -14,13 +14,13 @@ from .losses import KDSettings, distill_loss
 
 
 def load_student(path: str, dtype: torch.dtype, revision: str | None = None, trust_remote_code: bool = False,
-                 gradient_checkpointing: bool = False):
-    """A causal LM from a local folder or hub id, safetensors only (no pickle)."""
+                 gradient_checkpointing: bool = False, allow_pickle: bool = False):
+    """A causal LM from a local folder or hub id; safetensors only unless ``allow_pickle`` (pickle runs code)."""
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
-                                                     dtype=dtype, use_safetensors=True)
+                                                     dtype=dtype, use_safetensors=not allow_pickle)
     except OSError as err:
         raise ConfigError(f"cannot load student model {path}: {err}") from None
     if gradient_checkpointing:

@@ -37,6 +37,8 @@ class EngineSpec:
     max_num_seqs: int | None = None
     enforce_eager: bool = True
     seed: int = 0
+    load_format: str = "safetensors"  # "auto" lets vLLM read pickled .bin weights: only when the user opts in
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources of each engine actor
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -97,6 +99,7 @@ class TeacherEngine:
             tensor_parallel_size=engine.tensor_parallel_size, pipeline_parallel_size=engine.pipeline_parallel_size,
             gpu_memory_utilization=engine.gpu_memory_utilization, max_model_len=engine.max_model_len,
             enforce_eager=engine.enforce_eager, seed=engine.seed, max_logprobs=max(self.k, 1),
+            load_format=engine.load_format,
         )
         if engine.max_num_seqs:
             kwargs["max_num_seqs"] = engine.max_num_seqs
@@ -214,11 +217,17 @@ def _engine_dead(err: BaseException) -> bool:
     return type(err).__name__ == "EngineDeadError"
 
 
-def engine_resources(spec: EngineSpec, use_gpu: bool) -> dict[str, float]:
-    """Ray resources of one engine actor: GPUs = TP x PP on GPU; on CPU one CPU (vLLM threads itself)."""
-    if use_gpu:
-        return {"num_gpus": spec.tensor_parallel_size * spec.pipeline_parallel_size}
-    return {"num_cpus": 1}
+def engine_resources(spec: EngineSpec, use_gpu: bool) -> dict[str, Any]:
+    """Ray resources of one engine actor: GPUs = TP x PP on GPU; on CPU one CPU (vLLM threads itself).
+
+    ``spec.resources`` adds custom resources, so engines land only on nodes that advertise them
+    (a node group started with ``--resources='{"teacher": 1}'``, say).
+    """
+    out: dict[str, Any] = ({"num_gpus": spec.tensor_parallel_size * spec.pipeline_parallel_size} if use_gpu
+                           else {"num_cpus": 1})
+    if spec.resources:
+        out["resources"] = dict(spec.resources)
+    return out
 
 
 def describe(spec: EngineSpec, sampling: SamplingSpec) -> dict[str, Any]:

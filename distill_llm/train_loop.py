@@ -81,7 +81,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     tokenizer = load_tokenizer(info["student_path"], cfg.student.revision, cfg.student.trust_remote_code)
     student = load_student(info["student_path"], dtype, cfg.student.revision, cfg.student.trust_remote_code,
-                           cfg.student.gradient_checkpointing)
+                           cfg.student.gradient_checkpointing, cfg.student.allow_pickle_weights)
     if cfg.student.lora is not None:
         student = add_lora(student, cfg.student.lora)
     settings = KDSettings(alpha=t.alpha, temperature=t.temperature, divergence=t.divergence, jsd_beta=t.jsd_beta,

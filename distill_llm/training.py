@@ -126,7 +126,8 @@ def train(cfg: Config) -> str:
                            "info": {"student_path": student_path, "retokenize": retokenize,
                                     "total_steps": total_steps, "epochs": epochs}},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+                                               resources_per_worker={"CPU": t.cpus_per_worker,
+                                                                     **t.resources_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
@@ -162,7 +163,8 @@ def export_student(cfg: Config, checkpoint, student_path: str, tokenizer, run: d
         if (ckpt / "adapter").is_dir():
             from peft import PeftModel
 
-            base = load_student(student_path, torch.float32, cfg.student.revision, cfg.student.trust_remote_code)
+            base = load_student(student_path, torch.float32, cfg.student.revision, cfg.student.trust_remote_code,
+                                allow_pickle=cfg.student.allow_pickle_weights)
             model = PeftModel.from_pretrained(base, str(ckpt / "adapter"))
         else:
             model = load_student(str(ckpt / "model"), torch.float32, trust_remote_code=cfg.student.trust_remote_code)
