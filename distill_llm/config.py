@@ -19,6 +19,17 @@ class ConfigError(ValueError):
     """A configuration or input problem the user can fix; printed without a traceback."""
 
 
+# Locations are written to run.json, manifests, model cards and logs, so a secret must never be part of one.
+CREDENTIALS_IN_URL = ("the URL carries credentials (user:secret@), which would be written to run.json, manifests "
+                      "and logs; remove them and use the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                      "~/.aws, an instance role)")
+
+
+def has_credentials(location: str) -> bool:
+    """True for a URL whose authority holds ``user:secret@``."""
+    return "://" in location and "@" in location.split("://", 1)[1].split("/", 1)[0]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -172,7 +183,19 @@ class Config(_Section):
     def _cross_checks(self) -> "Config":
         if self.train.alpha > 0 and self.generate.top_k_logprobs == 0:
             raise ValueError("train.alpha > 0 needs top-k logprobs: set generate.top_k_logprobs >= 1 or train.alpha=0")
+        for key, location in self._locations():
+            if has_credentials(location):
+                raise ValueError(f"{key}: {CREDENTIALS_IN_URL}")
         return self
+
+    def _locations(self) -> list[tuple[str, str]]:
+        """(dotted key, value) of every setting that names a file, folder or model location."""
+        pairs = [("teacher.model", self.teacher.model), ("data.prompts", self.data.prompts),
+                 ("output.dir", self.output.dir), ("output.student_dir", self.output.student_dir),
+                 ("output.eval_dir", self.output.eval_dir or ""), ("student.model", self.student.model),
+                 ("train.storage_path", self.train.storage_path), ("eval.prompts", self.eval.prompts)]
+        pairs += [("data.shards", d) for d in self.data.shards or []]
+        return pairs + [("eval.models", m) for m in self.eval.models]
 
     @property
     def shard_dirs(self) -> list[str]:
@@ -180,7 +203,11 @@ class Config(_Section):
 
     @property
     def eval_dir(self) -> str:
-        return self.output.eval_dir or str(Path(self.output.student_dir).parent / "eval")
+        if self.output.eval_dir:
+            return self.output.eval_dir
+        if "://" in self.output.student_dir:  # Path() would fold s3://b into s3:/b, a local folder
+            return self.output.student_dir.rstrip("/").rsplit("/", 1)[0] + "/eval"
+        return str(Path(self.output.student_dir).parent / "eval")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -125,7 +125,7 @@ def read_prompts(cfg: DataConfig, source: str | None = None, num_prompts: int | 
         _check_columns(source, table.schema.names)
         return ray.data.from_arrow(drop_duplicates([normalize_prompt(r, i) for i, r in enumerate(table.to_pylist())]))
     try:
-        ds = ray.data.read_parquet(source)
+        ds = ray.data.read_parquet(p, filesystem=fs)  # the same file system (and endpoint) as every stage
         names = ds.schema().names
     except Exception as err:
         raise ConfigError(f"cannot read prompts from {source} as JSONL, Parquet or a saved HF dataset: {err}") from None

@@ -6,14 +6,13 @@ import json
 import math
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from .checkers import get_checker
 from .config import Config, ConfigError
-from .paths import absolute, is_url, resolve_model
+from .paths import filesystem, join, makedirs, read_text, resolve_model
 from .teacher import SamplingSpec
 
 
@@ -49,14 +48,18 @@ def models_to_score(cfg: Config, student: str | None) -> list[tuple[str, str]]:
         models.append(("teacher", cfg.teacher.model))
     if cfg.eval.include_base_student:
         models.append(("student (before)", cfg.student.model))
-    trained = student or (cfg.output.student_dir if Path(absolute(cfg.output.student_dir), "config.json").is_file()
-                          else None)
+    trained = student or (cfg.output.student_dir if _exported(cfg.output.student_dir) else None)
     if trained:
         models.append(("student (distilled)", trained))
     models += [(m, m) for m in cfg.eval.models]
     if not models:
         raise ConfigError("nothing to evaluate: pass model=PATH or enable eval.include_teacher")
     return models
+
+
+def _exported(folder: str) -> bool:
+    fs, path = filesystem(folder)
+    return read_text(fs, join(path, "config.json")) is not None
 
 
 def evaluate_model(cfg: Config, model: str, is_teacher: bool = False) -> tuple[dict[str, Any], pa.Table]:
@@ -108,27 +111,33 @@ def evaluate(cfg: Config, student: str | None = None) -> dict[str, dict[str, Any
     models = models_to_score(cfg, student)
     init_ray(cfg.ray)
     start = time.time()
-    out = Path(absolute(cfg.eval_dir)) if not is_url(cfg.eval_dir) else None
+    fs, out = filesystem(cfg.eval_dir)  # a local folder or an object-store URL, like every output
     results: dict[str, dict[str, Any]] = {}
     for label, model in models:
         result, table = evaluate_model(cfg, model, is_teacher=label == "teacher")
         results[label] = {"model": model, **result}
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, out / f"samples-{label.replace(' ', '_').replace('(', '').replace(')', '')}.parquet")
+        makedirs(fs, out)
+        name = f"samples-{label.replace(' ', '_').replace('(', '').replace(')', '')}.parquet"
+        pq.write_table(table, join(out, name), filesystem=fs)
     table = format_table(results)
-    if out is not None:
-        (out / "report.json").write_text(json.dumps(results, indent=2))
-        (out / "report.md").write_text(f"# Evaluation on {cfg.eval.prompts}\n\n{table}\n")
-        _add_to_card(cfg, student, table)
+    _write_text(fs, join(out, "report.json"), json.dumps(results, indent=2))
+    _write_text(fs, join(out, "report.md"), f"# Evaluation on {cfg.eval.prompts}\n\n{table}\n")
+    _add_to_card(cfg, student, table)
     print(f"\neval: {cfg.eval.num_prompts} held-out prompts ({cfg.eval.prompts}), {cfg.eval.samples} sample(s) each, "
           f"temperature {cfg.eval.temperature}, checker {cfg.data.checker}, {time.time() - start:.0f}s\n{table}")
     return results
 
 
+def _write_text(fs, path: str, text: str) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
 def _add_to_card(cfg: Config, student: str | None, table: str) -> None:
-    card = Path(absolute(student or cfg.output.student_dir)) / "README.md"
-    if card.is_file():
-        text = card.read_text().split("\n## Evaluation\n")[0].rstrip()
-        card.write_text(f"{text}\n\n## Evaluation\n\nHeld-out prompts `{cfg.eval.prompts}` "
-                        f"(n={cfg.eval.num_prompts}), checker `{cfg.data.checker}`:\n\n{table}\n")
+    fs, folder = filesystem(student or cfg.output.student_dir)
+    card = join(folder, "README.md")
+    text = read_text(fs, card)
+    if text is not None:
+        text = text.split("\n## Evaluation\n")[0].rstrip()
+        _write_text(fs, card, f"{text}\n\n## Evaluation\n\nHeld-out prompts `{cfg.eval.prompts}` "
+                              f"(n={cfg.eval.num_prompts}), checker `{cfg.data.checker}`:\n\n{table}\n")

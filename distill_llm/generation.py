@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from .config import Config, ConfigError
-from .paths import absolute, resolve_model
+from .paths import absolute, check_location, resolve_model
 from .schema import LOGPROB_SEMANTICS, SCHEMA_VERSION
 from .shards import ShardWriter, prepare_output, write_manifest
 from .teacher import EngineSpec, SamplingSpec
@@ -98,6 +98,7 @@ def generate(cfg: Config) -> dict[str, Any]:
 
     start = time.time()
     g, out_dir = cfg.generate, absolute(cfg.output.dir)
+    check_location(out_dir, "output.dir")
     model = resolve_model(cfg.teacher.model)
     validate_engine(cfg, model, g.top_k_logprobs)
     tokenizer = load_tokenizer(cfg.teacher.tokenizer or model, cfg.teacher.revision, cfg.teacher.trust_remote_code)

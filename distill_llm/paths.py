@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from .config import ConfigError
+from .config import CREDENTIALS_IN_URL, ConfigError, has_credentials
 
 BUILTIN_MODELS = ("toy-teacher", "toy-student")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -30,7 +30,7 @@ def absolute(path: str) -> str:
 
 
 def resolve_model(name: str) -> str:
-    """A built-in toy name, an existing local folder, or a hub id (passed on as is)."""
+    """A built-in toy name, an existing local folder, a folder URL (fetched to the cache), or a hub id (as is)."""
     if name == "toy-teacher":
         from .toy import TEACHER_ASSET
 
@@ -39,6 +39,8 @@ def resolve_model(name: str) -> str:
         from .toy import toy_student_path
 
         return str(toy_student_path())
+    if is_url(name):
+        return fetch_dir(name)
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -49,15 +51,105 @@ def resolve_model(name: str) -> str:
     return name
 
 
+# Object stores (no directories, no rename: pyarrow's move there is copy + delete) whose single PUT is
+# atomic; shards.py writes straight to the final key on them instead of write-then-rename.
+OBJECT_STORES = ("s3", "gcs")
+# Set for every s3:// URL: a small object goes up as one PutObject (one request, atomic) instead of a
+# three-request multipart upload; S3 servers whose CompleteMultipartUpload reply pyarrow rejects
+# (moto < 5.2.2) also work for files below the part size then.
+_S3_OPTIONS = "allow_delayed_open=true"
+ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
 def filesystem(uri: str):
-    """(pyarrow FileSystem, path inside it) for a local path or an s3:// / gs:// URL."""
+    """(pyarrow FileSystem, path inside it) for a local path or an s3:// / gs:// URL.
+
+    An S3-compatible endpoint other than AWS (MinIO, moto, GCS interop) comes from AWS_ENDPOINT_URL
+    (or AWS_ENDPOINT_URL_S3), which pyarrow reads here and pickles into the file system it hands to Ray
+    workers; credentials come from the usual AWS chain in each process and are never pickled.
+    """
+    import pyarrow as pa
     import pyarrow.fs as pafs
 
     if not is_url(uri):
         return pafs.LocalFileSystem(), absolute(uri)
-    fs, path = pafs.FileSystem.from_uri(uri)
-    return fs, path
+    if has_credentials(uri):  # the config refuses these too; this covers `inspect URL` and library callers
+        raise ConfigError(f"{uri.split('://', 1)[0]} URL: {CREDENTIALS_IN_URL}")
+    target = uri
+    if uri.startswith("s3://") and "allow_delayed_open" not in uri:
+        target = f"{uri}{'&' if '?' in uri else '?'}{_S3_OPTIONS}"
+    try:
+        return pafs.FileSystem.from_uri(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as err:
+        raise ConfigError(f"{uri}: not a usable file system URL ({err})") from None
+
+
+def is_object_store(fs) -> bool:
+    return fs.type_name in OBJECT_STORES
+
+
+def makedirs(fs, path: str) -> None:
+    """Local folders must exist before files go in; object stores have none (a marker object would be left)."""
+    if not is_object_store(fs):
+        fs.create_dir(path, recursive=True)
+
+
+def read_text(fs, path: str) -> str | None:
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def check_location(uri: str, key: str) -> None:
+    """Fail before any work when an object-store location cannot be reached: no bucket, no endpoint,
+    no credentials. Local paths are created on demand and need no check."""
+    import pyarrow.fs as pafs
+
+    if not is_url(uri):
+        return
+    fs, path = filesystem(uri)
+    bucket = path.split("/", 1)[0]
+    try:
+        found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError as err:
+        endpoint = next((f"{v}={os.environ[v]}" for v in ENDPOINT_VARS if os.environ.get(v)), None)
+        where = f"the endpoint {endpoint}" if endpoint else "the provider's default endpoint (set AWS_ENDPOINT_URL " \
+                                                             "for MinIO or another S3-compatible server)"
+        raise ConfigError(f"{key}={uri}: cannot reach bucket {bucket!r} through {where}; check the endpoint and the "
+                          f"credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws, an instance role). "
+                          f"The store said: {_first_line(err)}") from None
+    if not found:
+        raise ConfigError(f"{key}={uri}: bucket {bucket!r} does not exist; create it first "
+                          "(distill-llm never creates buckets)")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
+    """``base/part/...``; a URL's query string (``?region=...``) stays at the end."""
+    path, _, query = base.partition("?") if is_url(base) else (base, "", "")
+    joined = "/".join([path.rstrip("/"), *parts])
+    return f"{joined}?{query}" if query else joined
+
+
+def fetch_dir(uri: str) -> str:
+    """A copy of a remote folder (a student in S3) in the cache, for loaders that want a local folder."""
+    import hashlib
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    if fs.get_file_info(join(path, "config.json")).type == pafs.FileType.NotFound:
+        raise ConfigError(f"model {uri} has no config.json: is it a Hugging Face model folder?")
+    local = cache_dir() / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if local.exists():  # always fresh: the remote folder may have been re-exported since
+        shutil.rmtree(local)
+    local.mkdir(parents=True)
+    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return str(local)

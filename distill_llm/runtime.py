@@ -4,8 +4,27 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Mapping
 
 from .config import RayConfig
+
+
+# Settings that every worker must share with the driver: the package's own, the engine's, the hub's
+# cache and offline switches, and where the object store is (AWS_ENDPOINT_URL[_S3], region, profile).
+FORWARD_PREFIXES = ("DISTILL_LLM_", "VLLM_", "HF_", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
+                    "AWS_PROFILE")
+# Never forwarded, whatever the prefix: a runtime_env is stored in Ray's GCS, shown by the dashboard and
+# `ray job` tooling, and written to Ray's logs, so a token in it (HF_TOKEN, AWS_SECRET_ACCESS_KEY,
+# DISTILL_LLM_API_KEY) would be readable by everyone who can see the cluster. Workers get secrets the
+# way the driver does: a local Ray's workers inherit its environment, cluster nodes have their own
+# (instance roles, env set where the nodes start, a secrets manager).
+SECRET_WORDS = ("TOKEN", "SECRET", "KEY", "PASS", "CREDENTIAL", "AUTH", "COOKIE", "PRIVATE", "SIGNATURE")
+
+
+def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment variables a job hands its Ray workers: settings, never secrets."""
+    return {k: v for k, v in environ.items()
+            if k.startswith(FORWARD_PREFIXES) and not any(word in k.upper() for word in SECRET_WORDS)}
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -15,8 +34,7 @@ def init_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    # The library travels to workers as an installed package; only settings go in the runtime env.
-    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("DISTILL_LLM_", "VLLM_", "HF_"))}}
+    env = {"env_vars": forwarded_env(os.environ)}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)

@@ -3,12 +3,14 @@
 Layout of ``output.dir`` (local path or object-store URL)::
 
     run.json                 what produced these shards (written first; a rerun must match it)
-    part-<id>.parquet        committed shards (written under _tmp/ then moved, or put whole)
-    _commits/part-<id>.json  one record per committed shard: rows, tokens, bytes, sha256 (after the move)
+    part-<id>.parquet        committed shards (local: written under _tmp/ then renamed; object stores: one PUT)
+    _commits/part-<id>.json  one record per committed shard: rows, tokens, bytes, sha256 (after the shard)
     rejects/part-<id>.parquet  rows the teacher could not use, with the reason
     manifest.json            written last, only when every prompt is accounted for
 
 A shard without its commit record was cut off mid-commit and is ignored (and replaced on resume).
+Every file is whole or absent to a reader: a local file is renamed into place, an object-store object
+appears with its one PUT (S3 has no rename: pyarrow's move there is copy + delete, so it is not used).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import ConfigError
-from .paths import filesystem, join
+from .paths import check_location, filesystem, is_object_store, join, makedirs, read_text
 from .schema import (MANIFEST_NAME, REJECT_SCHEMA, SCHEMA_VERSION, SHARD_PREFIX, SKIP_DETAIL, SKIP_REASON,
                      read_metadata, shard_schema)
 
@@ -46,17 +48,20 @@ class ShardError(ConfigError):
 
 
 def _read_json(fs, path: str) -> Any | None:
-    import pyarrow.fs as pafs
-
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
+    text = read_text(fs, path)
+    return None if text is None else json.loads(text)
 
 
-def _write_bytes_atomic(fs, path: str, data: bytes) -> None:
-    """Write under a temporary name, then move: readers see the old file or the new one, never half."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+def _write_bytes_atomic(fs, path: str, data: bytes, tmp_dir: str | None = None) -> None:
+    """Readers see the old file or the new one, never half: a local file is written under a temporary
+    name (in ``tmp_dir`` when given) and renamed; an object store's PUT is already all-or-nothing."""
+    if is_object_store(fs):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    if tmp_dir is not None:
+        fs.create_dir(tmp_dir, recursive=True)
+    tmp = f"{join(tmp_dir, _base(path)) if tmp_dir else path}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, path)
@@ -135,7 +140,7 @@ def prepare_output(out_dir: str, run: dict[str, Any], resume: bool, overwrite: b
     if overwrite and (old is not None or existing):
         fs.delete_dir_contents(root, missing_dir_ok=True)
         old = None
-    fs.create_dir(root, recursive=True)
+    makedirs(fs, root)
     if old is None:
         write_json(fs, join(root, RUN_NAME), run)
         return Resume(set(), 0)
@@ -182,26 +187,31 @@ class ShardWriter:
         if bad.num_rows:
             rejects = pa.table({"sample_id": bad["sample_id"], "prompt_id": bad["prompt_id"],
                                 "reason": bad[SKIP_REASON], "detail": bad[SKIP_DETAIL]}, schema=REJECT_SCHEMA)
-            fs.create_dir(join(root, REJECTS), recursive=True)
+            makedirs(fs, join(root, REJECTS))
             record["rejects_file"] = f"{REJECTS}/{name}.parquet"
-            pq.write_table(rejects, join(root, record["rejects_file"]), filesystem=fs)
+            _write_bytes_atomic(fs, join(root, record["rejects_file"]), _parquet_bytes(rejects))
             record["rejected"] = dict(Counter(bad.column(SKIP_REASON).to_pylist()))
         good = good.select(schema.names).cast(schema)
-        fs.create_dir(join(root, TMP), recursive=True)
-        tmp, final = join(root, TMP, record["file"]), join(root, record["file"])
-        pq.write_table(good, tmp, filesystem=fs, compression=self.compression,
-                       compression_level=self.level, use_dictionary=["sample_id", "prompt_id", "finish_reason"])
-        fs.move(tmp, final)
+        # Serialised in memory (a shard is one write task's rows) so its size and sha256 need no read-back.
+        data = _parquet_bytes(good, compression=self.compression, compression_level=self.level,
+                              use_dictionary=["sample_id", "prompt_id", "finish_reason"])
+        _write_bytes_atomic(fs, join(root, record["file"]), data, tmp_dir=join(root, TMP))
         record.update(
-            bytes=fs.get_file_info(final).size, sha256=_sha256(fs, final),
+            bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
             prompt_tokens=int(pa.compute.sum(pa.compute.list_value_length(good["prompt_token_ids"])).as_py() or 0),
             completion_tokens=int(pa.compute.sum(
                 pa.compute.list_value_length(good["completion_token_ids"])).as_py() or 0),
             prompts=len(set(good.column("prompt_id").to_pylist())),
         )
-        fs.create_dir(join(root, COMMITS), recursive=True)
+        makedirs(fs, join(root, COMMITS))
         write_json(fs, join(root, COMMITS, f"{name}.json"), record)  # the commit point
         return record
+
+
+def _parquet_bytes(table: pa.Table, **options) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **options)
+    return sink.getvalue().to_pybytes()
 
 
 # ---------------------------------------------------------------- the manifest
@@ -306,6 +316,7 @@ def file_metadata(path: str) -> dict[str, Any] | None:
 
 def inspect(shard_dir: str) -> dict[str, Any]:
     """What a user wants to know about a shard set, computed from the files (not trusted from the manifest)."""
+    check_location(shard_dir, "inspect")
     fs, root = filesystem(shard_dir)
     manifest = read_manifest(shard_dir)
     paths = shard_files(shard_dir)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError
-from .paths import absolute, filesystem, is_url, resolve_model
+from .paths import absolute, check_location, filesystem, is_url, resolve_model
 from .shards import check_compatible, read_manifest, shard_files
 from .tokenization import first_vocab_mismatch, load_tokenizer, tokenizer_fingerprint
 
@@ -50,14 +50,19 @@ def run_name(cfg: Config, shard_fp: str) -> str:
     return name if cfg.train.resume else f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def training_dataset(cfg: Config, files: list[str], with_topk: bool):
-    """Shard rows streamed from Parquet (never loaded whole into one process), optionally only answer-checked ones."""
+def training_dataset(cfg: Config, shard_dirs: list[str], with_topk: bool):
+    """Shard rows streamed from Parquet (never loaded whole into one process), optionally only answer-checked ones.
+
+    Each shard set is read through its own file system (one may be local, another in S3); the file
+    system object travels to the read tasks with its endpoint, credentials are found there.
+    """
     import pyarrow.compute as pc
     import ray.data
 
-    fs, _ = filesystem(files[0])
     columns = TRAIN_COLUMNS + (["topk_token_ids", "topk_logprobs"] if with_topk else [])
-    ds = ray.data.read_parquet(files, filesystem=fs if is_url(files[0]) else None).select_columns(columns)
+    parts = [ray.data.read_parquet(shard_files(d), filesystem=filesystem(d)[0]).select_columns(columns)
+             for d in shard_dirs]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if cfg.train.filter_correct:
         ds = ds.map_batches(lambda t: t.filter(pc.fill_null(t["answer_correct"], False)), batch_format="pyarrow")
     return ds
@@ -95,8 +100,12 @@ def train(cfg: Config) -> str:
     from .train_loop import train_loop_per_worker
 
     start = time.time()
+    shard_dirs = [absolute(d) for d in cfg.shard_dirs]
+    for key, location in [*(("data.shards", d) for d in shard_dirs), ("train.storage_path", cfg.train.storage_path),
+                          ("output.student_dir", cfg.output.student_dir)]:
+        check_location(location, key)  # before hours of training, not at the export after them
     student_path = resolve_model(cfg.student.model)
-    manifests = {d: read_manifest(absolute(d)) for d in cfg.shard_dirs}
+    manifests = {d: read_manifest(d) for d in shard_dirs}
     run = check_compatible(manifests)
     with_topk = cfg.train.alpha > 0
     if with_topk and not run.get("top_k_logprobs"):
@@ -108,9 +117,8 @@ def train(cfg: Config) -> str:
         check_lora_targets(student_path, cfg.student.lora, cfg.student.revision, cfg.student.trust_remote_code)
     student_tok = load_tokenizer(student_path, cfg.student.revision, cfg.student.trust_remote_code)
     retokenize = check_tokenizers(cfg, run, student_tok)
-    files = [f for d in cfg.shard_dirs for f in shard_files(absolute(d))]
     init_ray(cfg.ray)
-    ds = cache_small(training_dataset(cfg, files, with_topk).randomize_block_order(seed=cfg.train.seed),
+    ds = cache_small(training_dataset(cfg, shard_dirs, with_topk).randomize_block_order(seed=cfg.train.seed),
                      manifests, cfg.train.cache_max_gb)
     rows = ds.count() if cfg.train.filter_correct else sum(m["totals"]["rows"] for m in manifests.values())
     if rows == 0:
@@ -118,6 +126,9 @@ def train(cfg: Config) -> str:
                                                          "check passed" if cfg.train.filter_correct else ""))
     total_steps, epochs = plan_steps(rows, cfg)
     storage = absolute(cfg.train.storage_path)
+    # Ray Train gets the same file system as every other stage (endpoint from AWS_ENDPOINT_URL, small
+    # checkpoint files as single PUTs) rather than resolving the URL again on its own.
+    storage_fs, storage_fs_path = filesystem(storage)
     name = run_name(cfg, shard_fingerprint(manifests))
     t = cfg.train
     trainer = TorchTrainer(
@@ -129,7 +140,7 @@ def train(cfg: Config) -> str:
                                                resources_per_worker={"CPU": t.cpus_per_worker,
                                                                      **t.resources_per_worker}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
+            name=name, storage_path=storage_fs_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
         datasets={"train": ds},
@@ -186,6 +197,7 @@ def export_student(cfg: Config, checkpoint, student_path: str, tokenizer, run: d
             import pyarrow.fs as pafs
 
             fs, dest = filesystem(cfg.output.student_dir)
+            fs.delete_dir_contents(dest, missing_dir_ok=True)  # no stale files of an earlier export stay beside
             pafs.copy_files(str(local), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     return cfg.output.student_dir if is_url(cfg.output.student_dir) else str(local)
 

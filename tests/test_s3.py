@@ -1,0 +1,200 @@
+"""Object-store paths for real: a moto S3 server on loopback, shards, Ray Train checkpoints and the exported
+student all in ``s3://``, and no planted secret in any byte written or printed."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import small_config
+from distill_llm.config import ConfigError
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "distill"
+RUN = f"s3://{BUCKET}/run"
+# Secrets a user has in the environment while running the pipeline; none may reach an output or a log.
+PLANTED = {"AWS_SECRET_ACCESS_KEY": "planted-aws-secret-7f3a9c", "HF_TOKEN": "hf_plantedToken9d2e41",
+           "DISTILL_LLM_API_KEY": "dl-planted-api-key-51b8"}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 (free port) with one bucket; stages find it through AWS_ENDPOINT_URL."""
+    import boto3
+    import ray
+    from moto.server import ThreadedMotoServer
+
+    from distill_llm.config import RayConfig
+    from distill_llm.runtime import init_ray
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "planted-access-id",
+           "AWS_DEFAULT_REGION": "us-east-1", **PLANTED}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    # A local Ray's workers take the driver's environment when Ray starts: restart it so they see the
+    # endpoint and the credentials (secrets are not in the runtime_env, see runtime.py).
+    was_running = ray.is_initialized()
+    ray.shutdown()
+    client = boto3.client("s3")  # endpoint from AWS_ENDPOINT_URL, like every stage
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+    if was_running:
+        init_ray(RayConfig())
+
+
+def _objects(client, prefix: str = "") -> dict[str, dict]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"]: o for page in pages for o in page.get("Contents", [])}
+
+
+def _download(client, prefix: str, dest: Path) -> list[str]:
+    keys = [k for k in _objects(client, prefix) if not k.endswith("/")]
+    for key in keys:
+        target = dest / key[len(prefix):].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(BUCKET, key, str(target))
+    return sorted(k[len(prefix):].lstrip("/") for k in keys)
+
+
+def find_planted(client, folders: list[Path], texts: list[str]) -> list[str]:
+    """Where any planted secret occurs: local files under ``folders``, every object in the bucket, ``texts``."""
+    needles = [v.encode() for v in PLANTED.values()]
+    hits = [f"s3://{BUCKET}/{key}" for key in _objects(client)
+            if any(n in client.get_object(Bucket=BUCKET, Key=key)["Body"].read() for n in needles)]
+    for folder in folders:
+        hits += [str(p) for p in folder.rglob("*") if p.is_file() and any(n in p.read_bytes() for n in needles)]
+    return hits + [f"output #{i}" for i, text in enumerate(texts) if any(n.decode() in text for n in needles)]
+
+
+@pytest.fixture(scope="module")
+def pipeline(s3, tmp_path_factory, request):
+    """generate -> train with every location in S3; returns the config and the captured output."""
+    import ray
+
+    from distill_llm.generation import generate
+    from distill_llm.training import train
+
+    tmp = tmp_path_factory.mktemp("s3run")
+    cfg = small_config(tmp, output={"dir": f"{RUN}/shards", "student_dir": f"{RUN}/student"},
+                       data={"num_prompts": 32},
+                       train={"storage_path": f"{RUN}/train", "max_steps": 24, "checkpoint_every": 12,
+                              "batch_size": 8, "log_every": 12})
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    capman.read_global_capture()  # start the capture of this run's output from here
+    manifest = generate(cfg)
+    student = train(cfg)
+    out, err = capman.read_global_capture()
+    runtime_env = ray.get_runtime_context().runtime_env
+    return {"cfg": cfg, "manifest": manifest, "student": student, "output": [out, err], "tmp": tmp,
+            "runtime_env": dict(runtime_env), "capturing": capman.is_globally_capturing()}
+
+
+def test_shards_are_committed_to_s3_with_the_manifest_last(pipeline, s3):
+    from distill_llm.shards import commit_records, read_manifest, shard_files
+
+    manifest = read_manifest(f"{RUN}/shards")
+    assert manifest["totals"]["rows"] == 64 and manifest == pipeline["manifest"], "32 prompts x 2 samples"
+    assert manifest["run"]["top_k_logprobs"] == 8
+    objects = _objects(s3, "run/shards/")
+    keys = set(objects)
+    assert not [k for k in keys if "_tmp" in k or ".tmp-" in k or k.endswith("/")], "no temporaries, no markers"
+    listed = {f"run/shards/{s['file']}" for s in manifest["shards"]}
+    shards = {k for k in keys if k.startswith("run/shards/part-")}
+    assert listed == shards, "every shard object is a committed one in the manifest"
+    assert {f"run/shards/{r['file']}" for r in commit_records(f"{RUN}/shards")} == shards
+    assert [objects[f"run/shards/{s['file']}"]["Size"] for s in manifest["shards"]] == \
+        [s["bytes"] for s in manifest["shards"]]
+    written = objects["run/shards/manifest.json"]["LastModified"]
+    assert all(o["LastModified"] <= written for o in objects.values()), "the manifest is written last"
+    assert len(shard_files(f"{RUN}/shards", verify="sha256")) == len(listed)
+
+
+def test_inspect_reads_a_shard_set_in_s3(pipeline, capsys):
+    from distill_llm.cli import main
+
+    assert main(["inspect", f"{RUN}/shards"]) == 0
+    out = capsys.readouterr().out
+    assert "64 completions of 32 prompts" in out and "k=8" in out
+
+
+def test_train_checkpoints_and_student_live_in_s3(pipeline, s3, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from distill_llm.paths import resolve_model
+
+    assert pipeline["student"] == f"{RUN}/student"
+    checkpoints = {k.split("/")[3] for k in _objects(s3, "run/train/") if "/checkpoint_step" in k}
+    assert checkpoints == {"checkpoint_step0000012", "checkpoint_step0000024"}
+    files = _download(s3, "run/student/", tmp_path / "student")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "distill_llm.json"} <= set(files)
+    info = json.loads((tmp_path / "student" / "distill_llm.json").read_text())
+    assert info["steps"] == 24 and info["shards"] == [f"{RUN}/shards"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert model.num_parameters() > 0
+    fetched = Path(resolve_model(f"{RUN}/student"))  # what `distill-llm eval model=s3://...` loads
+    assert sorted(str(p.relative_to(fetched)) for p in fetched.rglob("*") if p.is_file()) == files
+
+
+def test_train_resumes_from_its_checkpoint_in_s3(pipeline):
+    from distill_llm.training import train
+
+    assert train(pipeline["cfg"]) == f"{RUN}/student"  # same run name: restored at step 24, nothing to do
+
+
+def test_no_secret_reaches_outputs_logs_or_the_runtime_env(pipeline, s3):
+    assert pipeline["capturing"], "run without -s: the run's output is part of what is searched"
+    assert not set(PLANTED.values()) & set(pipeline["runtime_env"].get("env_vars", {}).values())
+    assert "AWS_ENDPOINT_URL" in pipeline["runtime_env"]["env_vars"], "settings still reach the workers"
+    folders = [pipeline["tmp"], Path(os.environ["DISTILL_LLM_CACHE"])]
+    assert sum(len(t) for t in pipeline["output"]) > 0
+    # The search can fail: a planted value in a local file and in an object is found.
+    canary = pipeline["tmp"] / "canary.txt"
+    canary.write_text(f"token={PLANTED['HF_TOKEN']}")
+    s3.put_object(Bucket=BUCKET, Key="run/canary", Body=PLANTED["AWS_SECRET_ACCESS_KEY"].encode())
+    try:
+        assert find_planted(s3, folders, []) == [f"s3://{BUCKET}/run/canary", str(canary)]
+    finally:
+        canary.unlink()
+        s3.delete_object(Bucket=BUCKET, Key="run/canary")
+    assert find_planted(s3, folders, pipeline["output"]) == []
+
+
+def test_a_missing_bucket_is_named_before_any_work(s3, tmp_path):
+    from distill_llm.cli import main
+    from distill_llm.generation import generate
+    from distill_llm.training import train
+
+    cfg = small_config(tmp_path, output={"dir": "s3://no-such-bucket/shards"})
+    with pytest.raises(ConfigError, match="output.dir=s3://no-such-bucket/shards: bucket 'no-such-bucket' does not"):
+        generate(cfg)
+    cfg = small_config(tmp_path, train={"storage_path": "s3://no-such-bucket/train"})
+    with pytest.raises(ConfigError, match="train.storage_path=.*does not exist; create it first"):
+        train(cfg)
+    assert main(["inspect", "s3://no-such-bucket/shards"]) == 2
+
+
+def test_an_unreachable_endpoint_is_named(s3, monkeypatch, capsys):
+    from distill_llm.cli import main
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
+    assert main(["inspect", f"{RUN}/shards"]) == 2
+    err = capsys.readouterr().err
+    assert f"inspect={RUN}/shards: cannot reach bucket '{BUCKET}' through the endpoint " \
+           "AWS_ENDPOINT_URL=http://127.0.0.1:9" in err and "Traceback" not in err
