@@ -100,8 +100,10 @@ def pipeline(s3, tmp_path_factory, request):
     student = train(cfg)
     out, err = capman.read_global_capture()
     runtime_env = ray.get_runtime_context().runtime_env
+    node = ray._private.worker._global_node  # no public API names a local Ray's session folder
     return {"cfg": cfg, "manifest": manifest, "student": student, "output": [out, err], "tmp": tmp,
-            "runtime_env": dict(runtime_env), "capturing": capman.is_globally_capturing()}
+            "runtime_env": dict(runtime_env), "capturing": capman.is_globally_capturing(),
+            "ray_logs": Path(node.get_session_dir_path()) / "logs"}
 
 
 def test_shards_are_committed_to_s3_with_the_manifest_last(pipeline, s3):
@@ -162,7 +164,7 @@ def test_no_secret_reaches_outputs_logs_or_the_runtime_env(pipeline, s3):
     assert pipeline["capturing"], "run without -s: the run's output is part of what is searched"
     assert not set(PLANTED.values()) & set(pipeline["runtime_env"].get("env_vars", {}).values())
     assert "AWS_ENDPOINT_URL" in pipeline["runtime_env"]["env_vars"], "settings still reach the workers"
-    folders = [pipeline["tmp"], Path(os.environ["DISTILL_LLM_CACHE"])]
+    folders = [pipeline["tmp"], Path(os.environ["DISTILL_LLM_CACHE"]), pipeline["ray_logs"]]
     assert sum(len(t) for t in pipeline["output"]) > 0
     # The search can fail: a planted value in a local file and in an object is found.
     canary = pipeline["tmp"] / "canary.txt"
