@@ -80,8 +80,10 @@ def filesystem(uri: str):
         target = f"{uri}{'&' if '?' in uri else '?'}{_S3_OPTIONS}"
     try:
         return pafs.FileSystem.from_uri(target)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as err:
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as err:
         raise ConfigError(f"{uri}: not a usable file system URL ({err})") from None
+    except OSError as err:  # without an endpoint pyarrow asks AWS for the bucket's region here
+        raise _unreachable(uri, uri.split("://", 1)[1].split("/", 1)[0], err) from None
 
 
 def is_object_store(fs) -> bool:
@@ -115,19 +117,21 @@ def check_location(uri: str, key: str) -> None:
     try:
         found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
     except OSError as err:
-        endpoint = next((f"{v}={os.environ[v]}" for v in ENDPOINT_VARS if os.environ.get(v)), None)
-        where = f"the endpoint {endpoint}" if endpoint else "the provider's default endpoint (set AWS_ENDPOINT_URL " \
-                                                             "for MinIO or another S3-compatible server)"
-        raise ConfigError(f"{key}={uri}: cannot reach bucket {bucket!r} through {where}; check the endpoint and the "
-                          f"credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws, an instance role). "
-                          f"The store said: {_first_line(err)}") from None
+        raise _unreachable(f"{key}={uri}", bucket, err) from None
     if not found:
         raise ConfigError(f"{key}={uri}: bucket {bucket!r} does not exist; create it first "
                           "(distill-llm never creates buckets)")
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def _unreachable(what: str, bucket: str, err: OSError) -> ConfigError:
+    """The error for a store that did not answer or refused: names the endpoint in use and what to set."""
+    endpoint = next((f"{v}={os.environ[v]}" for v in ENDPOINT_VARS if os.environ.get(v)), None)
+    where = f"the endpoint {endpoint}" if endpoint else \
+        "the provider's default endpoint (set AWS_ENDPOINT_URL for MinIO or another S3-compatible server)"
+    said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(f"{what}: cannot reach bucket {bucket!r} through {where}; check the endpoint and the "
+                       "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws, an instance role). "
+                       f"The store said: {said}")
 
 
 def join(base: str, *parts: str) -> str:

@@ -154,10 +154,22 @@ def test_train_checkpoints_and_student_live_in_s3(pipeline, s3, tmp_path):
     assert sorted(str(p.relative_to(fetched)) for p in fetched.rglob("*") if p.is_file()) == files
 
 
-def test_train_resumes_from_its_checkpoint_in_s3(pipeline):
-    from distill_llm.training import train
+def test_the_run_in_s3_is_what_a_rerun_resumes_from(pipeline, s3):
+    """Ray Train reads back the run (its checkpoint index and latest checkpoint) through the same file system;
+    a full rerun is checked locally in test_train.py and would cost another Ray Train start here."""
+    import json
 
-    assert train(pipeline["cfg"]) == f"{RUN}/student"  # same run name: restored at step 24, nothing to do
+    import ray.train
+
+    from distill_llm.paths import filesystem
+
+    runs = {k.split("/")[2] for k in _objects(s3, "run/train/") if k.count("/") > 2}  # not Ray's folder marker
+    assert len(runs) == 1
+    fs, path = filesystem(f"{RUN}/train/{runs.pop()}")
+    result = ray.train.Result.from_path(path, storage_filesystem=fs)
+    assert result.checkpoint.path.endswith("checkpoint_step0000024")
+    with result.checkpoint.as_directory() as d:
+        assert json.loads((Path(d) / "trainer_state.json").read_text())["step"] == 24
 
 
 def test_no_secret_reaches_outputs_logs_or_the_runtime_env(pipeline, s3):
