@@ -39,6 +39,13 @@ def engine_spec(cfg: Config, model: str, use_gpu: bool, seed: int) -> EngineSpec
     )
 
 
+def sampling_spec(cfg: Config) -> SamplingSpec:
+    g = cfg.generate
+    return SamplingSpec(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed,
+                        top_k_logprobs=g.top_k_logprobs, logprobs_dtype=g.logprobs_dtype,
+                        checker=cfg.data.checker, system_prompt=cfg.data.system_prompt)
+
+
 def validate_engine(cfg: Config, model: str, k: int) -> dict[str, int | None]:
     """Fail before any work when k or max_model_len cannot work with this model."""
     limits = model_limits(model, cfg.teacher.revision, cfg.teacher.trust_remote_code)
@@ -111,11 +118,8 @@ def generate(cfg: Config) -> dict[str, Any]:
     if resume.committed and samples.count() == 0:
         print(f"generate: every sample in {out_dir} is already committed; nothing to generate")
         return write_manifest(out_dir, extra={"config": cfg.model_dump(mode="json")}, max_rejected=g.max_errored_rows)
-    sampling = SamplingSpec(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed,
-                            top_k_logprobs=g.top_k_logprobs, logprobs_dtype=g.logprobs_dtype,
-                            checker=cfg.data.checker, system_prompt=cfg.data.system_prompt)
-    rows = apply_engine(samples, engine_spec(cfg, model, use_gpu, g.seed), sampling, cfg.teacher.replicas, use_gpu,
-                        cfg.teacher.batch_size)
+    rows = apply_engine(samples, engine_spec(cfg, model, use_gpu, g.seed), sampling_spec(cfg), cfg.teacher.replicas,
+                        use_gpu, cfg.teacher.batch_size)
     writer = ShardWriter(out_dir, g.top_k_logprobs, g.logprobs_dtype, metadata=run)
     rows.write_datasink(ShardSink(writer, g.rows_per_shard))
     manifest = write_manifest(out_dir, extra={"config": cfg.model_dump(mode="json")}, max_rejected=g.max_errored_rows)

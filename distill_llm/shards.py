@@ -169,6 +169,13 @@ class ShardWriter:
         self.out_dir, self.k, self.dtype = out_dir, k, logprobs_dtype
         self.metadata, self.compression, self.level = metadata, compression, compression_level
 
+    def _encodings(self) -> dict[str, str] | None:
+        """Physical encodings only (the schema is unchanged). Top-k ids are small integers in 32 bits:
+        split into byte planes, zstd stores them ~16% smaller (bench/storage.py: the file goes from 78 to
+        71 bytes per token at k = 20 on Qwen-vocabulary rows). Not the float16 logprobs: DuckDB cannot read
+        BYTE_STREAM_SPLIT on float16."""
+        return {"topk_token_ids.list.element.list.element": "BYTE_STREAM_SPLIT"} if self.k > 0 else None
+
     def write(self, tables: Iterable[pa.Table]) -> dict[str, Any] | None:
         fs, root = filesystem(self.out_dir)
         table = pa.concat_tables(list(tables))
@@ -190,7 +197,8 @@ class ShardWriter:
         fs.create_dir(join(root, TMP), recursive=True)
         tmp, final = join(root, TMP, record["file"]), join(root, record["file"])
         pq.write_table(good, tmp, filesystem=fs, compression=self.compression,
-                       compression_level=self.level, use_dictionary=["sample_id", "prompt_id", "finish_reason"])
+                       compression_level=self.level, use_dictionary=["sample_id", "prompt_id", "finish_reason"],
+                       column_encoding=self._encodings())
         fs.move(tmp, final)
         record.update(
             bytes=fs.get_file_info(final).size, sha256=_sha256(fs, final),
