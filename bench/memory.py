@@ -8,7 +8,7 @@ interpreter. A thread samples the RSS of the whole process tree every ``--interv
 per group, the peak of the largest process and the peak of the group's sum:
   driver       the interpreter running generate()
   engine actor the Ray actor holding TeacherEngine (``ray::MapWorker(...TeacherEngine)``)
-  EngineCore   vLLM's engine process under it
+  vLLM engine  vLLM's processes under it (VLLM::EngineCore and, on CPU, its VLLM::Worker)
   ray workers  every other Ray worker (prompt expansion, shard writes, idle pool)
   ray system   raylet, GCS, dashboard agents, log monitor
 RSS counts shared pages (the object store's shared memory, libraries) in every process that maps
@@ -27,15 +27,15 @@ from pathlib import Path
 from common import QUICKSTART, append_results, emit, header, load_average, machine, run_case, table
 
 MIB = 2**20
-GROUPS = ("driver", "engine actor", "EngineCore", "ray workers", "ray system")
+GROUPS = ("driver", "engine actor", "vLLM engine", "ray workers", "ray system")
 
 
 def group_of(proc, me: int) -> str:
     if proc.pid == me:
         return "driver"
     title = " ".join(proc.cmdline()) or proc.name()
-    if "EngineCore" in title:
-        return "EngineCore"
+    if title.startswith("VLLM::"):  # EngineCore and, on CPU, its Worker process (weights, KV cache)
+        return "vLLM engine"
     if "TeacherEngine" in title:
         return "engine actor"
     if title.startswith("ray::") or "default_worker.py" in title:
