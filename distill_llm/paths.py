@@ -49,6 +49,28 @@ def resolve_model(name: str) -> str:
     return name
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights_format(path: str, allow_pickle: bool, key: str) -> None:
+    """Refuse a local model folder whose weights exist only as pickles, unless ``key`` opts in.
+
+    Unpickling runs arbitrary code, so a downloaded ``pytorch_model.bin`` is as dangerous as a script.
+    Hub ids are not checked here: the loaders are told to read safetensors only.
+    """
+    folder = Path(path)
+    if allow_pickle or not folder.is_dir():
+        return
+    files = [f.name for f in folder.iterdir() if f.is_file()]
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ConfigError(f"model folder {folder} holds weights only as pickle files ({', '.join(pickles[:3])}), "
+                          f"which can run code when loaded: convert them to safetensors, or set {key}=true "
+                          "if you trust their source")
+
+
 def filesystem(uri: str):
     """(pyarrow FileSystem, path inside it) for a local path or an s3:// / gs:// URL."""
     import pyarrow.fs as pafs
