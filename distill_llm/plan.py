@@ -87,8 +87,10 @@ class ModelShape:
     head_dim: int
     tied: bool
     max_positions: int
-    qkv_bias: bool = True
-    qk_norm: bool = False
+    qkv_bias: bool = True  # Qwen2: q/k/v only
+    o_bias: bool = False  # Llama's attention_bias also puts one on o_proj
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3
     dtype_bytes: int = 2  # of the stored weights (what dtype "auto" loads)
     params: int | None = None  # total, for shapes the dense formula does not describe (MoE)
     active_params: int | None = None  # per token (MoE)
@@ -150,8 +152,8 @@ def dense_param_count(s: ModelShape) -> int:
     """Exact parameter count of a dense Qwen2/Llama-style decoder (what ``sum(p.numel())`` gives)."""
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     attention = s.hidden * q + 2 * s.hidden * kv + q * s.hidden + ((q + 2 * kv) if s.qkv_bias else 0)
-    attention += 2 * s.head_dim if s.qk_norm else 0
-    mlp = 3 * s.hidden * s.intermediate
+    attention += (s.hidden if s.o_bias else 0) + (2 * s.head_dim if s.qk_norm else 0)
+    mlp = 3 * s.hidden * s.intermediate + ((2 * s.intermediate + s.hidden) if s.mlp_bias else 0)
     layer = attention + mlp + 2 * s.hidden
     embedding = s.vocab * s.hidden
     return embedding + s.layers * layer + s.hidden + (0 if s.tied else embedding)
@@ -185,8 +187,10 @@ def shape_from_config(conf: Any, source: str) -> ModelShape | None:
         layers=conf.num_hidden_layers, heads=heads, kv_heads=getattr(conf, "num_key_value_heads", None) or heads,
         head_dim=getattr(conf, "head_dim", None) or conf.hidden_size // heads,
         tied=bool(getattr(conf, "tie_word_embeddings", False)), max_positions=conf.max_position_embeddings,
-        # Qwen2 always has q/k/v biases; the others say so in attention_bias
+        # Qwen2 always has q/k/v biases (not o_proj); Llama-style models say so in attention_bias, o_proj included
         qkv_bias=model_type == "qwen2" or bool(getattr(conf, "attention_bias", False)),
+        o_bias=model_type != "qwen2" and bool(getattr(conf, "attention_bias", False)),
+        mlp_bias=bool(getattr(conf, "mlp_bias", False)),
         qk_norm=model_type == "qwen3", dtype_bytes=1 if fp8 else DTYPE_BYTES.get(dtype, 2), source=source)
 
 
@@ -406,15 +410,11 @@ def teacher_fit(plan: Plan, cfg: Config, s: ModelShape, gpu: GpuSpec) -> None:
     if g.top_k_logprobs > s.vocab:
         plan.flag("error", "generate.top_k_logprobs", f"k={g.top_k_logprobs} exceeds the vocabulary of {s.vocab:,}")
     per_node = cfg.plan.gpus_per_node
-    if tp > per_node:
-        plan.flag("warning", "teacher.tensor_parallel_size",
-                  f"tensor_parallel_size {tp} > plan.gpus_per_node {per_node}: tensor parallelism across nodes is slow; "
-                  "prefer pipeline_parallel_size across nodes")
     if tp * pp > per_node:
-        plan.flag("error", "teacher.pipeline_parallel_size",
+        plan.flag("error", "teacher.pipeline_parallel_size" if pp > 1 else "teacher.tensor_parallel_size",
                   f"one replica needs TP {tp} x PP {pp} = {tp * pp} GPUs on {math.ceil(tp * pp / per_node)} nodes of "
-                  f"{per_node}, but distill-llm's engine actor reserves all of a replica's GPUs itself "
-                  "(distill_llm.teacher.engine_resources), which Ray can only place on one node; a replica "
+                  f"{per_node} (plan.gpus_per_node), but distill-llm's engine actor reserves all of a replica's GPUs "
+                  "itself (distill_llm.teacher.engine_resources), which Ray can only place on one node; a replica "
                   "spanning nodes needs vLLM's Ray executor with a placement group (not implemented yet)")
 
 
