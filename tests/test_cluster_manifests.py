@@ -190,7 +190,7 @@ def test_recipe_opens_with_its_commands_and_gpus(path):
     lines = text.splitlines()
     assert lines[0].startswith("# distill-llm ") and f"configs/{path.name}" in lines[0]
     header = "\n".join(line for line in lines if line.startswith("#"))
-    assert f"python -m pipelines." in header and f"configs/{path.name}" in header and "ray job submit" in header
+    assert "python -m pipelines." in header and f"configs/{path.name}" in header and "ray job submit" in header
     assert "kubectl apply -f cluster/" in header and "GPUs:" in header
     for manifest in (w for w in header.split() if w.startswith("cluster/") and w.endswith(".yaml")):
         assert (ROOT / manifest.rstrip(")")).is_file(), f"{path.name} names {manifest}"
