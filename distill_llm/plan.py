@@ -322,11 +322,19 @@ def replica_tokens_per_s(cfg: Config, teacher: ModelShape, gpu: GpuSpec) -> tupl
     gpus = cfg.teacher.tensor_parallel_size * cfg.teacher.pipeline_parallel_size
     tps = DECODE_TOKENS_PER_TBPS_B * gpu.bandwidth_tbps * gpus / (teacher.active / 1e9)
     return tps, (f"rule of thumb {DECODE_TOKENS_PER_TBPS_B:,} x {gpu.bandwidth_tbps} TB/s x {gpus} GPU(s) / "
-                 f"{teacher.active / 1e9:.1f}B active params; measure with bench/generate.py")
+                 f"{_n(teacher.active)} active params; measure with bench/generate.py")
 
 
 def _h(x: float) -> str:
     return f"{x:,.1f}" if x < 100 else f"{x:,.0f}"
+
+
+def _n(x: float) -> str:
+    """A parameter count: 7.62B, 161.5M, 140.0k."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= size:
+            return f"{x / size:.2f}{unit}" if unit == "B" else f"{x / size:.1f}{unit}"
+    return f"{x:.0f}"
 
 
 def _bytes(x: float) -> str:
@@ -376,7 +384,7 @@ def teacher_fit(plan: Plan, cfg: Config, s: ModelShape, gpu: GpuSpec) -> None:
     dtype_bytes = DTYPE_BYTES.get(t.dtype, s.dtype_bytes) if t.dtype != "auto" else s.dtype_bytes
     weights = s.total * dtype_bytes
     budget = tp * pp * gpu.memory_gb * 1e9 * t.gpu_memory_utilization
-    plan.add("teacher weights", weights, _bytes(weights), f"{s.total / 1e9:.2f}B params x {dtype_bytes} B")
+    plan.add("teacher weights", weights, _bytes(weights), f"{_n(s.total)} params x {dtype_bytes} B")
     plan.add("teacher memory/replica", budget, _bytes(budget),
              f"{tp * pp} GPUs x {gpu.memory_gb:g} GB x teacher.gpu_memory_utilization {t.gpu_memory_utilization}")
     if weights > budget:
@@ -436,7 +444,7 @@ def student_section(plan: Plan, cfg: Config, s: ModelShape, gpu: GpuSpec) -> Non
     factor = (4 if lora else 6) + (2 if st.gradient_checkpointing else 0)
     flops = factor * s.matmul_params * tokens
     hours = flops / (gpu.peak_tflops * 1e12 * p.train_mfu) / 3600
-    plan.add("train GPU-hours", hours, _h(hours), f"{factor} x {s.matmul_params / 1e9:.2f}B x tokens / "
+    plan.add("train GPU-hours", hours, _h(hours), f"{factor} x {_n(s.matmul_params)} x tokens / "
              f"({gpu.peak_tflops:g} TFLOP/s x plan.train_mfu {p.train_mfu}); "
              f"{'LoRA: no weight gradients' if lora else 'full fine-tuning'}"
              + (", + recompute" if st.gradient_checkpointing else ""))
@@ -444,13 +452,13 @@ def student_section(plan: Plan, cfg: Config, s: ModelShape, gpu: GpuSpec) -> Non
     adapter = lora_param_count(s, st.lora.r, st.lora.target_modules) if lora and s.layers else 0
     per_gpu = s.total * 2 + adapter * 10 if lora else s.total * 10
     plan.add("train memory/GPU", per_gpu, _bytes(per_gpu),
-             (f"frozen {s.total / 1e9:.2f}B x 2 B + {adapter / 1e6:.1f}M adapter params x 10 B" if lora else
-              f"{s.total / 1e9:.2f}B params x 10 B (bf16 weights, grads, AdamW m/v, DDP buckets)")
+             (f"frozen {_n(s.total)} x 2 B + {_n(adapter)} adapter params x 10 B" if lora else
+              f"{_n(s.total)} params x 10 B (bf16 weights, grads, AdamW m/v, DDP buckets)")
              + ", activations extra")
     saved = s.total if (not lora or st.merge_lora) else adapter
     dtype_bytes = 2 if t.use_gpu else 4
     plan.add("student checkpoint", saved * dtype_bytes, _bytes(saved * dtype_bytes),
-             f"{saved / 1e6:,.1f}M params x {dtype_bytes} B" + (" (adapter only)" if lora and not st.merge_lora else ""))
+             f"{_n(saved)} params x {dtype_bytes} B" + (" (adapter only)" if lora and not st.merge_lora else ""))
     memory = gpu.memory_gb * 1e9
     if per_gpu > memory:
         plan.flag("error", "student.lora", f"training needs {_bytes(per_gpu)} per GPU before activations, more than "
@@ -462,7 +470,7 @@ def student_section(plan: Plan, cfg: Config, s: ModelShape, gpu: GpuSpec) -> Non
         plan.flag("error", "train.max_seq_len", f"train.max_seq_len={t.max_seq_len:,} exceeds the student's "
                   f"max_position_embeddings {s.max_positions:,}")
     if not t.use_gpu and s.total > 1e9:
-        plan.flag("warning", "train.use_gpu", f"a {s.total / 1e9:.1f}B student with train.use_gpu=false trains on CPU")
+        plan.flag("warning", "train.use_gpu", f"a {_n(s.total)} student with train.use_gpu=false trains on CPU")
 
 
 def make_plan(cfg: Config, teacher: ModelShape | None, student: ModelShape | None,
@@ -478,8 +486,8 @@ def make_plan(cfg: Config, teacher: ModelShape | None, student: ModelShape | Non
             plan.flag("error", f"plan.{role}_params_b", f"cannot size {role} {getattr(cfg, role).model}: "
                       f"{sources.get(role, 'unknown')}; set plan.{role}_params_b")
         else:
-            active = f" ({shape.active / 1e9:.0f}B active)" if shape.active != shape.total else ""
-            plan.add(f"{role} params", shape.total, f"{shape.total / 1e9:.2f}B{active}", shape.source)
+            active = f" ({_n(shape.active)} active)" if shape.active != shape.total else ""
+            plan.add(f"{role} params", shape.total, f"{_n(shape.total)}{active}", shape.source)
     teacher_section(plan, cfg, teacher, gpu)
     if student is not None:
         student_section(plan, cfg, student, gpu)

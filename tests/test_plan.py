@@ -214,3 +214,11 @@ def test_hub_ids_with_dots_resolve():
     assert resolve_model("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_model("weights/model.safetensors")
+
+
+def test_quickstart_plans_from_local_config_json(capsys):
+    from distill_llm.cli import main
+
+    assert main(["plan", "configs/quickstart.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "config.json of" in out and "built-in toy shape" in out and "WARNING" not in out
