@@ -10,6 +10,9 @@ from .config import ConfigError
 
 BUILTIN_MODELS = ("toy-teacher", "toy-student")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+# A missing path ending like a file is a typo, not a hub id; any other suffix is not checked because
+# hub ids hold dots ("Qwen/Qwen2.5-7B-Instruct" has Path.suffix ".5B-Instruct").
+_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".parquet", ".jsonl")
 
 
 def cache_dir() -> Path:
@@ -44,7 +47,7 @@ def resolve_model(name: str) -> str:
         if not (local / "config.json").is_file():
             raise ConfigError(f"model folder {local} has no config.json: is it a Hugging Face model folder?")
         return str(local.resolve())
-    if name.startswith((".", "/", "~")) or local.suffix or name.count("/") > 1:
+    if name.startswith((".", "/", "~")) or local.suffix.lower() in _FILE_SUFFIXES or name.count("/") > 1:
         raise ConfigError(f"model path {name} does not exist (and it is not a hub id like 'Qwen/Qwen2.5-1.5B')")
     return name
 
