@@ -76,7 +76,8 @@ def evaluate_model(cfg: Config, model: str, is_teacher: bool = False) -> tuple[d
                             system_prompt=cfg.data.system_prompt)
     spec = engine_spec(cfg, path, use_gpu, e.seed)
     if not is_teacher:  # students are served one GPU per engine, whatever the teacher's parallelism
-        spec = replace(spec, tensor_parallel_size=1, pipeline_parallel_size=1,
+        # ... and not pinned to the teacher's node group, where one student would hold a whole teacher pod.
+        spec = replace(spec, tensor_parallel_size=1, pipeline_parallel_size=1, resources={},
                        load_format="auto" if allow_pickle else "safetensors")
     rows = apply_engine(expand_samples(prompts, e.samples, set()), spec, sampling, cfg.teacher.replicas, use_gpu,
                         cfg.teacher.batch_size)
