@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError
-from .paths import absolute, filesystem, is_url, resolve_model
+from .paths import absolute, check_weights_format, filesystem, is_url, resolve_model
 from .shards import check_compatible, read_manifest, shard_files
 from .tokenization import first_vocab_mismatch, load_tokenizer, tokenizer_fingerprint
 
@@ -96,6 +96,7 @@ def train(cfg: Config) -> str:
 
     start = time.time()
     student_path = resolve_model(cfg.student.model)
+    check_weights_format(student_path, cfg.student.allow_pickle_weights, "student.allow_pickle_weights")
     manifests = {d: read_manifest(absolute(d)) for d in cfg.shard_dirs}
     run = check_compatible(manifests)
     with_topk = cfg.train.alpha > 0
