@@ -14,7 +14,8 @@ Cases, interleaved per repetition (ours, raw, ours, raw...) and reported as medi
                 settings) on all prompts at once, the same per-request seeds, ``logprobs=k, flat_logprobs=True``.
   raw no-lp     the same without logprobs: the cost of top-k capture is raw k against this.
   extract       ``teacher.topk_arrays`` on raw k's outputs: vLLM's flat lists -> [n, k] numpy arrays.
-Random-weight shapes use vLLM's ``load_format=dummy`` (no weights on disk) and never emit EOS, so
+On a GPU both engines (this process's and the actor's) hold 0.4 of the GPU memory each; the host needs
+Ray and vLLM installed. Random-weight shapes use vLLM's ``load_format=dummy`` (no weights on disk) and never emit EOS, so
 every completion runs to ``--max-new-tokens``; the toy teacher stops after ~26 tokens like a trained model.
 """
 
@@ -42,8 +43,9 @@ def bench_config(args, out_dir: Path):
         over += [f"teacher.model={model_folder(args.shape, Path(args.workdir))}", "teacher.engine_kwargs.load_format=dummy",
                  "data.checker=none"]
     if args.device == "cuda":
+        # Two engines share the GPU while ours e2e runs (this process's and the Ray actor's): 0.4 each.
         over += ["teacher.use_gpu=true", "teacher.dtype=bfloat16", f"teacher.max_model_len={args.max_model_len or 2048}",
-                 "teacher.gpu_memory_utilization=0.85", "teacher.max_num_seqs=256"]
+                 "teacher.gpu_memory_utilization=0.4", "teacher.max_num_seqs=256"]
     else:
         over += ["teacher.use_gpu=false"]
         if args.max_model_len:
