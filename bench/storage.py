@@ -86,7 +86,7 @@ def synthetic_rows(rows: int, k: int, seed: int = 0) -> pa.Table:
         if not len(dup_rows):
             break
         for i in dup_rows:
-            vals, first = np.unique(ranks[i], return_index=True)
+            _, first = np.unique(ranks[i], return_index=True)
             mask = np.ones(k, bool)
             mask[first] = False
             ranks[i, mask] = rng.integers(0, vocab, mask.sum())
