@@ -188,9 +188,10 @@ def main() -> None:
         raw_cold = tokens["raw k"] / (startup + med["raw k"])
         lines.append(f"- raw k with its engine start-up added (a plain-vLLM script from launch): {raw_cold:,.0f} tok/s; "
                      f"ours e2e against it: {rate['ours e2e'] / raw_cold:.2f}x")
-        steady = tokens["ours e2e"] / max(med["ours e2e"] - startup, 1e-9)
-        lines.append(f"- ours e2e with this process's engine start-up subtracted (an estimate of steady state): "
-                     f"{steady:,.0f} tok/s ({steady / raw_k:.2f}x raw k)")
+        if med["ours e2e"] > startup:
+            steady = tokens["ours e2e"] / (med["ours e2e"] - startup)
+            lines.append(f"- ours e2e with this process's engine start-up subtracted (an estimate of steady state): "
+                         f"{steady:,.0f} tok/s ({steady / raw_k:.2f}x raw k)")
     append_results(args.results, "\n".join(lines) + "\n")
     if given is None:
         shutil.rmtree(work, ignore_errors=True)
