@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from .config import Config, ConfigError
-from .paths import absolute, check_location, resolve_model
+from .paths import absolute, check_location, check_weights_format, resolve_model
 from .schema import LOGPROB_SEMANTICS, SCHEMA_VERSION
 from .shards import ShardWriter, prepare_output, write_manifest
 from .teacher import EngineSpec, SamplingSpec
@@ -37,6 +37,13 @@ def engine_spec(cfg: Config, model: str, use_gpu: bool, seed: int) -> EngineSpec
         load_format="auto" if t.allow_pickle_weights else "safetensors", resources=t.resources,
         engine_kwargs=t.engine_kwargs,
     )
+
+
+def sampling_spec(cfg: Config) -> SamplingSpec:
+    g = cfg.generate
+    return SamplingSpec(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed,
+                        top_k_logprobs=g.top_k_logprobs, logprobs_dtype=g.logprobs_dtype,
+                        checker=cfg.data.checker, system_prompt=cfg.data.system_prompt)
 
 
 def validate_engine(cfg: Config, model: str, k: int) -> dict[str, int | None]:
@@ -100,6 +107,7 @@ def generate(cfg: Config) -> dict[str, Any]:
     g, out_dir = cfg.generate, absolute(cfg.output.dir)
     check_location(out_dir, "output.dir")
     model = resolve_model(cfg.teacher.model)
+    check_weights_format(model, cfg.teacher.allow_pickle_weights, "teacher.allow_pickle_weights")
     validate_engine(cfg, model, g.top_k_logprobs)
     tokenizer = load_tokenizer(cfg.teacher.tokenizer or model, cfg.teacher.revision, cfg.teacher.trust_remote_code)
     run = run_record(cfg, model, tokenizer)
@@ -112,11 +120,8 @@ def generate(cfg: Config) -> dict[str, Any]:
     if resume.committed and samples.count() == 0:
         print(f"generate: every sample in {out_dir} is already committed; nothing to generate")
         return write_manifest(out_dir, extra={"config": cfg.model_dump(mode="json")}, max_rejected=g.max_errored_rows)
-    sampling = SamplingSpec(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed,
-                            top_k_logprobs=g.top_k_logprobs, logprobs_dtype=g.logprobs_dtype,
-                            checker=cfg.data.checker, system_prompt=cfg.data.system_prompt)
-    rows = apply_engine(samples, engine_spec(cfg, model, use_gpu, g.seed), sampling, cfg.teacher.replicas, use_gpu,
-                        cfg.teacher.batch_size)
+    rows = apply_engine(samples, engine_spec(cfg, model, use_gpu, g.seed), sampling_spec(cfg), cfg.teacher.replicas,
+                        use_gpu, cfg.teacher.batch_size)
     writer = ShardWriter(out_dir, g.top_k_logprobs, g.logprobs_dtype, metadata=run)
     rows.write_datasink(ShardSink(writer, g.rows_per_shard))
     manifest = write_manifest(out_dir, extra={"config": cfg.model_dump(mode="json")}, max_rejected=g.max_errored_rows)

@@ -174,6 +174,13 @@ class ShardWriter:
         self.out_dir, self.k, self.dtype = out_dir, k, logprobs_dtype
         self.metadata, self.compression, self.level = metadata, compression, compression_level
 
+    def _encodings(self) -> dict[str, str] | None:
+        """Physical encodings only (the schema is unchanged). Top-k ids are small integers in 32 bits:
+        split into byte planes, zstd stores them ~16% smaller (bench/storage.py: the file goes from 78 to
+        71 bytes per token at k = 20 on Qwen-vocabulary rows). Not the float16 logprobs: DuckDB cannot read
+        BYTE_STREAM_SPLIT on float16."""
+        return {"topk_token_ids.list.element.list.element": "BYTE_STREAM_SPLIT"} if self.k > 0 else None
+
     def write(self, tables: Iterable[pa.Table]) -> dict[str, Any] | None:
         fs, root = filesystem(self.out_dir)
         table = pa.concat_tables(list(tables))
@@ -194,7 +201,8 @@ class ShardWriter:
         good = good.select(schema.names).cast(schema)
         # Serialised in memory (a shard is one write task's rows) so its size and sha256 need no read-back.
         data = _parquet_bytes(good, compression=self.compression, compression_level=self.level,
-                              use_dictionary=["sample_id", "prompt_id", "finish_reason"])
+                              use_dictionary=["sample_id", "prompt_id", "finish_reason"],
+                              column_encoding=self._encodings())
         _write_bytes_atomic(fs, join(root, record["file"]), data, tmp_dir=join(root, TMP))
         record.update(
             bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),

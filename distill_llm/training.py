@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError
-from .paths import absolute, check_location, filesystem, is_url, resolve_model
+from .paths import absolute, check_location, check_weights_format, filesystem, is_url, resolve_model
 from .shards import check_compatible, read_manifest, shard_files
 from .tokenization import first_vocab_mismatch, load_tokenizer, tokenizer_fingerprint
 
@@ -105,6 +105,7 @@ def train(cfg: Config) -> str:
                           ("output.student_dir", cfg.output.student_dir)]:
         check_location(location, key)  # before hours of training, not at the export after them
     student_path = resolve_model(cfg.student.model)
+    check_weights_format(student_path, cfg.student.allow_pickle_weights, "student.allow_pickle_weights")
     manifests = {d: read_manifest(d) for d in shard_dirs}
     run = check_compatible(manifests)
     with_topk = cfg.train.alpha > 0
