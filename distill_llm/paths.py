@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import ConfigError
@@ -61,3 +62,18 @@ def filesystem(uri: str):
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
+
+
+class WriteFailed(OSError):
+    """A write under an output dir failed (disk full, read-only, denied). Raised in Ray tasks, so the
+    driver can tell a storage failure from other errors and say that a rerun resumes."""
+
+
+@contextmanager
+def writing(out_dir: str):
+    try:
+        yield
+    except WriteFailed:
+        raise
+    except OSError as err:
+        raise WriteFailed(f"{err} (writing under {out_dir})") from err
