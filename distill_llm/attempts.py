@@ -42,7 +42,7 @@ class AttemptLog:
     def _record(self, kind: str, key: str, attempts: int) -> None:
         fs, path = self._path(kind, key)
         record = {"attempts": attempts, "pid": os.getpid(), "time": time.time()}
-        with writing(self.out_dir):
+        with writing():
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
             with fs.open_output_stream(path) as f:  # one small object: a single put on object stores
                 f.write(json.dumps(record).encode())
@@ -51,7 +51,7 @@ class AttemptLog:
         import pyarrow.fs as pafs
 
         fs, path = self._path(kind, key)
-        with writing(self.out_dir):
+        with writing():
             if fs.get_file_info(path).type != pafs.FileType.NotFound:
                 fs.delete_file(path)
 

@@ -70,10 +70,11 @@ class WriteFailed(OSError):
 
 
 @contextmanager
-def writing(out_dir: str):
+def writing():
+    """Mark OSErrors raised inside as write failures (the driver names the output dir)."""
     try:
         yield
     except WriteFailed:
         raise
     except OSError as err:
-        raise WriteFailed(f"{err} (writing under {out_dir})") from err
+        raise WriteFailed(str(err)) from err

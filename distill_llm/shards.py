@@ -121,13 +121,13 @@ def storage_errors(out_dir: str):
         if cause is None:
             raise
         try:  # reading still works on a full or read-only disk
-            committed = f"{len(commit_records(out_dir))} shards"
+            committed = len(commit_records(out_dir))
         except OSError:
-            committed = "shards"
-        raise ShardError(
-            f"writing to {out_dir} failed: {cause}. The {committed} committed so far are intact (each has its "
-            "record in _commits/) and no manifest was written: free space or fix the permissions, then rerun "
-            "the same command to resume") from None
+            committed = -1
+        safe = ("No shard was committed" if committed == 0 else "The shards committed so far"
+                + (f" ({committed})" if committed > 0 else "") + " are intact (their records are in _commits/)")
+        raise ShardError(f"writing to {out_dir} failed: {cause}. {safe} and no manifest was written: free space "
+                         "or fix the permissions, then rerun the same command to resume.") from None
 
 
 def _check_writable(fs, root: str) -> None:
@@ -224,7 +224,7 @@ class ShardWriter:
         self.commits = 0  # by this copy (each write task unpickles its own); fault injection counts them
 
     def write(self, tables: Iterable[pa.Table]) -> dict[str, Any] | None:
-        with writing(self.out_dir):
+        with writing():
             record = self._commit(pa.concat_tables(list(tables)))
         if record is not None:
             self.commits += 1

@@ -261,7 +261,7 @@ def test_full_disk_then_read_only_dir_stop_cleanly_and_resume(reference, tmp_pat
             generate(cfg)
         message = str(err.value)
         assert cfg.output.dir in message and "No space left on device" in message, message
-        assert "committed so far are intact" in message and "rerun" in message
+        assert "committed so far" in message and "are intact" in message and "rerun" in message
         committed = assert_commits_verify(cfg.output.dir)
         assert committed and sum(r["rows"] for r in committed) < SAMPLES
         assert not (mnt / "shards" / "manifest.json").exists()

@@ -220,11 +220,11 @@ def test_storage_errors_say_what_is_safe(tmp_path):
 
     write_set(tmp_path, [engine_rows(2)])
     with pytest.raises(ShardError) as err, storage_errors(str(tmp_path)):
-        with writing(str(tmp_path)):
+        with writing():
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "part-x.parquet"))
     message = str(err.value)
     assert "No space left on device" in message and str(tmp_path) in message
-    assert "1 shards committed so far are intact" in message and "rerun" in message
+    assert "The shards committed so far (1) are intact" in message and "rerun" in message
     with pytest.raises(ValueError, match="not storage"), storage_errors(str(tmp_path)):
         raise ValueError("not storage")
     assert issubclass(WriteFailed, OSError)
