@@ -51,6 +51,10 @@ class TeacherConfig(_Section):
     max_model_len: int | None = Field(None, ge=16)
     max_num_seqs: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)  # rows handed to one engine call
+    # Times Ray restarts one engine actor that died (a lost node, an OOM, a crashed engine; a prompt that
+    # crashes the engine costs generate.max_row_attempts + 1) and retries its batch; -1: no limit. Bounded,
+    # so an engine that cannot stay up fails the job (a rerun resumes) instead of restarting forever.
+    max_restarts: int = Field(10, ge=-1)
     enforce_eager: bool | None = None  # None: eager on CPU, graphs on GPU
     use_gpu: bool | None = None  # None: use GPUs when the Ray cluster has them
     resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per engine (a node-group label)
@@ -84,6 +88,9 @@ class GenerateConfig(_Section):
     logprobs_dtype: Literal["float16", "float32"] = "float16"
     rows_per_shard: int = Field(4096, ge=1)  # at least this many rows per shard file (Ray may bundle more)
     max_errored_rows: int | None = Field(None, ge=0)  # fail the run past this many skipped rows
+    # Tries of one row, alone, after its batch killed the engine; then it is quarantined in rejects/ as
+    # engine_crash, so one poisonous prompt cannot stop a run of millions.
+    max_row_attempts: int = Field(2, ge=1)
 
 
 class OutputConfig(_Section):

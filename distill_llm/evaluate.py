@@ -83,7 +83,7 @@ def evaluate_model(cfg: Config, model: str, is_teacher: bool = False) -> tuple[d
         spec = replace(spec, tensor_parallel_size=1, pipeline_parallel_size=1, resources={},
                        load_format="auto" if allow_pickle else "safetensors")
     rows = apply_engine(expand_samples(prompts, e.samples, set()), spec, sampling, cfg.teacher.replicas, use_gpu,
-                        cfg.teacher.batch_size)
+                        cfg.teacher.batch_size, cfg.teacher.max_restarts)
     batches = list(rows.iter_batches(batch_format="pyarrow", batch_size=None))
     if not batches:
         raise ConfigError(f"no evaluation prompts were read from {e.prompts}")

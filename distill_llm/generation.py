@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 from .config import Config, ConfigError
 from .paths import absolute, check_location, check_weights_format, resolve_model
 from .schema import LOGPROB_SEMANTICS, SCHEMA_VERSION
-from .shards import ShardWriter, prepare_output, write_manifest
+from .attempts import AttemptLog
+from .shards import ShardWriter, prepare_output, storage_errors, write_manifest
 from .teacher import EngineSpec, SamplingSpec
 from .tokenization import load_tokenizer, tokenizer_fingerprint
 
@@ -76,20 +78,29 @@ def run_record(cfg: Config, model: str, tokenizer) -> dict[str, Any]:
     }
 
 
-def apply_engine(ds, spec: EngineSpec, sampling: SamplingSpec, replicas: int, use_gpu: bool, batch_size: int):
+def apply_engine(ds, spec: EngineSpec, sampling: SamplingSpec, replicas: int, use_gpu: bool, batch_size: int,
+                 max_restarts: int = -1, attempts: AttemptLog | None = None):
     """Map a dataset of sample rows through ``replicas`` engine actors.
 
-    Ray Data restarts a dead actor and retries its batch (its defaults for actor pools), and the engine
-    re-raises a dead engine instead of rejecting rows, so a crashed engine loses no sample.
+    An actor whose engine died exits (teacher.py), so Ray restarts it and retries its batch, at most
+    ``max_restarts`` times per actor (-1: Ray Data's default, no limit); with ``attempts`` a row that
+    kills the engine every time is quarantined instead (attempts.py). No sample is lost either way.
     """
     from .teacher import TeacherEngine, engine_resources
 
     from ray.data import ActorPoolStrategy
 
-    return ds.map_batches(
-        TeacherEngine, fn_constructor_args=(spec, sampling), batch_size=batch_size, batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=replicas), **engine_resources(spec, use_gpu),
-    )
+    # Prompts read on the driver arrive as one block, and an actor task takes whole blocks: without the
+    # split, one task would generate everything (one replica busy) and commit one shard at the very end.
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
+    with warnings.catch_warnings():
+        # Ray 2.60 takes actor restarts only as extra remote args (deprecated toward 2.64, no named form yet).
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            TeacherEngine, fn_constructor_args=(spec, sampling, attempts), batch_size=batch_size,
+            batch_format="pyarrow", compute=ActorPoolStrategy(size=replicas), max_restarts=max_restarts,
+            max_task_retries=max_restarts, **engine_resources(spec, use_gpu),
+        )
 
 
 def use_gpu_for(setting: bool | None) -> bool:
@@ -111,20 +122,25 @@ def generate(cfg: Config) -> dict[str, Any]:
     validate_engine(cfg, model, g.top_k_logprobs)
     tokenizer = load_tokenizer(cfg.teacher.tokenizer or model, cfg.teacher.revision, cfg.teacher.trust_remote_code)
     run = run_record(cfg, model, tokenizer)
-    resume = prepare_output(out_dir, run, cfg.output.resume, cfg.output.overwrite)
+    with storage_errors(out_dir):
+        resume = prepare_output(out_dir, run, cfg.output.resume, cfg.output.overwrite)
     init_ray(cfg.ray)
     use_gpu = use_gpu_for(cfg.teacher.use_gpu)
     if resume.committed:
         print(f"generate: resuming {out_dir}: {len(resume.done_sample_ids):,} samples already committed")
     samples = expand_samples(read_prompts(cfg.data), g.samples_per_prompt, resume.done_sample_ids)
+    extra = {"config": cfg.model_dump(mode="json")}
     if resume.committed and samples.count() == 0:
         print(f"generate: every sample in {out_dir} is already committed; nothing to generate")
-        return write_manifest(out_dir, extra={"config": cfg.model_dump(mode="json")}, max_rejected=g.max_errored_rows)
+        with storage_errors(out_dir):
+            return write_manifest(out_dir, extra=extra, max_rejected=g.max_errored_rows)
     rows = apply_engine(samples, engine_spec(cfg, model, use_gpu, g.seed), sampling_spec(cfg), cfg.teacher.replicas,
-                        use_gpu, cfg.teacher.batch_size)
+                        use_gpu, cfg.teacher.batch_size, cfg.teacher.max_restarts,
+                        AttemptLog(out_dir, g.max_row_attempts))
     writer = ShardWriter(out_dir, g.top_k_logprobs, g.logprobs_dtype, metadata=run)
-    rows.write_datasink(ShardSink(writer, g.rows_per_shard))
-    manifest = write_manifest(out_dir, extra={"config": cfg.model_dump(mode="json")}, max_rejected=g.max_errored_rows)
+    with storage_errors(out_dir):
+        rows.write_datasink(ShardSink(writer, g.rows_per_shard))
+        manifest = write_manifest(out_dir, extra=extra, max_rejected=g.max_errored_rows)
     seconds = time.time() - start
     t = manifest["totals"]
     print(f"generate: {t['rows']:,} rows ({t['rejected']:,} rejected: {manifest['rejected'] or 'none'}), "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import CREDENTIALS_IN_URL, ConfigError, has_credentials
@@ -182,3 +183,19 @@ def fetch_dir(uri: str) -> str:
     local.mkdir(parents=True)
     pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return str(local)
+
+
+class WriteFailed(OSError):
+    """A write under an output dir failed (disk full, read-only, denied). Raised in Ray tasks, so the
+    driver can tell a storage failure from other errors and say that a rerun resumes."""
+
+
+@contextmanager
+def writing():
+    """Mark OSErrors raised inside as write failures (the driver names the output dir)."""
+    try:
+        yield
+    except WriteFailed:
+        raise
+    except OSError as err:
+        raise WriteFailed(str(err)) from err

@@ -6,11 +6,14 @@ Layout of ``output.dir`` (local path or object-store URL)::
     part-<id>.parquet        committed shards (local: written under _tmp/ then renamed; object stores: one PUT)
     _commits/part-<id>.json  one record per committed shard: rows, tokens, bytes, sha256 (after the shard)
     rejects/part-<id>.parquet  rows the teacher could not use, with the reason
+    _attempts/               engine tries in flight (attempts.py); removed with _tmp/ by the manifest
     manifest.json            written last, only when every prompt is accounted for
 
 A shard without its commit record was cut off mid-commit and is ignored (and replaced on resume).
 Every file is whole or absent to a reader: a local file is renamed into place, an object-store object
 appears with its one PUT (S3 has no rename: pyarrow's move there is copy + delete, so it is not used).
+A shard's <id> is a hash of its sample ids, so a write task that Ray retries after its commit rewrites
+the same files instead of committing the same samples twice.
 """
 
 from __future__ import annotations
@@ -20,14 +23,17 @@ import json
 import time
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import faults
+from .attempts import ATTEMPTS
 from .config import ConfigError
-from .paths import check_location, filesystem, is_object_store, join, makedirs, read_text
+from .paths import WriteFailed, check_location, filesystem, is_object_store, join, makedirs, read_text, writing
 from .schema import (MANIFEST_NAME, REJECT_SCHEMA, SCHEMA_VERSION, SHARD_PREFIX, SKIP_DETAIL, SKIP_REASON,
                      read_metadata, shard_schema)
 
@@ -92,6 +98,52 @@ def _base(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
+def _write_error(err: BaseException) -> OSError | None:
+    """The storage error behind ``err``: an OSError raised on the driver, or a WriteFailed raised in a
+    Ray task (the driver sees RayTaskError, which keeps the original as ``cause``)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, WriteFailed):
+            return cause
+        if isinstance(err, OSError) and cause is None:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextmanager
+def storage_errors(out_dir: str):
+    """Turn a failed write to ``out_dir`` (disk full, read-only, no permission) into a ShardError that
+    says what is safe: committed shards are intact, no manifest was written, a rerun resumes."""
+    try:
+        yield
+    except ShardError:
+        raise
+    except Exception as err:
+        cause = _write_error(err)
+        if cause is None:
+            raise
+        try:  # reading still works on a full or read-only disk
+            committed = len(commit_records(out_dir))
+        except OSError:
+            committed = -1
+        safe = ("No shard was committed" if committed == 0 else "The shards committed so far"
+                + (f" ({committed})" if committed > 0 else "") + " are intact (their records are in _commits/)")
+        raise ShardError(f"writing to {out_dir} failed: {cause}. {safe} and no manifest was written: free space "
+                         "or fix the permissions, then rerun the same command to resume.") from None
+
+
+def _check_writable(fs, root: str) -> None:
+    """Fail before any engine starts when the output dir cannot take a file (read-only, no permission)."""
+    probe = join(root, TMP, f"write-probe-{uuid.uuid4().hex[:8]}")
+    makedirs(fs, join(root, TMP))
+    with fs.open_output_stream(probe) as f:
+        f.write(b"probe")
+    fs.delete_file(probe)
+
+
 # ---------------------------------------------------------------- the run record
 
 
@@ -141,6 +193,7 @@ def prepare_output(out_dir: str, run: dict[str, Any], resume: bool, overwrite: b
         fs.delete_dir_contents(root, missing_dir_ok=True)
         old = None
     makedirs(fs, root)
+    _check_writable(fs, root)
     if old is None:
         write_json(fs, join(root, RUN_NAME), run)
         return Resume(set(), 0)
@@ -173,6 +226,7 @@ class ShardWriter:
                  compression: str = "zstd", compression_level: int = 3):
         self.out_dir, self.k, self.dtype = out_dir, k, logprobs_dtype
         self.metadata, self.compression, self.level = metadata, compression, compression_level
+        self.commits = 0  # by this copy (each write task unpickles its own); fault injection counts them
 
     def _encodings(self) -> dict[str, str] | None:
         """Physical encodings only (the schema is unchanged). Top-k ids are small integers in 32 bits:
@@ -182,14 +236,21 @@ class ShardWriter:
         return {"topk_token_ids.list.element.list.element": "BYTE_STREAM_SPLIT"} if self.k > 0 else None
 
     def write(self, tables: Iterable[pa.Table]) -> dict[str, Any] | None:
+        with writing():
+            record = self._commit(pa.concat_tables(list(tables)))
+        if record is not None:
+            self.commits += 1
+            faults.after_commit(self.commits)
+        return record
+
+    def _commit(self, table: pa.Table) -> dict[str, Any] | None:
         fs, root = filesystem(self.out_dir)
-        table = pa.concat_tables(list(tables))
         if table.num_rows == 0:
             return None
         schema = shard_schema(self.k, self.dtype, self.metadata)
         rejected = pa.compute.invert(pa.compute.is_null(table.column(SKIP_REASON)))
         good, bad = table.filter(pa.compute.invert(rejected)), table.filter(rejected)
-        name = f"{SHARD_PREFIX}{uuid.uuid4().hex[:16]}"
+        name = shard_name(table.column("sample_id").to_pylist())
         record: dict[str, Any] = {"file": f"{name}.parquet", "rows": good.num_rows, "rejected": {}}
         if bad.num_rows:
             rejects = pa.table({"sample_id": bad["sample_id"], "prompt_id": bad["prompt_id"],
@@ -222,6 +283,11 @@ def _parquet_bytes(table: pa.Table, **options) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def shard_name(sample_ids: list[str]) -> str:
+    """A shard's name from the samples it holds: the same rows always commit under the same name."""
+    return SHARD_PREFIX + hashlib.sha256("\n".join(sorted(sample_ids)).encode()).hexdigest()[:16]
+
+
 # ---------------------------------------------------------------- the manifest
 
 
@@ -230,6 +296,8 @@ def write_manifest(out_dir: str, extra: dict[str, Any] | None = None, max_reject
 
     Past ``max_rejected`` rejected rows no manifest is written: the set stays visibly incomplete.
     """
+    import pyarrow.fs as pafs
+
     fs, root = filesystem(out_dir)
     run = _read_json(fs, join(root, RUN_NAME))
     records = commit_records(out_dir)
@@ -242,11 +310,16 @@ def write_manifest(out_dir: str, extra: dict[str, Any] | None = None, max_reject
         raise ShardError(f"{sum(rejected.values())} rows were rejected ({dict(rejected)}), more than "
                          f"generate.max_errored_rows={max_rejected}; see {join(out_dir, REJECTS)}/ for the reasons. "
                          "No manifest was written.")
-    # A shard moved into place whose commit record never landed is an orphan of a killed run.
+    _check_unique(fs, root, records)
+    # A shard moved into place whose commit record never landed is an orphan of a killed run; temporary
+    # files and attempt records of finished tries are scratch.
     known = {r["file"] for r in records}
     for path in _list(fs, root, ".parquet"):
         if _base(path) not in known:
             fs.delete_file(path)
+    for scratch in (TMP, ATTEMPTS):
+        if fs.get_file_info(join(root, scratch)).type != pafs.FileType.NotFound:
+            fs.delete_dir(join(root, scratch))
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "complete": True,
@@ -265,6 +338,21 @@ def write_manifest(out_dir: str, extra: dict[str, Any] | None = None, max_reject
     }
     write_json(fs, join(root, MANIFEST_NAME), manifest)
     return manifest
+
+
+def _check_unique(fs, root: str, records: list[dict[str, Any]]) -> None:
+    """Refuse to call a set complete when a sample was committed twice (in rows or rejects)."""
+    files = [f for r in records for f in (r["file"], r.get("rejects_file")) if f]
+    ids = {f: pq.read_table(join(root, f), columns=["sample_id"], filesystem=fs).column(0) for f in files}
+    if not ids:
+        return
+    counts = pa.compute.value_counts(pa.chunked_array([c.cast(pa.string()) for c in ids.values()]))
+    repeated = counts.filter(pa.compute.greater(counts.field("counts"), 1)).field("values")
+    if len(repeated):
+        holders = [f for f, c in ids.items() if pa.compute.any(pa.compute.is_in(c, value_set=repeated)).as_py()]
+        raise ShardError(f"{len(repeated)} samples were committed more than once in {root}, in "
+                         f"{', '.join(holders[:6])}. No manifest was written: delete the extra copies (a part file "
+                         "with its _commits/ record) and rerun to resume")
 
 
 def read_manifest(shard_dir: str) -> dict[str, Any]:

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from . import faults
+from .attempts import AttemptLog
 from .checkers import check, get_checker
 from .tokenization import prompt_ids
 from .schema import SKIP_DETAIL, SKIP_REASON, engine_output_schema
@@ -85,11 +90,11 @@ def _fixed_list(values: np.ndarray, k: int, dtype: pa.DataType) -> pa.Array:
 class TeacherEngine:
     """Ray Data callable class: prompt rows (sample_id, prompt_id, messages, answer) -> shard rows."""
 
-    def __init__(self, engine: EngineSpec, sampling: SamplingSpec):
+    def __init__(self, engine: EngineSpec, sampling: SamplingSpec, attempts: AttemptLog | None = None):
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         from vllm import LLM
 
-        self.sampling = sampling
+        self.sampling, self.attempts, self.batches = sampling, attempts, 0
         self.k = sampling.top_k_logprobs
         self.checker = get_checker(sampling.checker)
         self.schema = engine_output_schema(self.k, sampling.logprobs_dtype)
@@ -113,6 +118,8 @@ class TeacherEngine:
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
+        self.generating = threading.Event()
+        _watch_engine(self.llm, self.generating)
 
     # ---- prompt side
     def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
@@ -152,29 +159,69 @@ class TeacherEngine:
             todo.append(i)
             prompts.append({"prompt_token_ids": ids})
             params.append(self._params(row["sample_id"], len(ids)))
-        for i, result in zip(todo, self._generate(prompts, params)):
-            out[i] = self._row(rows[i], result) if not isinstance(result, Exception) else self._reject(
-                rows[i], "engine_error", repr(result)[:500])
+        self.batches += 1
+        faults.on_engine_batch(self.batches)
+        for i, result in zip(todo, self._generate([rows[i] for i in todo], prompts, params)):
+            if isinstance(result, Quarantined):
+                out[i] = self._reject(rows[i], "engine_crash", str(result))
+            elif isinstance(result, Exception):
+                out[i] = self._reject(rows[i], "engine_error", repr(result)[:500])
+            else:
+                out[i] = self._row(rows[i], result)
         return self._table(out)
 
-    def _generate(self, prompts: list[dict], params: list) -> list:
-        """Outputs in order; when the whole batch fails, retry one by one so one bad row cannot sink it."""
+    def _generate(self, rows: list[dict[str, Any]], prompts: list[dict], params: list) -> list:
+        """Outputs in order (an exception in place of a row that failed).
+
+        A batch whose earlier try killed the engine (see attempts.py) runs one row at a time; so does a
+        batch that failed without killing it, so one bad row cannot sink the others.
+        """
         if not prompts:
             return []
+        ids = [r["sample_id"] for r in rows]
+        if self.attempts is not None and self.attempts.begin_batch(ids) > 0:
+            print(f"distill-llm: a batch of {len(ids)} rows killed an engine before; running its rows one "
+                  "at a time", file=sys.stderr, flush=True)
+            results = self._one_by_one(rows, prompts, params)
+        else:
+            try:
+                faults.before_generate([_text(r) for r in rows])
+                results = self._engine_generate(prompts, params)
+            except Exception as err:
+                if _engine_dead(err):
+                    _exit_for_restart(f"{type(err).__name__}: {err}")
+                results = self._one_by_one(rows, prompts, params)
+        if self.attempts is not None:
+            self.attempts.end_batch(ids)
+        return results
+
+    def _engine_generate(self, prompts: list[dict], params: list) -> list:
+        self.generating.set()  # the watchdog acts only while a call waits on the engine
         try:
             return self.llm.generate(prompts, params, use_tqdm=False)
-        except Exception as err:
-            if _engine_dead(err):  # let Ray restart the actor and retry the batch: no row is lost
-                raise
-            results = []
-            for p, sp in zip(prompts, params):
-                try:
-                    results.append(self.llm.generate([p], [sp], use_tqdm=False)[0])
-                except Exception as row_err:
-                    if _engine_dead(row_err):
-                        raise
-                    results.append(row_err)
-            return results
+        finally:
+            self.generating.clear()
+
+    def _one_by_one(self, rows: list[dict[str, Any]], prompts: list[dict], params: list) -> list:
+        results: list[Any] = []
+        for row, p, sp in zip(rows, prompts, params):
+            sid = row["sample_id"]
+            tried = self.attempts.begin_row(sid) if self.attempts is not None else 0
+            if self.attempts is not None and tried >= self.attempts.max_row_attempts:
+                results.append(Quarantined(
+                    f"the engine died on each of {tried} tries of this row alone "
+                    f"(generate.max_row_attempts={self.attempts.max_row_attempts}); quarantined"))
+                continue
+            try:
+                faults.before_generate([_text(row)])
+                results.append(self._engine_generate([p], [sp])[0])
+            except Exception as row_err:
+                if _engine_dead(row_err):
+                    _exit_for_restart(f"{type(row_err).__name__}: {row_err}")
+                results.append(row_err)
+            if self.attempts is not None:
+                self.attempts.end_row(sid)
+        return results
 
     def _row(self, row: dict[str, Any], result) -> dict[str, Any]:
         completion = result.outputs[0]
@@ -213,8 +260,43 @@ class TeacherEngine:
         return pa.table(columns, schema=self.schema)
 
 
+class Quarantined(Exception):
+    """A row that killed the engine on every try: it is rejected as ``engine_crash``, not tried again."""
+
+
+def _text(row: dict[str, Any]) -> str:
+    return "\n".join(m["content"] for m in row["messages"])
+
+
 def _engine_dead(err: BaseException) -> bool:
     return type(err).__name__ == "EngineDeadError"
+
+
+def _watch_engine(llm, generating: threading.Event) -> None:
+    """Exit the actor when the engine-core process dies while a call waits on it.
+
+    vLLM 0.32's LLM.generate never returns in that case: the client's liveness monitor marks the engine
+    dead and stops the output thread, but nothing wakes the caller blocked on the output queue, so the
+    actor (and the job) would hang forever. Outside a call, the next call raises EngineDeadError instead.
+    """
+    resources = getattr(getattr(llm.llm_engine, "engine_core", None), "resources", None)
+    if resources is None or not hasattr(resources, "engine_dead"):  # an in-process engine: nothing to watch
+        return
+
+    def watch() -> None:
+        while not (generating.is_set() and resources.engine_dead):
+            time.sleep(1.0)
+        _exit_for_restart("its engine-core process died during a generate call")
+
+    threading.Thread(target=watch, name="distill-llm-engine-watchdog", daemon=True).start()
+
+
+def _exit_for_restart(reason: str) -> None:
+    """A dead engine cannot serve again, and an exception would fail the job (Ray retries only crashes):
+    exit the actor process, so Ray restarts it and retries its batch (teacher.max_restarts)."""
+    print(f"distill-llm: the vLLM engine died ({reason}); exiting engine actor pid {os.getpid()} so Ray "
+          "restarts it and retries the batch", file=sys.stderr, flush=True)
+    os._exit(75)
 
 
 def engine_resources(spec: EngineSpec, use_gpu: bool) -> dict[str, Any]:

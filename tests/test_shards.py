@@ -164,3 +164,67 @@ def test_error_budget_withholds_the_manifest(tmp_path):
     with pytest.raises(ShardError, match="max_errored_rows"):
         write_manifest(str(tmp_path), max_rejected=1)
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_a_retried_write_commits_the_same_shard_once(tmp_path):
+    """A write task Ray retries after its commit writes the same rows under the same name."""
+    prepare_output(str(tmp_path), run_record(), resume=True, overwrite=False)
+    writer = ShardWriter(str(tmp_path), K, "float16", run_record())
+    first = writer.write([engine_rows(4, bad={1})])
+    again = writer.write([engine_rows(4, bad={1}).take([3, 2, 1, 0])])  # same samples, another order
+    assert first["file"] == again["file"] and first["rejects_file"] == again["rejects_file"]
+    manifest = write_manifest(str(tmp_path))
+    assert len(manifest["shards"]) == 1 and manifest["totals"]["rows"] == 3 and manifest["totals"]["rejected"] == 1
+
+
+def test_samples_committed_twice_withhold_the_manifest(tmp_path):
+    prepare_output(str(tmp_path), run_record(), resume=True, overwrite=False)
+    writer = ShardWriter(str(tmp_path), K, "float16", run_record())
+    writer.write([engine_rows(3)])
+    writer.write([engine_rows(3, start=2)])  # p2-0 again, in a shard of other samples
+    with pytest.raises(ShardError, match="1 samples were committed more than once"):
+        write_manifest(str(tmp_path))
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_manifest_clears_scratch_and_attempt_records(tmp_path):
+    from distill_llm.attempts import AttemptLog
+
+    prepare_output(str(tmp_path), run_record(), resume=True, overwrite=False)
+    AttemptLog(str(tmp_path), 2).begin_batch(["p0-0"])
+    (tmp_path / "_tmp" / "part-cut-off.parquet").write_bytes(b"half a shard")
+    write_set(tmp_path, [engine_rows(2)])
+    assert not (tmp_path / "_attempts").exists() and not (tmp_path / "_tmp").exists()
+    assert len(shard_files(str(tmp_path))) == 1
+
+
+def test_attempt_records_count_tries_and_stop_at_the_limit(tmp_path):
+    from distill_llm.attempts import AttemptLog
+
+    log = AttemptLog(str(tmp_path / "out"), max_row_attempts=2)
+    batch = ["a-0", "b-0"]
+    assert log.begin_batch(batch) == 0
+    assert AttemptLog(str(tmp_path / "out"), 2).begin_batch(list(reversed(batch))) == 1, "a restarted actor sees it"
+    log.end_batch(batch)
+    assert log.begin_batch(batch) == 0, "a finished try leaves no record"
+    assert [log.begin_row("b-0") for _ in range(4)] == [0, 1, 2, 2], "no record past the limit"
+    log.end_row("b-0")
+    assert log.begin_row("b-0") == 0
+
+
+def test_storage_errors_say_what_is_safe(tmp_path):
+    import errno
+
+    from distill_llm.paths import WriteFailed, writing
+    from distill_llm.shards import storage_errors
+
+    write_set(tmp_path, [engine_rows(2)])
+    with pytest.raises(ShardError) as err, storage_errors(str(tmp_path)):
+        with writing():
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "part-x.parquet"))
+    message = str(err.value)
+    assert "No space left on device" in message and str(tmp_path) in message
+    assert "The shards committed so far (1) are intact" in message and "rerun" in message
+    with pytest.raises(ValueError, match="not storage"), storage_errors(str(tmp_path)):
+        raise ValueError("not storage")
+    assert issubclass(WriteFailed, OSError)
