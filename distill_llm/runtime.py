@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 from .config import RayConfig
+
+
+def _job_env_vars() -> set[str]:
+    """Env var names the runtime_env of the Ray job running this driver sets (none outside a job)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job manager for the entrypoint
+    if not raw:
+        return set()
+    return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -16,7 +25,11 @@ def init_ray(cfg: RayConfig) -> None:
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # The library travels to workers as an installed package; only settings go in the runtime env.
-    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("DISTILL_LLM_", "VLLM_", "HF_"))}}
+    # Inside a submitted job Ray refuses a ray.init env var that the job's runtime_env sets too (and the job's
+    # already reach every worker), so those are left out.
+    job_vars = _job_env_vars()
+    env = {"env_vars": {k: v for k, v in os.environ.items()
+                        if k.startswith(("DISTILL_LLM_", "VLLM_", "HF_")) and k not in job_vars}}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
