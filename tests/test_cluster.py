@@ -126,7 +126,7 @@ class LoopbackCluster:
                 except psutil.NoSuchProcess:
                     continue
             if not procs:
-                return
+                break
             _, alive = psutil.wait_procs(procs, timeout=10)
             for proc in alive:
                 try:
