@@ -19,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -92,7 +93,7 @@ class LoopbackCluster:
             f"print(json.dumps([{{'cls': a.class_name, 'node': a.node_id}} for a in "
             f"list_actors(address='127.0.0.1:{self.gcs_port}', limit=10000)]))")
 
-    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "distill_llm.cli", *args], env=self.env, capture_output=True,
                               text=True, timeout=timeout, cwd=ROOT)
 
@@ -166,7 +167,9 @@ def test_generate_job_runs_its_engine_on_the_teacher_node(cluster, outputs):
     assert "submitted job raysubmit_" in proc.stdout and "SUCCEEDED" in proc.stdout
     assert "generate: 32 rows" in proc.stdout, "the job's log was followed"
     manifest = json.loads((outputs / "shards" / "manifest.json").read_text())
-    assert manifest["totals"]["rows"] == 32 and manifest["top_k_logprobs"] == 8
+    assert manifest["complete"] and manifest["totals"]["rows"] == 32 and manifest["run"]["top_k_logprobs"] == 8
+    table = pq.read_table(outputs / "shards", columns=["sample_id", "topk_token_ids"])
+    assert table.num_rows == 32 and len(table["topk_token_ids"][0].as_py()[0]) == 8
     nodes = cluster.nodes()
     engines = [a for a in cluster.actors() if "TeacherEngine" in a["cls"]]
     assert engines and {a["node"] for a in engines} == {node_with(nodes, "teacher_node")}
