@@ -1,6 +1,9 @@
-"""`distill-llm submit` against a real two-node Ray cluster on loopback (two raylets, token auth on).
+"""`distill-llm submit` against a real two-node Ray cluster on this machine (two raylets, token auth on).
 
-The head advertises ``train_node`` and the second node ``teacher_node``, so ``teacher.resources`` and
+Both nodes start with --node-ip-address=127.0.0.1 and the dashboard binds 127.0.0.1; Ray itself swaps
+127.0.0.1 for the machine's own interface address for its internal gRPC, so nothing leaves the machine.
+
+The head advertises ``student`` and the second node ``teacher``, so ``teacher.resources`` and
 ``train.resources_per_worker`` decide where the engine and the Train workers run; the test checks the
 placement through Ray's state API. The cluster is stopped by the ids of its own processes, never `ray stop`.
 """
@@ -68,8 +71,8 @@ class LoopbackCluster:
         self._ray_start("--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
                         f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
                         f"--ray-client-server-port={free_port()}", "--num-cpus=4",
-                        '--resources={"train_node": 2}')
-        self._ray_start(f"--address=127.0.0.1:{self.gcs_port}", "--num-cpus=1", '--resources={"teacher_node": 1}')
+                        '--resources={"student": 2}')
+        self._ray_start(f"--address=127.0.0.1:{self.gcs_port}", "--num-cpus=1", '--resources={"teacher": 1}')
         deadline = time.monotonic() + 120
         while len(self.nodes()) < 2:
             assert time.monotonic() < deadline, "the second node did not join"
@@ -158,11 +161,11 @@ def node_with(nodes: list[dict], resource: str) -> str:
     return next(n["id"] for n in nodes if resource in n["resources"])
 
 
-def test_generate_job_runs_its_engine_on_the_teacher_node(cluster, outputs):
+def test_generate_job_runs_its_engine_on_the_teacher(cluster, outputs):
     start = time.monotonic()
     proc = cluster.cli("submit", CONFIG, "--address", cluster.address, "--stage", "generate",
                        f"output.dir={outputs / 'shards'}", "data.num_prompts=32", "generate.top_k_logprobs=8",
-                       "teacher.resources={teacher_node: 1}", "teacher.batch_size=32")
+                       "teacher.resources={teacher: 1}", "teacher.batch_size=32")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "submitted job raysubmit_" in proc.stdout and "SUCCEEDED" in proc.stdout
     assert "generate: 32 rows" in proc.stdout, "the job's log was followed"
@@ -172,7 +175,7 @@ def test_generate_job_runs_its_engine_on_the_teacher_node(cluster, outputs):
     assert table.num_rows == 32 and len(table["topk_token_ids"][0].as_py()[0]) == 8
     nodes = cluster.nodes()
     engines = [a for a in cluster.actors() if "TeacherEngine" in a["cls"]]
-    assert engines and {a["node"] for a in engines} == {node_with(nodes, "teacher_node")}
+    assert engines and {a["node"] for a in engines} == {node_with(nodes, "teacher")}
     print(f"generate job: {time.monotonic() - start:.0f}s")
 
 
@@ -183,14 +186,14 @@ def test_train_job_places_workers_and_writes_a_student(cluster, outputs):
     proc = cluster.cli("submit", CONFIG, "--address", cluster.address, "--stage", "train",
                        f"data.shards={outputs / 'shards'}", f"output.student_dir={outputs / 'student'}",
                        f"train.storage_path={outputs / 'train'}", "train.max_steps=30", "train.batch_size=8",
-                       "train.log_every=10", "train.resources_per_worker={train_node: 1}")
+                       "train.log_every=10", "train.resources_per_worker={student: 1}")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     info = json.loads((outputs / "student" / "distill_llm.json").read_text())
     assert info["steps"] == 30
     assert AutoModelForCausalLM.from_pretrained(outputs / "student").num_parameters() > 0
     nodes = cluster.nodes()
     workers = [a for a in cluster.actors() if a["cls"] == "RayTrainWorker"]
-    assert workers and {a["node"] for a in workers} == {node_with(nodes, "train_node")}
+    assert workers and {a["node"] for a in workers} == {node_with(nodes, "student")}
     print(f"train job: {time.monotonic() - start:.0f}s")
 
 
@@ -210,7 +213,7 @@ def test_failed_job_returns_nonzero_with_its_error(cluster, outputs):
 def test_following_a_job_whose_server_vanishes_fails_in_bounded_time(cluster, outputs):
     """Last in this file: it takes the cluster down while a job runs."""
     proc = cluster.cli("submit", CONFIG, "--address", cluster.address, "--stage", "generate", "--no-wait",
-                       f"output.dir={outputs / 'lost'}", "teacher.resources={teacher_node: 1}", timeout=120)
+                       f"output.dir={outputs / 'lost'}", "teacher.resources={teacher: 1}", timeout=120)
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.split("submitted job ", 1)[1].split()[0]
     follower = subprocess.Popen([sys.executable, "-m", "distill_llm.cli", "jobs", "logs", job_id, "--follow",
