@@ -171,8 +171,9 @@ def test_generate_job_runs_its_engine_on_the_teacher(cluster, outputs):
     assert "generate: 32 rows" in proc.stdout, "the job's log was followed"
     manifest = json.loads((outputs / "shards" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["totals"]["rows"] == 32 and manifest["run"]["top_k_logprobs"] == 8
-    table = pq.read_table(outputs / "shards", columns=["sample_id", "topk_token_ids"])
-    assert table.num_rows == 32 and len(table["topk_token_ids"][0].as_py()[0]) == 8
+    tables = [pq.read_table(f, columns=["sample_id", "topk_token_ids"])
+              for f in sorted((outputs / "shards").glob("part-*.parquet"))]
+    assert sum(t.num_rows for t in tables) == 32 and len(tables[0]["topk_token_ids"][0].as_py()[0]) == 8
     nodes = cluster.nodes()
     engines = [a for a in cluster.actors() if "TeacherEngine" in a["cls"]]
     assert engines and {a["node"] for a in engines} == {node_with(nodes, "teacher")}
@@ -192,7 +193,7 @@ def test_train_job_places_workers_and_writes_a_student(cluster, outputs):
     assert info["steps"] == 30
     assert AutoModelForCausalLM.from_pretrained(outputs / "student").num_parameters() > 0
     nodes = cluster.nodes()
-    workers = [a for a in cluster.actors() if a["cls"] == "RayTrainWorker"]
+    workers = [a for a in cluster.actors() if "RayTrainWorker" in a["cls"]]
     assert workers and {a["node"] for a in workers} == {node_with(nodes, "student")}
     print(f"train job: {time.monotonic() - start:.0f}s")
 
