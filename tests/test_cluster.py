@@ -63,7 +63,7 @@ class LoopbackCluster:
     def _ray_start(self, *args: str) -> None:
         common = ["--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}", "--object-store-memory=300000000",
                   "--disable-usage-stats", *node_ports()]
-        proc = subprocess.run(["ray", "start", *args, *common], env={**self.env, MARKER: self.id},
+        proc = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", *args, *common], env={**self.env, MARKER: self.id},
                               capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, f"ray start {args} failed:\n{proc.stdout}\n{proc.stderr}"
 
