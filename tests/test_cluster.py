@@ -63,7 +63,8 @@ class LoopbackCluster:
     def _ray_start(self, *args: str) -> None:
         common = ["--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}", "--object-store-memory=300000000",
                   "--disable-usage-stats", *node_ports()]
-        proc = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", *args, *common], env={**self.env, MARKER: self.id},
+        proc = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", *args, *common],
+                              env={**self.env, MARKER: self.id},
                               capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, f"ray start {args} failed:\n{proc.stdout}\n{proc.stderr}"
 
@@ -157,26 +158,31 @@ def outputs(tmp_path_factory):
     return tmp_path_factory.mktemp("cluster-run")
 
 
-def node_with(nodes: list[dict], resource: str) -> str:
-    return next(n["id"] for n in nodes if resource in n["resources"])
+def submit_and_wait(cluster, stage: str, *overrides: str) -> subprocess.CompletedProcess:
+    proc = cluster.cli("submit", CONFIG, "--address", cluster.address, "--stage", stage, *overrides)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "submitted job raysubmit_" in proc.stdout and "SUCCEEDED" in proc.stdout
+    return proc
+
+
+def assert_placed(cluster, actor_class: str, resource: str) -> None:
+    """Every actor of ``actor_class`` ran on the node advertising ``resource``."""
+    node = next(n["id"] for n in cluster.nodes() if resource in n["resources"])
+    actors = [a for a in cluster.actors() if actor_class in a["cls"]]
+    assert actors and {a["node"] for a in actors} == {node}
 
 
 def test_generate_job_runs_its_engine_on_the_teacher(cluster, outputs):
     start = time.monotonic()
-    proc = cluster.cli("submit", CONFIG, "--address", cluster.address, "--stage", "generate",
-                       f"output.dir={outputs / 'shards'}", "data.num_prompts=32", "generate.top_k_logprobs=8",
-                       "teacher.resources={teacher: 1}", "teacher.batch_size=32")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "submitted job raysubmit_" in proc.stdout and "SUCCEEDED" in proc.stdout
+    proc = submit_and_wait(cluster, "generate", f"output.dir={outputs / 'shards'}", "data.num_prompts=32",
+                           "generate.top_k_logprobs=8", "teacher.resources={teacher: 1}", "teacher.batch_size=32")
     assert "generate: 32 rows" in proc.stdout, "the job's log was followed"
     manifest = json.loads((outputs / "shards" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["totals"]["rows"] == 32 and manifest["run"]["top_k_logprobs"] == 8
     tables = [pq.read_table(f, columns=["sample_id", "topk_token_ids"])
               for f in sorted((outputs / "shards").glob("part-*.parquet"))]
     assert sum(t.num_rows for t in tables) == 32 and len(tables[0]["topk_token_ids"][0].as_py()[0]) == 8
-    nodes = cluster.nodes()
-    engines = [a for a in cluster.actors() if "TeacherEngine" in a["cls"]]
-    assert engines and {a["node"] for a in engines} == {node_with(nodes, "teacher")}
+    assert_placed(cluster, "TeacherEngine", "teacher")
     print(f"generate job: {time.monotonic() - start:.0f}s")
 
 
@@ -184,17 +190,13 @@ def test_train_job_places_workers_and_writes_a_student(cluster, outputs):
     from transformers import AutoModelForCausalLM
 
     start = time.monotonic()
-    proc = cluster.cli("submit", CONFIG, "--address", cluster.address, "--stage", "train",
-                       f"data.shards={outputs / 'shards'}", f"output.student_dir={outputs / 'student'}",
-                       f"train.storage_path={outputs / 'train'}", "train.max_steps=30", "train.batch_size=8",
-                       "train.log_every=10", "train.resources_per_worker={student: 1}")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    submit_and_wait(cluster, "train", f"data.shards={outputs / 'shards'}", f"output.student_dir={outputs / 'student'}",
+                    f"train.storage_path={outputs / 'train'}", "train.max_steps=30", "train.batch_size=8",
+                    "train.log_every=10", "train.resources_per_worker={student: 1}")
     info = json.loads((outputs / "student" / "distill_llm.json").read_text())
     assert info["steps"] == 30
     assert AutoModelForCausalLM.from_pretrained(outputs / "student").num_parameters() > 0
-    nodes = cluster.nodes()
-    workers = [a for a in cluster.actors() if "RayTrainWorker" in a["cls"]]
-    assert workers and {a["node"] for a in workers} == {node_with(nodes, "student")}
+    assert_placed(cluster, "RayTrainWorker", "student")
     print(f"train job: {time.monotonic() - start:.0f}s")
 
 
