@@ -51,8 +51,6 @@ class LoopbackCluster:
     def __init__(self):
         self.id = uuid.uuid4().hex
         self.temp_dir = tempfile.mkdtemp(prefix="dlray-", dir="/tmp")  # short: Ray's socket paths must fit
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
         # Token auth stays on, as on a real cluster, with a token of this cluster only.
         # Clients (the CLI under test, state queries) get the token but not the marker, so stop() spares them.
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex,
@@ -66,9 +64,23 @@ class LoopbackCluster:
         proc = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", *args, *common],
                               env={**self.env, MARKER: self.id},
                               capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, f"ray start {args} failed:\n{proc.stdout}\n{proc.stderr}"
+        if proc.returncode != 0:
+            raise RuntimeError(f"ray start {args} failed:\n{proc.stdout}\n{proc.stderr}")
 
-    def start(self) -> None:
+    def start(self, attempts: int = 2) -> None:
+        """Ray gives a raylet a fixed 30 s to register, which a loaded machine can miss: start anew once."""
+        for attempt in range(attempts):
+            try:
+                return self._start()
+            except RuntimeError:
+                self.stop()
+                if attempt == attempts - 1:
+                    raise
+                os.makedirs(self.temp_dir)
+
+    def _start(self) -> None:
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self._ray_start("--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
                         f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
                         f"--ray-client-server-port={free_port()}", "--num-cpus=4",
