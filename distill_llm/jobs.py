@@ -30,7 +30,8 @@ CONFIG_ENV = "DISTILL_LLM_JOB_CONFIG"
 MAX_CONFIG_BYTES = 64 * 1024  # one environment string must stay well below Linux's 128 KiB limit
 
 # Never uploaded with the working_dir (Ray also honours .gitignore / .rayignore): outputs, caches,
-# environments and VCS data would blow Ray's package size cap and are of no use to the job.
+# environments, VCS data and the benchmarks (bench/ and its outputs) would blow Ray's package size cap and are of
+# no use to the job.
 EXCLUDES = ["runs/", ".git", "__pycache__/", "*.pyc", "*.egg-info/", ".venv/", "venv/", "build/", "dist/",
             ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", ".ipynb_checkpoints/", "bench/", "bench-*/",
             "wandb/", "lightning_logs/"]
