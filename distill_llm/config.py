@@ -8,6 +8,7 @@ scalars, so ``x=1`` is an int, ``x=[a,b]`` a list and ``x=null`` None.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -314,19 +315,35 @@ def build_config(tree: dict | None = None) -> Config:
         raise ConfigError(_explain(err)) from None
 
 
+# ``env:NAME`` as the config path reads the YAML text from environment variable NAME: that is how
+# `distill-llm submit` ships a config to a cluster job (jobs.py), wherever the file lies locally.
+ENV_CONFIG_PREFIX = "env:"
+
+
+def _config_text(path: str | Path) -> tuple[str, str]:
+    """(YAML text, how to name its source in errors) of a config file or an ``env:NAME`` config."""
+    if str(path).startswith(ENV_CONFIG_PREFIX):
+        name = str(path)[len(ENV_CONFIG_PREFIX):]
+        if name not in os.environ:
+            raise ConfigError(f"config {path}: environment variable {name} is not set")
+        return os.environ[name], f"config {path}"
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    return p.read_text(), f"config file {p}"
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read YAML (or nothing, for the built-in defaults) and apply dotted overrides."""
     tree: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
+        text, source = _config_text(path)
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+            raise ConfigError(f"{source} is not valid YAML: {err}") from None
         if not isinstance(tree, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(tree).__name__}")
+            raise ConfigError(f"{source} must hold a mapping of sections, not {type(tree).__name__}")
     return build_config(_merge(tree, parse_overrides(overrides or [])))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Mapping
@@ -27,6 +28,14 @@ def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
             if k.startswith(FORWARD_PREFIXES) and not any(word in k.upper() for word in SECRET_WORDS)}
 
 
+def _job_env_vars() -> set[str]:
+    """Env var names the runtime_env of the Ray job running this driver sets (none outside a job)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job manager for the entrypoint
+    if not raw:
+        return set()
+    return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Join ``ray.address`` / RAY_ADDRESS, or start a local Ray bound to loopback."""
     import ray
@@ -34,7 +43,10 @@ def init_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    env = {"env_vars": forwarded_env(os.environ)}
+    # Inside a submitted job Ray refuses a ray.init env var that the job's runtime_env sets too (and the
+    # job's already reach every worker), so those are left out.
+    job_vars = _job_env_vars()
+    env = {"env_vars": {k: v for k, v in forwarded_env(os.environ).items() if k not in job_vars}}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
