@@ -66,27 +66,22 @@ def test_killed_worker_restarts_from_the_last_checkpoint(generated, tmp_path, mo
     assert json.loads((Path(out) / "distill_llm.json").read_text())["steps"] == 16
 
 
-def _tree(pid: int) -> list:
+def _kill_tree(proc: subprocess.Popen) -> int:
+    """SIGKILL a driver and everything it started (its local Ray too), by process id only; its exit code."""
     import psutil
 
     try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
+        children = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
-        return []
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a driver and everything it started (its local Ray too), by process id only."""
-    import psutil
-
-    procs = _tree(pid)
-    for p in procs:
+        children = []
+    proc.kill()
+    for child in children:
         try:
-            p.kill()
+            child.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=30)
+    psutil.wait_procs(children, timeout=30)
+    return proc.wait(timeout=30)
 
 
 def _wait_for(predicate, proc, log: Path, timeout: float) -> None:
@@ -116,10 +111,9 @@ def test_rerun_after_the_whole_job_died_resumes_from_its_checkpoint(generated, t
             return marker.exists() and any("checkpoint_step0000008" in p.read_text()
                                            for p in storage.glob("*/checkpoint_manager_snapshot.json"))
         _wait_for(step8_registered, proc, log, timeout=400)
-        _kill_tree(proc.pid)
+        assert _kill_tree(proc) == -signal.SIGKILL
     finally:
-        _kill_tree(proc.pid)
-    assert proc.wait(timeout=30) == -signal.SIGKILL
+        _kill_tree(proc)
     assert not (tmp_path / "student" / "distill_llm.json").exists(), "nothing exported by the killed run"
 
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
