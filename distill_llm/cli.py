@@ -6,6 +6,7 @@
     distill-llm run      CONFIG.yaml [key=value ...]   generate -> train -> eval
     distill-llm inspect  DIR                           what a shard set holds
     distill-llm config   CONFIG.yaml [key=value ...]   print the validated config
+    distill-llm plan     CONFIG.yaml [key=value ...]   tokens, bytes, GPU-hours and fit, before anything runs
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def run_stage(stage: str, cfg: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distill-llm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=[*STAGES, "inspect", "config"])
+    parser.add_argument("command", choices=[*STAGES, "inspect", "config", "plan"])
     parser.add_argument("args", nargs=argparse.REMAINDER, help="CONFIG.yaml and dotted.key=value overrides")
     ns = parser.parse_args(argv)
     try:
@@ -77,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
             print(format_inspect(inspect(ns.args[0])))
         elif ns.command == "config":
             print(dump_config(load("config", ns.args)), end="")
+        elif ns.command == "plan":
+            from .plan import EXIT_CANNOT_FIT, format_plan, plan
+
+            cfg = load("plan", ns.args)
+            result = plan(cfg)
+            print(format_plan(result, cfg))
+            if not result.fits:
+                return EXIT_CANNOT_FIT
         else:
             run_stage(ns.command, load(ns.command, ns.args))
     except ConfigError as err:

@@ -159,6 +159,28 @@ class RayConfig(_Section):
     dashboard_host: str = "127.0.0.1"
 
 
+class PlanConfig(_Section):
+    """Assumptions of `distill-llm plan` (the cost and fit estimate); no stage reads them.
+
+    Added so a recipe carries the hardware it was sized for; every None falls back to a documented
+    default in distill_llm/plan.py (a GPU table, a throughput rule of thumb, the shard layout).
+    """
+
+    gpu_type: str = "H100-80GB"  # a name in plan.GPU_TYPES, or any name with gpu_memory_gb and gpu_peak_tflops set
+    gpu_memory_gb: float | None = Field(None, gt=0)  # None: from the GPU table
+    gpu_peak_tflops: float | None = Field(None, gt=0)  # dense bf16; None: from the GPU table
+    gpus_per_node: int = Field(8, ge=1)
+    teacher_tokens_per_s: float | None = Field(None, gt=0)  # per engine replica (bench/generate.py); None: rule of thumb
+    mean_completion_fraction: float = Field(0.5, gt=0, le=1)  # expected completion length / generate.max_new_tokens
+    mean_completion_tokens: float | None = Field(None, gt=0)  # a measured mean (distill-llm inspect); overrides the fraction
+    mean_prompt_tokens: float = Field(200, gt=0)
+    shard_bytes_per_token: float | None = Field(None, gt=0)  # a measured figure (distill-llm inspect); None: layout formula
+    train_mfu: float = Field(0.35, gt=0, le=1)  # model FLOP utilisation of training
+    price_per_gpu_hour: float | None = Field(None, ge=0)  # prints a cost when set
+    teacher_params_b: float | None = Field(None, gt=0)  # billions; for architectures the planner cannot count
+    student_params_b: float | None = Field(None, gt=0)
+
+
 class Config(_Section):
     """The whole job: sections named like the YAML keys."""
 
@@ -170,6 +192,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)  # only `distill-llm plan` reads it
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from .checkers import get_checker
 from .config import Config, ConfigError
-from .paths import absolute, is_url, resolve_model
+from .paths import absolute, check_weights_format, is_url, resolve_model
 from .teacher import SamplingSpec
 
 
@@ -64,6 +64,9 @@ def evaluate_model(cfg: Config, model: str, is_teacher: bool = False) -> tuple[d
     from .generation import apply_engine, engine_spec, use_gpu_for
 
     path = resolve_model(model)
+    role = "teacher" if is_teacher else "student"
+    allow_pickle = getattr(cfg, role).allow_pickle_weights
+    check_weights_format(path, allow_pickle, f"{role}.allow_pickle_weights")
     e = cfg.eval
     use_gpu = use_gpu_for(cfg.teacher.use_gpu)
     prompts = read_prompts(cfg.data, source=e.prompts, num_prompts=e.num_prompts)
@@ -73,8 +76,9 @@ def evaluate_model(cfg: Config, model: str, is_teacher: bool = False) -> tuple[d
                             system_prompt=cfg.data.system_prompt)
     spec = engine_spec(cfg, path, use_gpu, e.seed)
     if not is_teacher:  # students are served one GPU per engine, whatever the teacher's parallelism
-        spec = replace(spec, tensor_parallel_size=1, pipeline_parallel_size=1,
-                       load_format="auto" if cfg.student.allow_pickle_weights else "safetensors")
+        # ... and not pinned to the teacher's node group, where one student would hold a whole teacher pod.
+        spec = replace(spec, tensor_parallel_size=1, pipeline_parallel_size=1, resources={},
+                       load_format="auto" if allow_pickle else "safetensors")
     rows = apply_engine(expand_samples(prompts, e.samples, set()), spec, sampling, cfg.teacher.replicas, use_gpu,
                         cfg.teacher.batch_size)
     batches = list(rows.iter_batches(batch_format="pyarrow", batch_size=None))

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from .config import Config, ConfigError
-from .paths import absolute, resolve_model
+from .paths import absolute, check_weights_format, resolve_model
 from .schema import LOGPROB_SEMANTICS, SCHEMA_VERSION
 from .shards import ShardWriter, prepare_output, write_manifest
 from .teacher import EngineSpec, SamplingSpec
@@ -99,6 +99,7 @@ def generate(cfg: Config) -> dict[str, Any]:
     start = time.time()
     g, out_dir = cfg.generate, absolute(cfg.output.dir)
     model = resolve_model(cfg.teacher.model)
+    check_weights_format(model, cfg.teacher.allow_pickle_weights, "teacher.allow_pickle_weights")
     validate_engine(cfg, model, g.top_k_logprobs)
     tokenizer = load_tokenizer(cfg.teacher.tokenizer or model, cfg.teacher.revision, cfg.teacher.trust_remote_code)
     run = run_record(cfg, model, tokenizer)

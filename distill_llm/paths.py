@@ -10,6 +10,9 @@ from .config import ConfigError
 
 BUILTIN_MODELS = ("toy-teacher", "toy-student")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+# A missing path ending like a file is a typo, not a hub id; any other suffix is not checked because
+# hub ids hold dots ("Qwen/Qwen2.5-7B-Instruct" has Path.suffix ".5B-Instruct").
+_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".parquet", ".jsonl")
 
 
 def cache_dir() -> Path:
@@ -44,9 +47,31 @@ def resolve_model(name: str) -> str:
         if not (local / "config.json").is_file():
             raise ConfigError(f"model folder {local} has no config.json: is it a Hugging Face model folder?")
         return str(local.resolve())
-    if name.startswith((".", "/", "~")) or local.suffix or name.count("/") > 1:
+    if name.startswith((".", "/", "~")) or local.suffix.lower() in _FILE_SUFFIXES or name.count("/") > 1:
         raise ConfigError(f"model path {name} does not exist (and it is not a hub id like 'Qwen/Qwen2.5-1.5B')")
     return name
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights_format(path: str, allow_pickle: bool, key: str) -> None:
+    """Refuse a local model folder whose weights exist only as pickles, unless ``key`` opts in.
+
+    Unpickling runs arbitrary code, so a downloaded ``pytorch_model.bin`` is as dangerous as a script.
+    Hub ids are not checked here: the loaders are told to read safetensors only.
+    """
+    folder = Path(path)
+    if allow_pickle or not folder.is_dir():
+        return
+    files = [f.name for f in folder.iterdir() if f.is_file()]
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ConfigError(f"model folder {folder} holds weights only as pickle files ({', '.join(pickles[:3])}), "
+                          f"which can run code when loaded: convert them to safetensors, or set {key}=true "
+                          "if you trust their source")
 
 
 def filesystem(uri: str):

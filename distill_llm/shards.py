@@ -296,7 +296,8 @@ def shard_files(shard_dir: str, verify: str = "size", threads: int = 8) -> list[
 def _repair_hint(root: str, shard: dict[str, Any]) -> str:
     record = join(root, COMMITS, shard["file"].removesuffix(".parquet") + ".json")
     return (f"restore it from a copy, or delete it and {record} and rerun `distill-llm generate` with the "
-            "config that made this set (it regenerates only that shard's samples)")
+            "config that made this set (resuming regenerates the missing samples), or regenerate the whole set "
+            "with output.overwrite=true")
 
 
 def check_compatible(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import Config, ConfigError
 from .faults import ENV as FAULTS_ENV
-from .paths import absolute, filesystem, is_url, join, resolve_model
+from .paths import absolute, check_weights_format, filesystem, is_url, join, resolve_model
 from .shards import _read_json, check_compatible, identity_diff, read_manifest, shard_files, write_json
 from .tokenization import first_vocab_mismatch, load_tokenizer, tokenizer_fingerprint
 
@@ -197,10 +197,11 @@ def train(cfg: Config) -> str:
     from .train_loop import train_loop_per_worker
 
     start = time.time()
+    student_path = resolve_model(cfg.student.model)
+    check_weights_format(student_path, cfg.student.allow_pickle_weights, "student.allow_pickle_weights")
     manifests = {d: read_manifest(absolute(d)) for d in cfg.shard_dirs}
     run = check_compatible(manifests)
     files = verified_files(cfg)
-    student_path = resolve_model(cfg.student.model)
     with_topk = cfg.train.alpha > 0
     if with_topk and not run.get("top_k_logprobs"):
         raise ConfigError(f"train.alpha={cfg.train.alpha} needs top-k logprobs, but the shards were generated "
