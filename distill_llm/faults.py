@@ -1,51 +1,76 @@
-"""Fault injection for tests and drills: real kills at chosen points, driven by an environment variable.
+"""Fault injection for drills and tests: real failures at named points, off unless asked for.
 
-``DISTILL_LLM_FAULTS`` holds ``;``-separated faults (runtime.py forwards DISTILL_LLM_* to Ray workers)::
+``DISTILL_LLM_FAULTS`` arms faults: ``name:key=value,...`` entries separated by ``;`` (or ``,``; a token
+holding ``name:`` starts a new entry). runtime.py forwards DISTILL_LLM_* to Ray workers::
 
-    kill_engine:batch=2[,delay=0.5]   SIGKILL the vLLM engine-core child process of the engine actor
-                                      ``delay`` seconds into its 2nd batch (once per run)
-    crash_on_prompt:<substring>       SIGKILL the engine actor whenever it is about to generate a prompt
-                                      containing <substring> (every time: a prompt that always crashes)
-    kill_writer:shard=1               SIGKILL a shard-writing worker right after its task's 1st commit record
-                                      lands, before the task returns (once per run)
+    kill_engine:batch=2[,delay=0.5]        SIGKILL the vLLM engine-core child of the engine actor
+                                           ``delay`` seconds into its 2nd batch (once)
+    crash_on_prompt:<substring>            SIGKILL the engine actor whenever it is about to generate a prompt
+                                           containing <substring> (every time: a prompt that always crashes;
+                                           the substring holds no ``;`` ``,`` or ``=``)
+    kill_writer:shard=1                    SIGKILL a shard writer right after its 1st commit record lands,
+                                           before its task returns (once)
+    kill_train_worker:step=N[,rank=1][,delay=S]   SIGKILL a Ray Train worker after optimizer step N (once)
+    stall_train_worker:step=N[,rank=0][,seconds=S] hold a worker still after step N's checkpoint (once)
 
-One-shot faults leave a marker in ``DISTILL_LLM_FAULTS_DIR`` when they fire, so a restarted actor or a
-retried task does not fire them again. Nothing here runs unless the variable is set.
+A one-shot fault first creates its marker file (``marker=PATH``, else ``$DISTILL_LLM_FAULTS_DIR/<name>.fired``)
+and fires only if it made it, so a restarted actor, worker or task goes on normally. Put markers on shared
+storage when a restart may land on another node. Nothing here runs unless the variable is set.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 ENV = "DISTILL_LLM_FAULTS"
 DIR_ENV = "DISTILL_LLM_FAULTS_DIR"
+_ENTRY = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*:(.*)$")
 
 
-def _faults() -> dict[str, str]:
-    spec = os.environ.get(ENV, "").strip()
-    out: dict[str, str] = {}
-    for item in filter(None, (s.strip() for s in spec.split(";"))):
-        name, _, arg = item.partition(":")
-        out[name.strip()] = arg
-    return out
+def parse(spec: str | None) -> dict[str, dict[str, str]]:
+    """``"a:x=1,y=2;b:z=3;c:text"`` -> ``{"a": {"x": "1", "y": "2"}, "b": {"z": "3"}, "c": {"text": "text"}}``."""
+    faults: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for token in re.split(r"[;,]", spec or ""):
+        entry = _ENTRY.match(token)
+        starts = bool(entry and "=" not in entry.group(1))
+        if starts:
+            current = faults.setdefault(entry.group(1), {})
+            token = entry.group(2)
+        key, sep, value = token.partition("=")
+        if not key.strip():
+            continue
+        if current is not None and starts and not sep:  # a bare argument: crash_on_prompt:<substring>
+            current["text"] = token.strip()
+            continue
+        if current is None or not sep:
+            raise ValueError(f"{ENV}={spec!r}: expected name:key=value entries, got {token.strip()!r}")
+        current[key.strip()] = value.strip()
+    return faults
 
 
-def _options(arg: str) -> dict[str, float]:
-    return {k.strip(): float(v) for k, _, v in (p.partition("=") for p in arg.split(",") if p.strip())}
+def active(name: str, spec: str | None = None) -> dict[str, str] | None:
+    """The settings of fault ``name`` when armed (in ``spec``, default the environment), else None."""
+    return parse(os.environ.get(ENV) if spec is None else spec).get(name)
 
 
-def _claim(name: str) -> bool:
-    """True the first time a one-shot fault fires in this run (an exclusive marker file)."""
-    folder = os.environ.get(DIR_ENV)
-    if not folder:
-        raise RuntimeError(f"{ENV} sets the one-shot fault {name!r}: set {DIR_ENV} to a folder for its marker")
-    Path(folder).mkdir(parents=True, exist_ok=True)
+def _claim(name: str, params: dict[str, str]) -> bool:
+    """True the first time only: the marker file is created atomically, so a restart does not fire again."""
+    marker = params.get("marker")
+    if not marker:
+        folder = os.environ.get(DIR_ENV)
+        if not folder:  # no silent default: a stale marker from an earlier drill would disarm this one
+            raise RuntimeError(f"{ENV} arms the one-shot fault {name!r}: give it marker=PATH or set {DIR_ENV}")
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        marker = str(Path(folder) / f"{name}.fired")
     try:
-        os.close(os.open(Path(folder) / f"{name}.fired", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return False
     return True
@@ -53,6 +78,9 @@ def _claim(name: str) -> bool:
 
 def _announce(message: str) -> None:
     print(f"distill-llm fault injection (pid {os.getpid()}): {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- generation faults (teacher.py, shards.py)
 
 
 def _engine_core_children() -> list[int]:
@@ -64,9 +92,7 @@ def _engine_core_children() -> list[int]:
 
 def _kill_engine_core(delay: float) -> None:
     def kill() -> None:
-        pids = _engine_core_children()
-        if not pids:  # an engine running in-process: the actor itself is the engine
-            pids = [os.getpid()]
+        pids = _engine_core_children() or [os.getpid()]  # an in-process engine: the actor is the engine
         _announce(f"SIGKILL engine-core process(es) {pids}")
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
@@ -79,17 +105,14 @@ def _kill_engine_core(delay: float) -> None:
 
 def on_engine_batch(batch_number: int) -> None:
     """Called by an engine actor as it starts its ``batch_number``-th batch (1-based, per process)."""
-    arg = _faults().get("kill_engine")
-    if arg is None:
-        return
-    opts = _options(arg)
-    if batch_number == int(opts.get("batch", 1)) and _claim("kill_engine"):
-        _kill_engine_core(opts.get("delay", 0.5))
+    params = active("kill_engine")
+    if params and batch_number == int(params.get("batch", 1)) and _claim("kill_engine", params):
+        _kill_engine_core(float(params.get("delay", 0.5)))
 
 
 def before_generate(prompts: list[str]) -> None:
     """Called by an engine actor just before it hands ``prompts`` (their text) to the engine."""
-    needle = _faults().get("crash_on_prompt")
+    needle = (active("crash_on_prompt") or {}).get("text")
     if needle and any(needle in p for p in prompts):
         _announce(f"SIGKILL this engine actor: a prompt contains {needle!r}")
         os.kill(os.getpid(), signal.SIGKILL)
@@ -97,7 +120,35 @@ def before_generate(prompts: list[str]) -> None:
 
 def after_commit(shard_number: int) -> None:
     """Called by a shard writer after its ``shard_number``-th commit record (1-based, per process) lands."""
-    arg = _faults().get("kill_writer")
-    if arg is not None and shard_number == int(_options(arg).get("shard", 1)) and _claim("kill_writer"):
+    params = active("kill_writer")
+    if params and shard_number == int(params.get("shard", 1)) and _claim("kill_writer", params):
         _announce("SIGKILL this shard writer after its commit, before its task returns")
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- training faults (train_loop.py)
+
+
+def _due(params: dict[str, str], step: int, rank: int, default_rank: int) -> bool:
+    return step == int(params["step"]) and rank == int(params.get("rank", default_rank))
+
+
+def maybe_kill_train_worker(step: int, rank: int, spec: str | None = None) -> None:
+    """``kill_train_worker``: SIGKILL this worker after optimizer step N.
+
+    ``delay`` waits first: Ray Train registers a reported checkpoint only when its controller next polls
+    the workers (every 2 s), so a kill right after a report may lose that checkpoint.
+    """
+    params = active("kill_train_worker", spec)
+    if params and _due(params, step, rank, 1) and _claim("kill_train_worker", params):
+        time.sleep(float(params.get("delay", 0)))
+        _announce(f"killing train worker rank {rank} at step {step}")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_stall_train_worker(step: int, rank: int, spec: str | None = None) -> None:
+    """``stall_train_worker``: sleep after step N's checkpoint, so a drill can kill the whole job there."""
+    params = active("stall_train_worker", spec)
+    if params and _due(params, step, rank, 0) and _claim("stall_train_worker", params):
+        _announce(f"stalling train worker rank {rank} at step {step}")
+        time.sleep(float(params.get("seconds", 3600)))

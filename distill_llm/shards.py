@@ -147,8 +147,8 @@ def _check_writable(fs, root: str) -> None:
 # ---------------------------------------------------------------- the run record
 
 
-def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two run records (identity keys only)."""
+def identity_diff(old: dict[str, Any], new: dict[str, Any], keys: Iterable[str] = IDENTITY_KEYS) -> list[str]:
+    """Dotted keys whose values differ between two run records (``keys`` only)."""
     diffs: list[str] = []
 
     def walk(a: Any, b: Any, prefix: str) -> None:
@@ -158,7 +158,7 @@ def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         elif a != b:
             diffs.append(f"{prefix}: {a!r} -> {b!r}")
 
-    for key in IDENTITY_KEYS:
+    for key in keys:
         walk(old.get(key), new.get(key), key)
     return diffs
 
@@ -369,25 +369,41 @@ def read_manifest(shard_dir: str) -> dict[str, Any]:
     return manifest
 
 
-def shard_files(shard_dir: str, verify: str = "size") -> list[str]:
-    """Full paths of the manifest's shards, checked by size (or size and sha256: verify='sha256')."""
+def shard_files(shard_dir: str, verify: str = "size", threads: int = 8) -> list[str]:
+    """Full paths of the manifest's shards, checked by size, or by size and sha256 (verify='sha256').
+
+    Hashing reads every byte, so files are hashed ``threads`` at a time (hashlib and pyarrow's
+    readers release the GIL; on object stores the reads overlap their latency).
+    """
     import pyarrow.fs as pafs
 
     fs, root = filesystem(shard_dir)
-    manifest = read_manifest(shard_dir)
-    paths = []
-    for shard in manifest["shards"]:
-        path = join(root, shard["file"])
+    shards = read_manifest(shard_dir)["shards"]
+    paths = [join(root, shard["file"]) for shard in shards]
+    for shard, path in zip(shards, paths):
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
-            raise ShardError(f"shard {path} listed in the manifest is missing")
+            raise ShardError(f"shard {path} listed in the manifest is missing; {_repair_hint(root, shard)}")
         if info.size != shard["bytes"]:
-            raise ShardError(f"shard {path} is {info.size} bytes, the manifest says {shard['bytes']}: "
-                             "it was truncated or altered")
-        if verify == "sha256" and _sha256(fs, path) != shard["sha256"]:
-            raise ShardError(f"shard {path} does not match its sha256 in the manifest: it was altered")
-        paths.append(path)
+            raise ShardError(f"shard {path} is {info.size} bytes, the manifest says {shard['bytes']}: it was "
+                             f"truncated or altered; {_repair_hint(root, shard)}")
+    if verify == "sha256" and paths:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(threads, len(paths))) as pool:
+            digests = list(pool.map(lambda p: _sha256(fs, p), paths))
+        for shard, path, digest in zip(shards, paths, digests):
+            if digest != shard["sha256"]:
+                raise ShardError(f"shard {path} does not match its sha256 in the manifest: it was altered; "
+                                 f"{_repair_hint(root, shard)}")
     return paths
+
+
+def _repair_hint(root: str, shard: dict[str, Any]) -> str:
+    record = join(root, COMMITS, shard["file"].removesuffix(".parquet") + ".json")
+    return (f"restore it from a copy, or delete it and {record} and rerun `distill-llm generate` with the "
+            "config that made this set (resuming regenerates the missing samples), or regenerate the whole set "
+            "with output.overwrite=true")
 
 
 def check_compatible(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:

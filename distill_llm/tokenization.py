@@ -36,7 +36,15 @@ def first_vocab_mismatch(teacher, student) -> str | None:
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    # transformers builds an empty tokenizer from a model folder without tokenizer files instead of failing;
+    # it would encode every text to nothing and training would silently skip every row.
+    if len(tokenizer.get_vocab()) < 2 or not tokenizer("a", add_special_tokens=False)["input_ids"]:
+        from .config import ConfigError
+
+        raise ConfigError(f"{path} has no usable tokenizer ({len(tokenizer.get_vocab())} token(s) loaded): copy "
+                          "tokenizer.json (or vocab.json and merges.txt) and tokenizer_config.json from its base model")
+    return tokenizer
 
 
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:

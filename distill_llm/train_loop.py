@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import faults
 from .config import build_config
 from .losses import KDSettings
 from .student import StudentWithLoss, add_lora, count_parameters, load_student
@@ -95,6 +96,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             student, state, metrics = _restore(student, optimizer, Path(d))
+        # Kept in trainer_state.json, so a run's restores can be audited (and tested) afterwards.
+        state.setdefault("resumed", []).append({k: state[k] for k in ("step", "epoch", "batches_in_epoch")})
         if rank == 0:
             print(f"train: resumed from step {state['step']} (epoch {state['epoch']}, "
                   f"batch {state['batches_in_epoch']})", flush=True)
@@ -144,10 +147,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if progress is not None:
                     progress.update(row)
                 step_tokens, t_step, wait = 0, time.time(), 0.0
+                faults.maybe_kill_train_worker(state["step"], rank, info.get("faults"))
                 if state["step"] >= total:
                     break
                 if t.checkpoint_every and state["step"] % t.checkpoint_every == 0:
                     _report(model, optimizer, state, metrics, counts, rank)
+                    faults.maybe_stall_train_worker(state["step"], rank, info.get("faults"))
             t_wait = time.time()
         else:
             state["epoch"] += 1

@@ -5,17 +5,25 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError
-from .paths import absolute, check_location, check_weights_format, filesystem, is_url, resolve_model
-from .shards import check_compatible, read_manifest, shard_files
+from .faults import ENV as FAULTS_ENV
+from .paths import absolute, check_location, check_weights_format, filesystem, is_url, join, makedirs, resolve_model
+from .shards import _read_json, check_compatible, identity_diff, read_manifest, shard_files, write_json
 from .tokenization import first_vocab_mismatch, load_tokenizer, tokenizer_fingerprint
 
+# Settings that change how a run is operated, not what it learns: changing them on a rerun keeps the run
+# (so raising max_failures after a crash resumes instead of starting over).
+OPERATIONAL_KEYS = {"storage_path", "resume", "log_every", "run_name", "max_failures", "keep_checkpoints",
+                    "checkpoint_every", "verify_shards"}
+RUN_RECORD = "distill_llm_run.json"  # beside Ray Train's files in <storage_path>/<run name>/
 TRAIN_COLUMNS = ["sample_id", "messages", "prompt_token_ids", "completion_token_ids", "completion_text",
                  "finish_reason", "answer_correct"]
 
@@ -39,18 +47,103 @@ def check_tokenizers(cfg: Config, run: dict[str, Any], student_tok) -> bool:
     return True
 
 
-def run_name(cfg: Config, shard_fp: str) -> str:
+def run_identity(cfg: Config, shard_fp: str) -> dict[str, Any]:
+    """What decides the weights a run produces: its shards, its student and its learning settings."""
+    return {"shards": shard_fp, "student": cfg.student.model_dump(mode="json"),
+            "train": cfg.train.model_dump(mode="json", exclude=OPERATIONAL_KEYS)}
+
+
+def run_name(cfg: Config, identity: dict[str, Any]) -> str:
     """Same shards, student and training settings -> same name, so a rerun resumes instead of restarting."""
     if cfg.train.run_name:
         return cfg.train.run_name
-    key = json.dumps({"shards": shard_fp, "student": cfg.student.model_dump(mode="json"),
-                      "train": cfg.train.model_dump(mode="json", exclude={"storage_path", "resume", "log_every"})},
-                     sort_keys=True)
-    name = f"student-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    name = f"student-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]}"
     return name if cfg.train.resume else f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def training_dataset(cfg: Config, shard_dirs: list[str], with_topk: bool):
+def claim_run(storage: str, name: str, identity: dict[str, Any]) -> None:
+    """Record the run's identity in its folder; refuse a folder holding another run's checkpoints.
+
+    Ray Train resumes whatever checkpoint sits under <storage>/<name>, so an explicit
+    ``train.run_name`` reused with other shards or settings would silently continue someone else's run.
+    """
+    fs, root = filesystem(join(storage, name))
+    old = _read_json(fs, join(root, RUN_RECORD))
+    if old is None:
+        makedirs(fs, root)
+        write_json(fs, join(root, RUN_RECORD), identity)
+        return
+    diffs = identity_diff(old, identity, keys=identity.keys())
+    if diffs:
+        raise ConfigError(f"train.run_name={name}: {join(storage, name)} holds checkpoints of a different run:\n  "
+                          + "\n  ".join(diffs) + "\nchoose another train.run_name or train.storage_path")
+
+
+def check_writable(path: str, key: str) -> None:
+    """Create the folder and write a probe file: a read-only or misspelt location fails now, not after training."""
+    fs, root = filesystem(path)
+    probe = join(root, f".distill-llm-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        makedirs(fs, root)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"")
+        fs.delete_file(probe)
+    except OSError as err:
+        raise ConfigError(f"{key}={path} is not writable: {err}") from None
+
+
+def verified_files(shard_dirs: list[str], verify: str) -> dict[str, list[str]]:
+    """Every shard set's files, checked against its manifest (train.verify_shards) before any work."""
+    return {d: shard_files(d, verify=verify) for d in shard_dirs}
+
+
+def check_prompts_fit(files: dict[str, list[str]], max_seq_len: int) -> None:
+    """Refuse a max_seq_len that no prompt fits in: every row would be skipped and nothing learned.
+
+    Reads only the prompt-length column, shard by shard, and stops at the first shard with a prompt that fits.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    lows = []
+    for fs, path in ((filesystem(d)[0], f) for d, paths in files.items() for f in paths):
+        column = pq.read_table(path, columns=["prompt_token_ids"], filesystem=fs).column("prompt_token_ids")
+        low = pc.min(pc.list_value_length(column)).as_py()
+        if low is not None and low < max_seq_len:
+            return
+        lows += [low] if low is not None else []
+    if lows:
+        shortest = min(lows)
+        raise ConfigError(f"train.max_seq_len={max_seq_len} leaves no room for a completion: the shortest prompt "
+                          f"has {shortest} tokens, so every row would be skipped; raise train.max_seq_len above "
+                          f"{shortest} (prompts plus completions should fit)")
+
+
+def check_cluster_fits(cfg: Config) -> None:
+    """Train workers the cluster can never place make Ray Train retry forever: say so before starting.
+
+    A local Ray (no ray.address / RAY_ADDRESS) cannot grow, so that is an error; a cluster may autoscale.
+    """
+    import ray
+
+    t = cfg.train
+    need = {"CPU": t.num_workers * t.cpus_per_worker, **({"GPU": float(t.num_workers)} if t.use_gpu else {}),
+            **{k: v * t.num_workers for k, v in t.resources_per_worker.items()}}
+    have = ray.cluster_resources()
+    short = [f"{k}: {v:g} needed, {have.get(k, 0):g} in the cluster" for k, v in need.items() if v > have.get(k, 0)]
+    if not short:
+        return
+    what = (f"train.num_workers={t.num_workers} x (train.cpus_per_worker={t.cpus_per_worker:g}"
+            + (", 1 GPU" if t.use_gpu else "") + (f", {t.resources_per_worker}" if t.resources_per_worker else "")
+            + ") does not fit: " + "; ".join(short))
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        print(f"train: warning: {what}; waiting for the cluster to scale up", flush=True)
+        return
+    raise ConfigError(f"{what}; lower train.num_workers or the per-worker resources"
+                      + (", or raise ray.num_cpus" if "CPU" in "".join(short) else ""))
+
+
+def training_dataset(cfg: Config, files: dict[str, list[str]], with_topk: bool):
     """Shard rows streamed from Parquet (never loaded whole into one process), optionally only answer-checked ones.
 
     Each shard set is read through its own file system (one may be local, another in S3); the file
@@ -60,8 +153,8 @@ def training_dataset(cfg: Config, shard_dirs: list[str], with_topk: bool):
     import ray.data
 
     columns = TRAIN_COLUMNS + (["topk_token_ids", "topk_logprobs"] if with_topk else [])
-    parts = [ray.data.read_parquet(shard_files(d), filesystem=filesystem(d)[0]).select_columns(columns)
-             for d in shard_dirs]
+    parts = [ray.data.read_parquet(paths, filesystem=filesystem(d)[0]).select_columns(columns)
+             for d, paths in files.items()]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if cfg.train.filter_correct:
         ds = ds.map_batches(lambda t: t.filter(pc.fill_null(t["answer_correct"], False)), batch_format="pyarrow")
@@ -74,7 +167,12 @@ def plan_steps(rows: int, cfg: Config) -> tuple[int, int]:
     per_worker = rows // t.num_workers
     if per_worker == 0:
         raise ConfigError(f"{rows} training rows cannot feed {t.num_workers} workers; lower train.num_workers")
-    steps_per_epoch = max(1, math.ceil(per_worker / t.batch_size) // t.grad_accum)
+    batches = math.ceil(per_worker / t.batch_size)
+    if batches < t.grad_accum:  # an epoch would end before the first optimizer step: nothing learned
+        raise ConfigError(f"train.grad_accum={t.grad_accum} needs {t.grad_accum} batches per step, but each of the "
+                          f"{t.num_workers} workers gets {per_worker} rows = {batches} batch(es) of "
+                          f"train.batch_size={t.batch_size} per epoch; lower train.grad_accum or train.batch_size")
+    steps_per_epoch = batches // t.grad_accum
     if t.max_steps:
         return t.max_steps, math.ceil(t.max_steps / steps_per_epoch)
     return steps_per_epoch * t.epochs, t.epochs
@@ -108,6 +206,7 @@ def train(cfg: Config) -> str:
     check_weights_format(student_path, cfg.student.allow_pickle_weights, "student.allow_pickle_weights")
     manifests = {d: read_manifest(d) for d in shard_dirs}
     run = check_compatible(manifests)
+    files = verified_files(shard_dirs, cfg.train.verify_shards)
     with_topk = cfg.train.alpha > 0
     if with_topk and not run.get("top_k_logprobs"):
         raise ConfigError(f"train.alpha={cfg.train.alpha} needs top-k logprobs, but the shards were generated "
@@ -116,27 +215,39 @@ def train(cfg: Config) -> str:
         from .student import check_lora_targets
 
         check_lora_targets(student_path, cfg.student.lora, cfg.student.revision, cfg.student.trust_remote_code)
-    student_tok = load_tokenizer(student_path, cfg.student.revision, cfg.student.trust_remote_code)
+    try:
+        student_tok = load_tokenizer(student_path, cfg.student.revision, cfg.student.trust_remote_code)
+    except ConfigError as err:
+        raise ConfigError(f"student.model={cfg.student.model}: {err}") from None
     retokenize = check_tokenizers(cfg, run, student_tok)
+    if not retokenize:  # re-tokenised prompts have other lengths; the run-end check covers that case
+        check_prompts_fit(files, cfg.train.max_seq_len)
+    storage = absolute(cfg.train.storage_path)
+    identity = run_identity(cfg, shard_fingerprint(manifests))
+    name = run_name(cfg, identity)
+    check_writable(storage, "train.storage_path")
+    check_writable(absolute(cfg.output.student_dir), "output.student_dir")
+    claim_run(storage, name, identity)
     init_ray(cfg.ray)
-    ds = cache_small(training_dataset(cfg, shard_dirs, with_topk).randomize_block_order(seed=cfg.train.seed),
+    check_cluster_fits(cfg)
+    ds = cache_small(training_dataset(cfg, files, with_topk).randomize_block_order(seed=cfg.train.seed),
                      manifests, cfg.train.cache_max_gb)
     rows = ds.count() if cfg.train.filter_correct else sum(m["totals"]["rows"] for m in manifests.values())
     if rows == 0:
         raise ConfigError("the training set is empty" + (" after train.filter_correct kept only rows whose answer "
                                                          "check passed" if cfg.train.filter_correct else ""))
     total_steps, epochs = plan_steps(rows, cfg)
-    storage = absolute(cfg.train.storage_path)
     # Ray Train gets the same file system as every other stage (endpoint from AWS_ENDPOINT_URL, small
     # checkpoint files as single PUTs) rather than resolving the URL again on its own.
     storage_fs, storage_fs_path = filesystem(storage)
-    name = run_name(cfg, shard_fingerprint(manifests))
     t = cfg.train
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"),
                            "info": {"student_path": student_path, "retokenize": retokenize,
-                                    "total_steps": total_steps, "epochs": epochs}},
+                                    "total_steps": total_steps, "epochs": epochs,
+                                    # the driver's fault drills reach workers even when Ray was started earlier
+                                    "faults": os.environ.get(FAULTS_ENV)}},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker,
                                                                      **t.resources_per_worker}),
@@ -150,8 +261,12 @@ def train(cfg: Config) -> str:
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint: {result.error}")
-    out = export_student(cfg, result.checkpoint, student_path, student_tok, run, manifests, name)
     metrics = result.metrics or {}
+    if metrics.get("rows_rows") == 0:  # every row was skipped: the "student" would be the untrained base
+        skipped = {k: v for k, v in metrics.items() if k.startswith("rows_skipped") and v}
+        raise ConfigError(f"no training row was usable ({skipped}); check train.max_seq_len and the shards. "
+                          f"Nothing was exported")
+    out = export_student(cfg, result.checkpoint, student_path, student_tok, run, manifests, name)
     print(f"train: {metrics.get('step')} steps, final loss {metrics.get('loss'):.4f} (ce {metrics.get('ce'):.4f}, "
           f"kd {metrics.get('kd'):.4f}) in {time.time() - start:.1f}s -> {out}")
     return out
@@ -182,13 +297,16 @@ def export_student(cfg: Config, checkpoint, student_path: str, tokenizer, run: d
             model = load_student(str(ckpt / "model"), torch.float32, trust_remote_code=cfg.student.trust_remote_code)
         metrics = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines() if line]
         state = json.loads((ckpt / "trainer_state.json").read_text())
+        for r in state.get("resumed", []):
+            print(f"train: run {name} resumed from step {r['step']} (epoch {r['epoch']}, "
+                  f"batch {r['batches_in_epoch']})", flush=True)
         local = Path(tmp) / "student" if is_url(cfg.output.student_dir) else Path(absolute(cfg.output.student_dir))
         if local.exists():
             shutil.rmtree(local)
         info = {"teacher": run["teacher"], "shards": cfg.shard_dirs, "shard_fingerprint": shard_fingerprint(manifests),
                 "rows": sum(m["totals"]["rows"] for m in manifests.values()), "student_base": cfg.student.model,
                 "train": cfg.train.model_dump(mode="json"), "lora": cfg.student.lora.model_dump() if cfg.student.lora
-                else None, "steps": state["step"], "run": name,
+                else None, "steps": state["step"], "run": name, "resumed": state.get("resumed", []),
                 "final": {k: metrics[-1][k] for k in ("loss", "ce", "kd")} if metrics else {}}
         save_hf_folder(model, tokenizer, local, merge_lora=cfg.student.merge_lora, card=model_card(info),
                        extra_files={"distill_llm.json": info})

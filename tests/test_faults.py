@@ -1,10 +1,14 @@
-"""Fault injection itself (distill_llm/faults.py): real kills, fired once per run. No engine needed."""
+"""Fault injection itself (distill_llm/faults.py: real kills, fired once per run) and the training-side
+guards that need no Ray. No engine needed."""
 
 import subprocess
 
 import pytest
 
+from conftest import small_config
 from distill_llm import faults
+from distill_llm.config import ConfigError
+from distill_llm.faults import active, maybe_kill_train_worker, maybe_stall_train_worker, parse
 
 
 def test_nothing_happens_without_the_variable(monkeypatch):
@@ -39,3 +43,79 @@ def test_one_shot_faults_need_a_marker_folder(monkeypatch):
     monkeypatch.delenv(faults.DIR_ENV, raising=False)
     with pytest.raises(RuntimeError, match=faults.DIR_ENV):
         faults.after_commit(1)
+
+
+def test_fault_spec_parses_entries_with_their_settings():
+    spec = "kill_train_worker:step=12,rank=1; stall_train_worker:step=8,seconds=0.1,marker=/tmp/m"
+    assert parse(spec) == {"kill_train_worker": {"step": "12", "rank": "1"},
+                           "stall_train_worker": {"step": "8", "seconds": "0.1", "marker": "/tmp/m"}}
+    assert parse("a:x=1,b:y=2") == {"a": {"x": "1"}, "b": {"y": "2"}}
+    assert parse("") == {} and parse(None) == {}
+    assert parse("crash_on_prompt:What is 1+2?;kill_writer:shard=1") == {
+        "crash_on_prompt": {"text": "What is 1+2?"}, "kill_writer": {"shard": "1"}}
+    assert active("kill_train_worker", spec) == {"step": "12", "rank": "1"}
+    assert active("other", spec) is None
+    with pytest.raises(ValueError, match="name:key=value"):
+        parse("step=12")
+
+
+def test_fault_fires_once_per_marker(tmp_path, monkeypatch):
+    marker = tmp_path / "stalled"
+    spec = f"stall_train_worker:step=3,rank=0,seconds=0,marker={marker}"
+    maybe_stall_train_worker(2, 0, spec)
+    maybe_stall_train_worker(3, 1, spec)
+    assert not marker.exists(), "other steps and ranks do not fire"
+    maybe_stall_train_worker(3, 0, spec)
+    assert marker.exists()
+    # armed kill whose marker exists: a restarted worker goes on instead of killing itself again
+    (tmp_path / "killed").touch()
+    monkeypatch.setenv("DISTILL_LLM_FAULTS", f"kill_train_worker:step=1,rank=0,marker={tmp_path / 'killed'}")
+    maybe_kill_train_worker(1, 0)
+
+
+def test_grad_accum_beyond_an_epoch_is_refused(tmp_path):
+    from distill_llm.training import plan_steps
+
+    cfg = small_config(tmp_path, train={"batch_size": 16, "grad_accum": 4, "num_workers": 2})
+    with pytest.raises(ConfigError, match="train.grad_accum=4 needs 4 batches per step, but each of the 2 workers "
+                                          "gets 48 rows = 3 batch"):
+        plan_steps(96, cfg)
+    assert plan_steps(96, small_config(tmp_path, train={"batch_size": 16, "grad_accum": 3, "max_steps": "null"})) == (1, 1)
+
+
+def test_run_name_follows_what_is_learned_not_how_it_is_operated(tmp_path):
+    from distill_llm.training import run_identity, run_name
+
+    base = small_config(tmp_path)
+    name = run_name(base, run_identity(base, "shards-a"))
+    assert run_name(base, run_identity(base, "shards-b")) != name, "other shards: another run"
+    lr = small_config(tmp_path, train={"lr": 0.5})
+    assert run_name(lr, run_identity(lr, "shards-a")) != name, "other settings: another run"
+    ops = small_config(tmp_path, train={"max_failures": 3, "keep_checkpoints": 5, "checkpoint_every": 7,
+                                        "verify_shards": "size", "log_every": 1})
+    assert run_name(ops, run_identity(ops, "shards-a")) == name, "operational settings keep the run (and resume it)"
+
+
+def test_reused_run_name_with_other_shards_is_refused(tmp_path):
+    from distill_llm.training import claim_run, run_identity
+
+    cfg = small_config(tmp_path, train={"run_name": "mine"})
+    storage = str(tmp_path / "train")
+    claim_run(storage, "mine", run_identity(cfg, "shards-a"))
+    claim_run(storage, "mine", run_identity(cfg, "shards-a"))  # the same run again: resumes
+    with pytest.raises(ConfigError, match="train.run_name=mine: .* holds checkpoints of a different run:\n"
+                                          "  shards: 'shards-a' -> 'shards-b'"):
+        claim_run(storage, "mine", run_identity(cfg, "shards-b"))
+    other = small_config(tmp_path, train={"run_name": "mine", "alpha": 0.25})
+    with pytest.raises(ConfigError, match="train.alpha: 0.5 -> 0.25"):
+        claim_run(storage, "mine", run_identity(other, "shards-a"))
+
+
+def test_unwritable_location_is_named(tmp_path):
+    from distill_llm.training import check_writable
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match=r"train.storage_path=.*a-file/train is not writable"):
+        check_writable(str(tmp_path / "a-file" / "train"), "train.storage_path")
+    check_writable(str(tmp_path / "ok" / "train"), "train.storage_path")
+    assert list((tmp_path / "ok" / "train").iterdir()) == [], "the probe file is removed"

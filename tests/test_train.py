@@ -1,5 +1,6 @@
 """The student stage for real: Ray Train with 2 CPU workers, peft LoRA, checkpoints, export, vLLM evaluation."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -103,7 +104,7 @@ def _shard_copy(src: str, dst: Path, change=None) -> str:
             path = dst / rec["file"]
             table = change(pq.read_table(path))
             pq.write_table(table, path)
-            rec["bytes"] = path.stat().st_size
+            rec["bytes"], rec["sha256"] = path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
             commit.write_text(json.dumps(rec))
         write_manifest(str(dst))
     return str(dst)
