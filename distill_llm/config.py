@@ -51,7 +51,8 @@ class TeacherConfig(_Section):
     cpu_kv_cache_gb: float = Field(1.0, gt=0)  # CPU only: KV cache size per engine
     max_model_len: int | None = Field(None, ge=16)
     max_num_seqs: int | None = Field(None, ge=1)
-    batch_size: int = Field(64, ge=1)  # rows handed to one engine call
+    # rows handed to one engine call: at least max_num_seqs (vLLM default 256), or decode slots stay empty
+    batch_size: int = Field(256, ge=1)
     # Times Ray restarts one engine actor that died (a lost node, an OOM, a crashed engine; a prompt that
     # crashes the engine costs generate.max_row_attempts + 1) and retries its batch; -1: no limit. Bounded,
     # so an engine that cannot stay up fails the job (a rerun resumes) instead of restarting forever.

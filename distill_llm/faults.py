@@ -86,8 +86,14 @@ def _announce(message: str) -> None:
 def _engine_core_children() -> list[int]:
     import psutil
 
-    procs = psutil.Process().children(recursive=True)
-    return [p.pid for p in procs if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()[:1])]
+    pids = []
+    for proc in psutil.Process().children(recursive=True):
+        try:  # children exit or linger as zombies while we look
+            if "EngineCore" in proc.name() or "EngineCore" in " ".join(proc.cmdline()[:1]):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return pids
 
 
 def _kill_engine_core(delay: float) -> None:
