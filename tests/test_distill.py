@@ -1,8 +1,13 @@
-"""The toy world shows distillation working: top-k KD beats sequence-level KD and the untrained student.
+"""The toy world shows distillation working: distilled students learn the teacher's format and answers.
 
-Measured by this test on 2 CPU cores (2026-11-23, quickstart settings, deterministic across runs):
-teacher 100%, untrained student 0%, KD student (alpha 0.5, T 2) 80.5%, sequence-level-only student
-(alpha 0) 31.5%. The margins below sit well inside those gaps.
+Measured on 2 CPU cores with the quickstart settings: teacher 100%, untrained student 0% (it never stops,
+96 tokens). The distilled students' pass@1 is NOT stable from run to run: which worker gets which shard
+blocks each epoch (Ray Data's dynamic split) and train.seed move it a lot. On 2026-11-23, with the prompts
+in one block, KD (alpha 0.5, T 2) gave 80.5% and sequence-level (alpha 0) 31.5%; on 2026-11-24, with the
+prompts split into engine-sized blocks, the same test gave KD 44.5% and sequence-level 81.5%, the
+quickstart gave KD 93.0%, and train.seed=1 gave KD 6.0%. So this test asserts what held in every run (the
+format is learnt: completion lengths match the teacher's; both students beat the untrained one) and prints
+the KD-vs-sequence comparison instead of asserting an ordering that the toy cannot support.
 """
 
 from pathlib import Path
@@ -32,13 +37,14 @@ def test_kd_student_beats_sequence_level_and_untrained(ray_session, tmp_path):
     seq_student = train(seq_cfg)
     seq_cfg.eval.include_teacher = seq_cfg.eval.include_base_student = False
     results = evaluate(kd_cfg, student=kd_student)
-    seq = evaluate(seq_cfg, student=seq_student)["student (distilled)"]["pass@1"]
-    teacher = results["teacher"]["pass@1"]
-    kd = results["student (distilled)"]["pass@1"]
-    untrained = results["student (before)"]["pass@1"]
-    print(f"teacher {teacher:.3f} kd {kd:.3f} seq {seq:.3f} untrained {untrained:.3f}")
-    assert teacher >= 0.95
-    assert untrained <= 0.05
-    assert kd >= 0.6 * teacher, "the KD student reaches most of the teacher's accuracy"
-    assert kd >= seq + 0.15, "top-k KD beats sequence-level KD alone"
-    assert seq > untrained
+    seq_result = evaluate(seq_cfg, student=seq_student)["student (distilled)"]
+    teacher, kd_result, untrained = (results[k] for k in ("teacher", "student (distilled)", "student (before)"))
+    print(f"teacher {teacher['pass@1']:.3f} kd {kd_result['pass@1']:.3f} seq {seq_result['pass@1']:.3f} "
+          f"untrained {untrained['pass@1']:.3f}")
+    assert teacher["pass@1"] >= 0.95
+    assert untrained["pass@1"] <= 0.05 and untrained["mean_completion_tokens"] > 2 * teacher["mean_completion_tokens"]
+    for student in (kd_result, seq_result):
+        # the untrained student runs to max_new_tokens; a distilled one stops where the teacher does
+        assert abs(student["mean_completion_tokens"] - teacher["mean_completion_tokens"]) \
+            <= 0.15 * teacher["mean_completion_tokens"]
+        assert student["pass@1"] > untrained["pass@1"]
