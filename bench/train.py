@@ -244,7 +244,7 @@ def data_wait(args, work: Path) -> str:
     steady = [r for r in rows if r["step"] > 1]  # step 1 waits for the pipeline to start
     waits = sorted(r["data_wait_frac"] for r in steady)
     p95 = waits[min(len(waits) - 1, int(0.95 * len(waits)))]
-    # Each epoch opens a new iterator over the dataset shard: its first step waits for the pipeline.
+    # The first step of each epoch: before 2026-11-24 it opened a new iterator and waited for the pipeline.
     first = [r["data_wait_frac"] for prev, r in zip(rows, rows[1:]) if r["epoch"] != prev["epoch"]]
     inner = [r["data_wait_frac"] for prev, r in zip(rows, rows[1:]) if r["epoch"] == prev["epoch"]]
     res = {"steps": len(rows), "median data_wait_frac": statistics.median(waits),

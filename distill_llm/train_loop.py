@@ -35,6 +35,14 @@ def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
 
+def epoch_position(batches: int, per_epoch: int) -> tuple[int, int]:
+    """(epoch, batches into it) after ``batches`` batches; a finished epoch is not rolled over."""
+    if batches == 0:
+        return 0, 0
+    epoch = (batches - 1) // per_epoch
+    return epoch, batches - epoch * per_epoch
+
+
 def _save(model, optimizer, state: dict, metrics: list[dict], directory: Path) -> None:
     inner = model.module if hasattr(model, "module") else model
     student = inner.model
@@ -121,42 +129,43 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     counts: dict[str, int] = {}
     step_tokens, t_step, wait, micro = 0, time.time(), 0.0, 0
     model.train()
-    while state["step"] < total and state["epoch"] < info["epochs"]:
+    per_epoch = info["batches_per_epoch"]
+    # checkpoints from before "batches" was recorded kept only the position inside an epoch
+    position = state.get("batches", state["epoch"] * per_epoch + state["batches_in_epoch"])
+    t_wait = time.time()
+    # One iterator for the whole run: the dataset already holds every epoch (training.epochs_dataset).
+    for index, table in enumerate(shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow",
+                                                     prefetch_batches=2)):
+        if index < position:  # resumed: the data position continues
+            continue
+        wait += time.time() - t_wait
+        batch, stats = build_batch(table, max_seq_len=t.max_seq_len, pad_id=tokenizer.pad_token_id,
+                                   with_topk=settings.alpha > 0, retokenize=retokenize)
+        for key, value in stats.items():
+            counts[key] = counts.get(key, 0) + value
+        out = model(**{k: v.to(device) for k, v in batch.items()})
+        (out["loss"] / t.grad_accum).backward()
+        step_tokens += int(batch["targets"].numel())
+        micro += 1
+        state["batches"] = index + 1
+        state["epoch"], state["batches_in_epoch"] = epoch_position(index + 1, per_epoch)
+        if micro % t.grad_accum == 0:
+            state["step"] += 1
+            row = _step(optimizer, params, state["step"], total, t, out)
+            elapsed = max(time.time() - t_step, 1e-9)
+            row.update(epoch=state["epoch"], tokens=step_tokens, tokens_per_s=step_tokens * world / elapsed,
+                       data_wait_frac=wait / elapsed)
+            metrics.append(row)
+            if progress is not None:
+                progress.update(row)
+            step_tokens, t_step, wait = 0, time.time(), 0.0
+            faults.maybe_kill_train_worker(state["step"], rank, info.get("faults"))
+            if state["step"] >= total:
+                break
+            if t.checkpoint_every and state["step"] % t.checkpoint_every == 0:
+                _report(model, optimizer, state, metrics, counts, rank)
+                faults.maybe_stall_train_worker(state["step"], rank, info.get("faults"))
         t_wait = time.time()
-        for index, table in enumerate(shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow",
-                                                         prefetch_batches=2)):
-            if index < state["batches_in_epoch"]:  # resumed mid-epoch: the data position continues
-                continue
-            wait += time.time() - t_wait
-            batch, stats = build_batch(table, max_seq_len=t.max_seq_len, pad_id=tokenizer.pad_token_id,
-                                       with_topk=settings.alpha > 0, retokenize=retokenize)
-            for key, value in stats.items():
-                counts[key] = counts.get(key, 0) + value
-            out = model(**{k: v.to(device) for k, v in batch.items()})
-            (out["loss"] / t.grad_accum).backward()
-            step_tokens += int(batch["targets"].numel())
-            micro += 1
-            state["batches_in_epoch"] = index + 1
-            if micro % t.grad_accum == 0:
-                state["step"] += 1
-                row = _step(optimizer, params, state["step"], total, t, out)
-                elapsed = max(time.time() - t_step, 1e-9)
-                row.update(epoch=state["epoch"], tokens=step_tokens, tokens_per_s=step_tokens * world / elapsed,
-                           data_wait_frac=wait / elapsed)
-                metrics.append(row)
-                if progress is not None:
-                    progress.update(row)
-                step_tokens, t_step, wait = 0, time.time(), 0.0
-                faults.maybe_kill_train_worker(state["step"], rank, info.get("faults"))
-                if state["step"] >= total:
-                    break
-                if t.checkpoint_every and state["step"] % t.checkpoint_every == 0:
-                    _report(model, optimizer, state, metrics, counts, rank)
-                    faults.maybe_stall_train_worker(state["step"], rank, info.get("faults"))
-            t_wait = time.time()
-        else:
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
     _report(model, optimizer, state, metrics, counts, rank)
 
 

@@ -80,7 +80,24 @@ def test_grad_accum_beyond_an_epoch_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="train.grad_accum=4 needs 4 batches per step, but each of the 2 workers "
                                           "gets 48 rows = 3 batch"):
         plan_steps(96, cfg)
-    assert plan_steps(96, small_config(tmp_path, train={"batch_size": 16, "grad_accum": 3, "max_steps": "null"})) == (1, 1)
+    assert plan_steps(96, small_config(tmp_path, train={"batch_size": 16, "grad_accum": 3, "max_steps": "null"})) \
+        == (1, 1, 3)
+
+
+def test_epochs_are_one_stream_split_evenly(tmp_path):
+    from distill_llm.train_loop import epoch_position
+    from distill_llm.training import plan_steps
+
+    # 100 rows on 3 workers, batches of 8: 33 rows = 5 batches a worker per epoch; 3 epochs are
+    # 300 // 3 = 100 rows = 13 batches a worker (the partial batches run on into the next epoch)
+    cfg = small_config(tmp_path, train={"batch_size": 8, "num_workers": 3, "epochs": 3, "max_steps": "null"})
+    assert plan_steps(100, cfg) == (13, 3, 5)
+    cfg.train.grad_accum = 2
+    assert plan_steps(100, cfg) == (6, 3, 5)
+    # max_steps reads as many epochs as it needs: 13 steps of 2 batches = 26 batches = 208 rows a worker
+    cfg.train.max_steps = 13
+    assert plan_steps(100, cfg) == (13, 7, 5)
+    assert [epoch_position(b, 5) for b in (0, 1, 5, 6, 13)] == [(0, 0), (0, 1), (0, 5), (1, 1), (2, 3)]
 
 
 def test_run_name_follows_what_is_learned_not_how_it_is_operated(tmp_path):
