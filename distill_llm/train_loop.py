@@ -1,6 +1,6 @@
 """The per-worker training loop: the only module that calls ``ray.train``.
 
-Reads batches from ``get_dataset_shard('train')``, steps the student, and reports checkpoints
+Reads batches from its dataset shard (``training.worker_datasets``), steps the student, and reports checkpoints
 (weights or adapter, optimizer, step, epoch position and the metrics so far) from rank 0.
 """
 
@@ -119,7 +119,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                                                           row["finish_reason"])
 
     total = info["total_steps"]
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(f"train_{rank}" if info["per_worker_datasets"] else "train")
     progress = None
     if rank == 0:
         trainable, all_params = count_parameters(student)

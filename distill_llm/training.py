@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -164,9 +165,9 @@ def training_dataset(cfg: Config, files: dict[str, list[str]], with_topk: bool):
 def plan_steps(rows: int, cfg: Config) -> tuple[int, int, int]:
     """(total optimizer steps, epochs to iterate, batches per epoch and worker) for ``rows`` rows.
 
-    The epochs are read as one stream (see ``epochs_dataset``) that Ray Train splits evenly, so each
-    worker gets ``epochs * rows // num_workers`` rows in all; an epoch's last partial batch runs on into
-    the next epoch instead of being a short batch of its own.
+    Each worker reads its epochs as one stream (see ``worker_datasets``) of ``rows // num_workers`` rows
+    an epoch, so an epoch's last partial batch runs on into the next epoch instead of being a short
+    batch of its own.
     """
     t = cfg.train
     per_worker = rows // t.num_workers
@@ -178,8 +179,8 @@ def plan_steps(rows: int, cfg: Config) -> tuple[int, int, int]:
                           f"{t.num_workers} workers gets {per_worker} rows = {batches} batch(es) of "
                           f"train.batch_size={t.batch_size} per epoch; lower train.grad_accum or train.batch_size")
 
-    def steps(epochs: int) -> int:
-        return math.ceil(epochs * rows // t.num_workers / t.batch_size) // t.grad_accum
+    def steps(epochs: int) -> int:  # equal splits: each worker gets rows // num_workers rows an epoch
+        return math.ceil(epochs * per_worker / t.batch_size) // t.grad_accum
 
     if t.max_steps:
         epochs = 1
@@ -189,6 +190,23 @@ def plan_steps(rows: int, cfg: Config) -> tuple[int, int, int]:
     return steps(t.epochs), t.epochs, batches
 
 
+@contextlib.contextmanager
+def ordered_data():
+    """Ray Data keeps block order (not task completion order) inside the block: materialised blocks are reproducible."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = before
+
+
+def _concat(datasets: list):
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
 def epochs_dataset(ds, epochs: int, seed: int):
     """Every epoch in one dataset, each in its own block order, so a worker opens one iterator per run.
 
@@ -196,8 +214,28 @@ def epochs_dataset(ds, epochs: int, seed: int):
     and starts a new executor: bench/train.py measured 36% of the first step of every epoch spent
     waiting for data that way (2026-11-24), against 1.4% inside an epoch.
     """
-    copies = [ds.randomize_block_order(seed=seed + epoch) for epoch in range(epochs)]
-    return copies[0].union(*copies[1:]) if epochs > 1 else copies[0]
+    return _concat([ds.randomize_block_order(seed=seed + epoch) for epoch in range(epochs)])
+
+
+def worker_datasets(ds, epochs: int, workers: int, seed: int) -> tuple[dict[str, Any], Any]:
+    """(Ray Train datasets, their DataConfig): one stream of every epoch per worker, fixed by the seed when cached.
+
+    Ray Train's streaming split hands each block to whichever worker asks first, so two runs of one
+    config trained different rows on each worker: the toy student's pass@1 ranged from 11% to 72%
+    over identical runs (2026-11-24). A cached (materialised) corpus is therefore split here, epoch by
+    epoch in the epoch's seeded block order, into one dataset per worker, read in order. A corpus too
+    large to cache streams through Ray Train's split, which is not reproducible.
+    """
+    import ray.train
+    from ray.data.dataset import MaterializedDataset
+
+    if not isinstance(ds, MaterializedDataset):
+        return {"train": epochs_dataset(ds, epochs, seed)}, ray.train.DataConfig()
+    splits = [ds.randomize_block_order(seed=seed + epoch).split(workers, equal=True) for epoch in range(epochs)]
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ({f"train_{rank}": _concat([split[rank] for split in splits]) for rank in range(workers)},
+            ray.train.DataConfig(datasets_to_split=[], execution_options=options))
 
 
 def cache_small(ds, manifests: dict[str, dict[str, Any]], max_gb: float):
@@ -252,13 +290,15 @@ def train(cfg: Config) -> str:
     claim_run(storage, name, identity)
     init_ray(cfg.ray)
     check_cluster_fits(cfg)
-    ds = cache_small(training_dataset(cfg, files, with_topk), manifests, cfg.train.cache_max_gb)
+    with ordered_data():  # the cached blocks and their per-worker splits in one order, run after run
+        ds = cache_small(training_dataset(cfg, files, with_topk), manifests, cfg.train.cache_max_gb)
     rows = ds.count() if cfg.train.filter_correct else sum(m["totals"]["rows"] for m in manifests.values())
     if rows == 0:
         raise ConfigError("the training set is empty" + (" after train.filter_correct kept only rows whose answer "
                                                          "check passed" if cfg.train.filter_correct else ""))
     total_steps, epochs, batches_per_epoch = plan_steps(rows, cfg)
-    ds = epochs_dataset(ds, epochs, cfg.train.seed)
+    with ordered_data():
+        datasets, data_config = worker_datasets(ds, epochs, cfg.train.num_workers, cfg.train.seed)
     # Ray Train gets the same file system as every other stage (endpoint from AWS_ENDPOINT_URL, small
     # checkpoint files as single PUTs) rather than resolving the URL again on its own.
     storage_fs, storage_fs_path = filesystem(storage)
@@ -268,6 +308,7 @@ def train(cfg: Config) -> str:
         train_loop_config={"config": cfg.model_dump(mode="json"),
                            "info": {"student_path": student_path, "retokenize": retokenize,
                                     "total_steps": total_steps, "batches_per_epoch": batches_per_epoch,
+                                    "per_worker_datasets": "train" not in datasets,
                                     # the driver's fault drills reach workers even when Ray was started earlier
                                     "faults": os.environ.get(FAULTS_ENV)}},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
@@ -277,7 +318,7 @@ def train(cfg: Config) -> str:
             name=name, storage_path=storage_fs_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
-        datasets={"train": ds},
+        datasets=datasets, dataset_config=data_config,
     )
     print(f"train: {rows:,} rows, {total_steps} steps on {t.num_workers} worker(s), run {storage}/{name}")
     result = trainer.fit()

@@ -70,6 +70,22 @@ def test_checkpoints_are_kept_and_metrics_logged(trained):
     assert all(m["kd"] > 0 and m["ce"] > 0 for m in metrics)
 
 
+def _losses(storage_path: str) -> list[float]:
+    (metrics,) = Path(storage_path).glob("*/checkpoint_step0000006/metrics.jsonl")
+    return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+
+
+def test_same_config_trains_the_same_student(trained, tmp_path):
+    """A cached corpus is split per worker by the seed, in block order: a second run repeats every loss."""
+    from distill_llm.training import train
+
+    cfg, _ = trained
+    again = cfg.model_copy(deep=True)
+    again.output.student_dir, again.train.storage_path = str(tmp_path / "student"), str(tmp_path / "train")
+    train(again)
+    assert _losses(again.train.storage_path) == _losses(cfg.train.storage_path)
+
+
 def test_rerun_resumes_from_the_finished_checkpoint(trained):
     from distill_llm.training import train
 
