@@ -203,10 +203,6 @@ def ordered_data():
         options.preserve_order = before
 
 
-def _concat(datasets: list):
-    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-
-
 def epochs_dataset(ds, epochs: int, seed: int):
     """Every epoch in one dataset, each in its own block order, so a worker opens one iterator per run.
 
@@ -214,27 +210,37 @@ def epochs_dataset(ds, epochs: int, seed: int):
     and starts a new executor: bench/train.py measured 36% of the first step of every epoch spent
     waiting for data that way (2026-11-24), against 1.4% inside an epoch.
     """
-    return _concat([ds.randomize_block_order(seed=seed + epoch) for epoch in range(epochs)])
+    copies = [ds.randomize_block_order(seed=seed + epoch) for epoch in range(epochs)]
+    return copies[0].union(*copies[1:]) if epochs > 1 else copies[0]
 
 
-def worker_datasets(ds, epochs: int, workers: int, seed: int) -> tuple[dict[str, Any], Any]:
+def worker_datasets(ds, epochs: int, workers: int, batch_size: int, seed: int) -> tuple[dict[str, Any], Any]:
     """(Ray Train datasets, their DataConfig): one stream of every epoch per worker, fixed by the seed when cached.
 
     Ray Train's streaming split hands each block to whichever worker asks first, so two runs of one
     config trained different rows on each worker: the toy student's pass@1 ranged from 11% to 72%
-    over identical runs (2026-11-24). A cached (materialised) corpus is therefore split here, epoch by
-    epoch in the epoch's seeded block order, into one dataset per worker, read in order. A corpus too
-    large to cache streams through Ray Train's split, which is not reproducible.
+    over identical runs (2026-11-24). A cached (materialised) corpus is therefore cut into blocks of
+    about one batch (Ray Data reads a small shard set as a single block, where a block order would
+    shuffle nothing), and every epoch takes its own seeded block order and is split evenly into one
+    dataset per worker, read in order. A corpus too large to cache streams through Ray Train's split,
+    which is not reproducible.
     """
+    import ray.data
     import ray.train
     from ray.data.dataset import MaterializedDataset
 
     if not isinstance(ds, MaterializedDataset):
         return {"train": epochs_dataset(ds, epochs, seed)}, ray.train.DataConfig()
-    splits = [ds.randomize_block_order(seed=seed + epoch).split(workers, equal=True) for epoch in range(epochs)]
+    # at most 4,096 blocks: a large cached corpus gets larger blocks rather than millions of objects
+    ds = ds.repartition(max(1, min(ds.count() // batch_size, 4096))).materialize()
+    blocks: list[list] = [[] for _ in range(workers)]
+    for epoch in range(epochs):
+        for rank, part in enumerate(ds.randomize_block_order(seed=seed + epoch).split(workers, equal=True)):
+            blocks[rank] += part.to_arrow_refs()
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
-    return ({f"train_{rank}": _concat([split[rank] for split in splits]) for rank in range(workers)},
+    # Block references in epoch order: a union of the epochs' datasets would interleave them.
+    return ({f"train_{rank}": ray.data.from_arrow_refs(refs) for rank, refs in enumerate(blocks)},
             ray.train.DataConfig(datasets_to_split=[], execution_options=options))
 
 
@@ -298,7 +304,7 @@ def train(cfg: Config) -> str:
                                                          "check passed" if cfg.train.filter_correct else ""))
     total_steps, epochs, batches_per_epoch = plan_steps(rows, cfg)
     with ordered_data():
-        datasets, data_config = worker_datasets(ds, epochs, cfg.train.num_workers, cfg.train.seed)
+        datasets, data_config = worker_datasets(ds, epochs, cfg.train.num_workers, cfg.train.batch_size, cfg.train.seed)
     # Ray Train gets the same file system as every other stage (endpoint from AWS_ENDPOINT_URL, small
     # checkpoint files as single PUTs) rather than resolving the URL again on its own.
     storage_fs, storage_fs_path = filesystem(storage)

@@ -86,6 +86,26 @@ def test_same_config_trains_the_same_student(trained, tmp_path):
     assert _losses(again.train.storage_path) == _losses(cfg.train.storage_path)
 
 
+def test_each_epoch_is_reshuffled_and_split_evenly(ray_session):
+    import ray
+
+    from distill_llm.training import ordered_data, worker_datasets
+
+    def epochs_by_worker() -> dict[str, list[list[int]]]:
+        with ordered_data():  # a small shard set is read as one block, like this one
+            ds = ray.data.range(96, override_num_blocks=1).materialize()
+            datasets, _ = worker_datasets(ds, epochs=3, workers=2, batch_size=8, seed=0)
+            ids = {name: [row["id"] for row in d.iter_rows()] for name, d in datasets.items()}
+        return {name: [rows[e * 48:(e + 1) * 48] for e in range(3)] for name, rows in ids.items()}
+
+    first = epochs_by_worker()
+    assert set(first) == {"train_0", "train_1"}
+    for epoch in range(3):
+        assert sorted(first["train_0"][epoch] + first["train_1"][epoch]) == list(range(96)), "every row once"
+    assert first["train_0"][0] != first["train_0"][1] != first["train_0"][2], "each epoch in its own order"
+    assert epochs_by_worker() == first, "the same seed gives the same order"
+
+
 def test_rerun_resumes_from_the_finished_checkpoint(trained):
     from distill_llm.training import train
 
