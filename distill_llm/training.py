@@ -208,7 +208,8 @@ def epochs_dataset(ds, epochs: int, seed: int):
 
     A new ``iter_batches`` per epoch waits at Ray Data's streaming-split barrier for the slowest worker
     and starts a new executor: bench/train.py measured 36% of the first step of every epoch spent
-    waiting for data that way (2026-11-24), against 1.4% inside an epoch.
+    waiting for data that way (2026-11-24), against 1.4% inside an epoch. Ray Data may interleave the
+    copies at their seams; this is the path for corpora too large to cache, where epochs are few.
     """
     copies = [ds.randomize_block_order(seed=seed + epoch) for epoch in range(epochs)]
     return copies[0].union(*copies[1:]) if epochs > 1 else copies[0]

@@ -1,13 +1,10 @@
-"""The toy world shows distillation working: distilled students learn the teacher's format and answers.
+"""The toy world shows distillation working: top-k KD beats sequence-level KD and the untrained student.
 
-Measured on 2 CPU cores with the quickstart settings: teacher 100%, untrained student 0% (it never stops,
-96 tokens). The distilled students' pass@1 is NOT stable from run to run: which worker gets which shard
-blocks each epoch (Ray Data's dynamic split) and train.seed move it a lot. On 2026-11-23, with the prompts
-in one block, KD (alpha 0.5, T 2) gave 80.5% and sequence-level (alpha 0) 31.5%; on 2026-11-24, with the
-prompts split into engine-sized blocks, the same test gave KD 44.5% and sequence-level 81.5%, the
-quickstart gave KD 93.0%, and train.seed=1 gave KD 6.0%. So this test asserts what held in every run (the
-format is learnt: completion lengths match the teacher's; both students beat the untrained one) and prints
-the KD-vs-sequence comparison instead of asserting an ordering that the toy cannot support.
+Training is reproducible (a cached corpus is split per worker by the seed; training.worker_datasets), so
+these are the numbers every run of this test gives on 2 CPU cores (2026-11-24, quickstart settings,
+train.seed 0): teacher 100%, untrained student 0% (it never stops: 96 tokens), KD student (alpha 0.5, T 2)
+62.5%, sequence-level student (alpha 0) 20.0%. With train.seed=1 the KD student gives 49.5%: the
+margins below leave room for that. Before the split was fixed, identical runs ranged from 11% to 93%.
 """
 
 from pathlib import Path
@@ -43,6 +40,8 @@ def test_kd_student_beats_sequence_level_and_untrained(ray_session, tmp_path):
           f"untrained {untrained['pass@1']:.3f}")
     assert teacher["pass@1"] >= 0.95
     assert untrained["pass@1"] <= 0.05 and untrained["mean_completion_tokens"] > 2 * teacher["mean_completion_tokens"]
+    assert kd_result["pass@1"] >= 0.4, "the KD student learns a good part of the task"
+    assert kd_result["pass@1"] >= seq_result["pass@1"] + 0.15, "top-k KD beats sequence-level KD alone"
     for student in (kd_result, seq_result):
         # the untrained student runs to max_new_tokens; a distilled one stops where the teacher does
         assert abs(student["mean_completion_tokens"] - teacher["mean_completion_tokens"]) \
