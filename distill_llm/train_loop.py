@@ -133,7 +133,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # checkpoints from before "batches" was recorded kept only the position inside an epoch
     position = state.get("batches", state["epoch"] * per_epoch + state["batches_in_epoch"])
     t_wait = time.time()
-    # One iterator for the whole run: the dataset already holds every epoch (training.epochs_dataset).
+    # One iterator for the whole run: the dataset already holds every epoch (training.worker_datasets).
     for index, table in enumerate(shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow",
                                                      prefetch_batches=2)):
         if index < position:  # resumed: the data position continues
