@@ -232,13 +232,12 @@ def worker_datasets(ds, epochs: int, workers: int, batch_size: int, seed: int) -
 
     if not isinstance(ds, MaterializedDataset):
         return {"train": epochs_dataset(ds, epochs, seed)}, ray.train.DataConfig()
+    # at most 4,096 blocks: a large cached corpus gets larger blocks rather than millions of objects
+    ds = ds.repartition(max(1, min(ds.count() // batch_size, 4096))).materialize()
     blocks: list[list] = [[] for _ in range(workers)]
-    with ordered_data():
-        # at most 4,096 blocks: a large cached corpus gets larger blocks rather than millions of objects
-        ds = ds.repartition(max(1, min(ds.count() // batch_size, 4096))).materialize()
-        for epoch in range(epochs):
-            for rank, part in enumerate(ds.randomize_block_order(seed=seed + epoch).split(workers, equal=True)):
-                blocks[rank] += part.to_arrow_refs()
+    for epoch in range(epochs):
+        for rank, part in enumerate(ds.randomize_block_order(seed=seed + epoch).split(workers, equal=True)):
+            blocks[rank] += part.to_arrow_refs()
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
     # Block references in epoch order: a union of the epochs' datasets would interleave them.
@@ -254,10 +253,7 @@ def cache_small(ds, manifests: dict[str, dict[str, Any]], max_gb: float):
     corpus keeps streaming from storage instead.
     """
     size = sum(m["totals"]["bytes"] for m in manifests.values())
-    if size > max_gb * 2**30:
-        return ds
-    with ordered_data():  # the same blocks in the same order, run after run
-        return ds.materialize()
+    return ds.materialize() if size <= max_gb * 2**30 else ds
 
 
 def train(cfg: Config) -> str:
@@ -301,13 +297,15 @@ def train(cfg: Config) -> str:
     claim_run(storage, name, identity)
     init_ray(cfg.ray)
     check_cluster_fits(cfg)
-    ds = cache_small(training_dataset(cfg, files, with_topk), manifests, cfg.train.cache_max_gb)
+    with ordered_data():  # the cached blocks and their per-worker splits in one order, run after run
+        ds = cache_small(training_dataset(cfg, files, with_topk), manifests, cfg.train.cache_max_gb)
     rows = ds.count() if cfg.train.filter_correct else sum(m["totals"]["rows"] for m in manifests.values())
     if rows == 0:
         raise ConfigError("the training set is empty" + (" after train.filter_correct kept only rows whose answer "
                                                          "check passed" if cfg.train.filter_correct else ""))
     total_steps, epochs, batches_per_epoch = plan_steps(rows, cfg)
-    datasets, data_config = worker_datasets(ds, epochs, cfg.train.num_workers, cfg.train.batch_size, cfg.train.seed)
+    with ordered_data():
+        datasets, data_config = worker_datasets(ds, epochs, cfg.train.num_workers, cfg.train.batch_size, cfg.train.seed)
     del ds  # a cached corpus now lives in the workers' re-cut blocks; holding this copy too would double it
     # Ray Train gets the same file system as every other stage (endpoint from AWS_ENDPOINT_URL, small
     # checkpoint files as single PUTs) rather than resolving the URL again on its own.
