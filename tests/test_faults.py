@@ -1,6 +1,7 @@
 """Fault injection itself (distill_llm/faults.py: real kills, fired once per run) and the training-side
 guards that need no Ray. No engine needed."""
 
+import shutil
 import subprocess
 
 import pytest
@@ -18,17 +19,29 @@ def test_nothing_happens_without_the_variable(monkeypatch):
     faults.after_commit(1)
 
 
+def _fake_engine_core() -> subprocess.Popen:
+    """A child named like vLLM's engine core from its first instant.
+
+    Popen returns only after the exec, and argv[0] is set by that exec itself; the earlier
+    ``bash -c "exec -a ..."`` left a moment in which the child was still called bash, and a fault
+    firing then found no engine core and fell back to SIGKILLing its own process: pytest (CI, exit 137).
+    """
+    core = subprocess.Popen(["VLLM::EngineCore", "120"], executable=shutil.which("sleep"))
+    assert core.pid in faults._engine_core_children()
+    return core
+
+
 def test_kill_engine_kills_the_engine_core_child_once(monkeypatch, tmp_path):
     monkeypatch.setenv(faults.ENV, "kill_engine:batch=2,delay=0")
     monkeypatch.setenv(faults.DIR_ENV, str(tmp_path))
-    core = subprocess.Popen(["bash", "-c", "exec -a VLLM::EngineCore sleep 120"])
+    core = _fake_engine_core()
     try:
         faults.on_engine_batch(1)
         assert core.poll() is None, "not at batch 1"
         faults.on_engine_batch(2)
         assert core.wait(timeout=10) == -9, "SIGKILL at batch 2"
         assert (tmp_path / "kill_engine.fired").exists()
-        again = subprocess.Popen(["bash", "-c", "exec -a VLLM::EngineCore sleep 120"])
+        again = _fake_engine_core()
         faults.on_engine_batch(2)  # a restarted actor: the marker says it already fired
         assert again.poll() is None
         again.kill()
