@@ -241,8 +241,12 @@ def worker_datasets(ds, epochs: int, workers: int, batch_size: int, seed: int) -
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
     # Block references in epoch order: a union of the epochs' datasets would interleave them.
-    return ({f"train_{rank}": ray.data.from_arrow_refs(refs) for rank, refs in enumerate(blocks)},
-            ray.train.DataConfig(datasets_to_split=[], execution_options=options))
+    datasets = {f"train_{rank}": ray.data.from_arrow_refs(refs) for rank, refs in enumerate(blocks)}
+    for one in datasets.values():
+        # The train loop prints its own progress; a Ray Data bar per worker, relayed through the
+        # driver's log, repeated itself ~200 times in a quickstart log and went on after the eval table.
+        one.context.enable_progress_bars = False
+    return datasets, ray.train.DataConfig(datasets_to_split=[], execution_options=options)
 
 
 def cache_small(ds, manifests: dict[str, dict[str, Any]], max_gb: float):
