@@ -14,6 +14,7 @@ import pytest
 from conftest import small_config
 from distill_llm.config import ConfigError
 from distill_llm.shards import ShardError
+from distill_llm.train_loop import epoch_position
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,12 +42,6 @@ def _read(ckpt: Path) -> tuple[dict, list[int]]:
     return state, [json.loads(line)["step"] for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
 
 
-def _position(steps: int, batches_per_epoch: int) -> tuple[int, int]:
-    """(epoch, batches_in_epoch) after ``steps`` one-batch steps (a finished epoch is not rolled over)."""
-    epoch = (steps - 1) // batches_per_epoch
-    return epoch, steps - epoch * batches_per_epoch
-
-
 def test_killed_worker_restarts_from_the_last_checkpoint(generated, tmp_path, monkeypatch):
     from distill_llm.training import train
 
@@ -62,7 +57,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(generated, tmp_path, mo
     assert steps == list(range(1, 17)), "steps 9-10 were recomputed after the restore but logged once"
     batches = -(-manifest["totals"]["rows"] // 2 // 4)
     assert state["resumed"] == [{"step": 8, "epoch": 0, "batches_in_epoch": 8}], "restored the step-8 checkpoint"
-    assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (16, *_position(16, batches))
+    assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (16, *epoch_position(16, batches))
     assert json.loads((Path(out) / "distill_llm.json").read_text())["steps"] == 16
 
 
