@@ -6,7 +6,7 @@
         --max-new-tokens 512 --batch-size 1024                        # a GPU host
 
 Cases, interleaved per repetition (ours, raw, ours, raw...) and reported as medians:
-  ours e2e      ``distill_llm.generation.generate(cfg)``: Ray Data, an engine actor (its start-up included),
+  ours e2e      ``distill_llm.teacher.stage.generate(cfg)``: Ray Data, an engine actor (its start-up included),
                 shards written and committed, manifest. Nothing subtracted.
   ours engine   the same ``TeacherEngine`` class called in this process on the same batches: engine time,
                 top-k extraction and Arrow rows, without Ray Data, start-up or shard writing.
@@ -57,7 +57,7 @@ def raw_params(rows, prompt_lens, cfg, max_len: int, k: int | None):
     """The SamplingParams TeacherEngine builds, written out here so 'raw' is plain vLLM usage."""
     from vllm import SamplingParams
 
-    from distill_llm.teacher import request_seed
+    from distill_llm.teacher.engine import request_seed
 
     g = cfg.generate
     return [SamplingParams(max_tokens=min(g.max_new_tokens, max_len - n), temperature=g.temperature, top_p=g.top_p,
@@ -87,12 +87,12 @@ def main() -> None:
 
     import pyarrow as pa
 
-    from distill_llm.data import expand_samples, read_prompts
-    from distill_llm.generation import engine_spec, generate, sampling_spec, use_gpu_for
+    from distill_llm.corpus.prompts import expand_samples, read_prompts
+    from distill_llm.teacher.stage import engine_spec, generate, sampling_spec, use_gpu_for
     from distill_llm.paths import resolve_model
-    from distill_llm.runtime import init_ray
-    from distill_llm.teacher import TeacherEngine, topk_arrays
-    from distill_llm.tokenization import prompt_ids
+    from distill_llm.cluster.runtime import init_ray
+    from distill_llm.teacher.engine import TeacherEngine, topk_arrays
+    from distill_llm.tokenizers import prompt_ids
 
     cfg = bench_config(args, work / "shards")
     init_ray(cfg.ray)

@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python bench/memory.py                   # 200 and 2,000 toy prompts, a few minutes
 
-Each size runs ``distill_llm.generation.generate`` in a fresh interpreter with its own local Ray, so every
+Each size runs ``distill_llm.teacher.stage.generate`` in a fresh interpreter with its own local Ray, so every
 Ray process (raylet, GCS, workers, the engine actor and its vLLM EngineCore) is a descendant of that
 interpreter. A thread samples the RSS of the whole process tree every ``--interval`` seconds and keeps,
 per group, the peak of the largest process and the peak of the group's sum:
@@ -87,7 +87,7 @@ class TreeSampler:
 
 def case(c: dict) -> dict:
     from distill_llm.config import load_config
-    from distill_llm.generation import generate
+    from distill_llm.teacher.stage import generate
 
     work = Path(tempfile.mkdtemp(prefix="bench-mem-"))
     try:

@@ -20,7 +20,7 @@ Options (same rows, whole file counted, divided by completion tokens):
   fp32 / bf16 / u8-*   other logprob dtypes (bf16 as uint16 bits; u8-lin20: -logprob in [0, 20] in 256
              steps; u8-sqrtp: sqrt(p) in 256 steps): bf16 and u8 change the public schema.
 The toy shards already hold float16 logprobs, so their KD reference is float16 (its error is 0 there).
-KD error: relative error of the mean forward-KL KD term (distill_llm.losses, temperature T, no tail bucket)
+KD error: relative error of the mean forward-KL KD term (distill_llm.student.losses, temperature T, no tail bucket)
 against float32 logprobs, for a student near the teacher (teacher logits + N(0, 0.5)); 'per-pos' is the mean
 per-position |error| over the mean KD, which cannot cancel out.
 """
@@ -48,12 +48,12 @@ LEAF = ".list.element.list.element"
 
 
 def toy_rows(args, work: Path) -> pa.Table:
-    from distill_llm.shards import shard_files
+    from distill_llm.corpus.shards import shard_files
 
     shards = args.shards
     if not shards:
         from distill_llm.config import load_config
-        from distill_llm.generation import generate
+        from distill_llm.teacher.stage import generate
 
         shards = str(work / "toy-shards")
         generate(load_config(QUICKSTART, [f"output.dir={shards}", f"data.num_prompts={args.toy_prompts}",
@@ -201,7 +201,7 @@ def kd_error(ref: np.ndarray, decoded: np.ndarray, temperature: float, seed: int
     """(relative error of the mean forward-KL KD term, mean per-position |error| / mean KD)."""
     import torch
 
-    from distill_llm.losses import divergence, teacher_buckets
+    from distill_llm.student.losses import divergence, teacher_buckets
 
     g = torch.Generator().manual_seed(seed)
     ref_t = torch.from_numpy(ref.astype(np.float32))
@@ -216,8 +216,8 @@ def kd_error(ref: np.ndarray, decoded: np.ndarray, temperature: float, seed: int
 
 
 def measure(name: str, table_: pa.Table, work: Path, levels: list[int]) -> list[dict]:
-    from distill_llm.shards import ShardWriter
-    from distill_llm.schema import SKIP_DETAIL, SKIP_REASON
+    from distill_llm.corpus.shards import ShardWriter
+    from distill_llm.corpus.schema import SKIP_DETAIL, SKIP_REASON
 
     rows = []
     for k in KS:

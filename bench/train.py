@@ -89,7 +89,7 @@ def make_model(shape: str, device: str, dtype, mode: str, grad_ckpt: bool):
     from transformers import AutoModelForCausalLM
 
     from distill_llm.config import LoraSettings
-    from distill_llm.student import add_lora
+    from distill_llm.student.model import add_lora
 
     if shape == "toy-student":
         from distill_llm.toy import STUDENT_SHAPE, build_tokenizer, qwen2_config
@@ -144,8 +144,8 @@ def naive_loss(logits, targets, topk_ids, topk_logprobs, alpha: float = 0.5):
 def case_train(c: dict) -> dict:
     import torch
 
-    from distill_llm.losses import KDSettings
-    from distill_llm.student import StudentWithLoss
+    from distill_llm.student.losses import KDSettings
+    from distill_llm.student.model import StudentWithLoss
 
     device = c["device"]
     if device == "cpu":
@@ -188,7 +188,7 @@ def case_train(c: dict) -> dict:
 def case_loss(c: dict) -> dict:
     import torch
 
-    from distill_llm.losses import KDSettings, distill_loss
+    from distill_llm.student.losses import KDSettings, distill_loss
 
     device, n, v, h, k = c["device"], c["n"], c["vocab"], c["hidden"], c["k"]
     g = torch.Generator().manual_seed(0)
@@ -224,8 +224,8 @@ def case_loss(c: dict) -> dict:
 
 def data_wait(args, work: Path) -> str:
     from distill_llm.config import load_config
-    from distill_llm.generation import generate
-    from distill_llm.training import train
+    from distill_llm.teacher.stage import generate
+    from distill_llm.student.stage import train
 
     shards = args.shards
     over = [f"output.dir={work / 'dw-shards'}", f"output.student_dir={work / 'dw-student'}",

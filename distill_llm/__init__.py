@@ -1,0 +1,57 @@
+"""distill-llm: offline LLM distillation on Ray.
+
+The public surface for notebooks and scripts (the CLI, ``distill-llm``, runs the same functions)::
+
+    import distill_llm as dl
+
+    cfg = dl.load_config("configs/quickstart.yaml", ["data.num_prompts=64"])
+    dl.generate(cfg)                      # teacher -> shards in cfg.output.dir
+    rows = dl.read_shards(cfg.output.dir)  # a pyarrow Table; rows.to_pandas()
+    student = dl.train(cfg)               # shards -> Hugging Face folder
+    dl.evaluate(cfg, student)             # teacher and students side by side
+
+Everything else is internal. Importing this package imports neither torch nor Ray: each function loads
+its stage when called.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+__all__ = ["Config", "ConfigError", "load_config", "generate", "train", "evaluate", "read_shards"]
+
+
+def generate(cfg: Config) -> dict[str, Any]:
+    """Run the teacher stage: prompts -> vLLM on Ray Data -> committed Parquet shards in ``cfg.output.dir``.
+
+    Resumes a matching run found there; returns the manifest.
+    """
+    from .teacher.stage import generate as run
+
+    return run(cfg)
+
+
+def train(cfg: Config) -> str:
+    """Run the student stage on the shards in ``cfg.shard_dirs``; returns the exported student folder."""
+    from .student.stage import train as run
+
+    return run(cfg)
+
+
+def evaluate(cfg: Config, student: str | None = None) -> dict[str, dict[str, Any]]:
+    """Score the teacher, the base student and ``student`` (a folder) side by side; returns each model's scores."""
+    from .evaluation.stage import evaluate as run
+
+    return run(cfg, student)
+
+
+def read_shards(shard_dir: str, columns: list[str] | None = None, verify: str = "size") -> "pa.Table":
+    """Every committed row of a shard set (local path or s3:// / gs:// URL) as one Arrow table."""
+    from .corpus.shards import read_shards as read
+
+    return read(shard_dir, columns, verify)

@@ -45,21 +45,21 @@ def load(stage: str, args: list[str]) -> Config:
 
 def run_stage(stage: str, cfg: Config) -> None:
     if stage == "generate":
-        from .generation import generate
+        from .teacher.stage import generate
 
         generate(cfg)
     elif stage == "train":
-        from .training import train
+        from .student.stage import train
 
         train(cfg)
     elif stage == "eval":
-        from .evaluate import evaluate
+        from .evaluation.stage import evaluate
 
         evaluate(cfg)
     elif stage == "run":
-        from .generation import generate
-        from .training import train
-        from .evaluate import evaluate
+        from .teacher.stage import generate
+        from .student.stage import train
+        from .evaluation.stage import evaluate
 
         generate(cfg)
         student = train(cfg)
@@ -86,7 +86,7 @@ def _job_parser(command: str) -> argparse.ArgumentParser:
 
 def _follow_to_end(client, job_id: str, address: str, server_timeout_s: float) -> int:
     """Follow a job's logs; 0 when it succeeded, 1 with its error on stderr otherwise."""
-    from . import jobs
+    from .cluster import jobs
 
     try:
         final = jobs.follow(client, job_id, server_timeout_s=server_timeout_s)
@@ -102,7 +102,7 @@ def _follow_to_end(client, job_id: str, address: str, server_timeout_s: float) -
 
 
 def _job_command(command: str, ns: argparse.Namespace) -> int:
-    from . import jobs
+    from .cluster import jobs
 
     if command == "submit":
         overrides = _eval_overrides(ns.overrides) if ns.stage == "eval" else ns.overrides
@@ -129,7 +129,7 @@ def _job_command(command: str, ns: argparse.Namespace) -> int:
 
 def job_main(argv: list[str]) -> int:
     """``submit`` and ``jobs``: ConfigError exits 2, an unreachable server or a failed job 1."""
-    from .jobs import JobError
+    from .cluster.jobs import JobError
 
     command = argv[0]
     ns = _job_parser(command).parse_intermixed_args(argv[1:])
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         if ns.command == "inspect":
-            from .shards import format_inspect, inspect
+            from .corpus.shards import format_inspect, inspect
 
             if len(ns.args) != 1:
                 parser.error("inspect takes one shard directory")
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.command == "config":
             print(dump_config(load("config", ns.args)), end="")
         elif ns.command == "plan":
-            from .plan import EXIT_CANNOT_FIT, format_plan, plan
+            from .cluster.plan import EXIT_CANNOT_FIT, format_plan, plan
 
             cfg = load("plan", ns.args)
             result = plan(cfg)

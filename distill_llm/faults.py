@@ -1,7 +1,7 @@
 """Fault injection for drills and tests: real failures at named points, off unless asked for.
 
 ``DISTILL_LLM_FAULTS`` arms faults: ``name:key=value,...`` entries separated by ``;`` (or ``,``; a token
-holding ``name:`` starts a new entry). runtime.py forwards DISTILL_LLM_* to Ray workers::
+holding ``name:`` starts a new entry). cluster/runtime.py forwards DISTILL_LLM_* to Ray workers::
 
     kill_engine:batch=2[,delay=0.5]        SIGKILL the vLLM engine-core child of the engine actor
                                            ``delay`` seconds into its 2nd batch (once)
@@ -80,7 +80,7 @@ def _announce(message: str) -> None:
     print(f"distill-llm fault injection (pid {os.getpid()}): {message}", file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------- generation faults (teacher.py, shards.py)
+# ---------------------------------------------------------------- generation faults (teacher/engine.py, corpus/shards.py)
 
 
 def _engine_core_children() -> list[int]:
@@ -109,52 +109,76 @@ def _kill_engine_core(delay: float) -> None:
         kill()
 
 
-def on_engine_batch(batch_number: int) -> None:
-    """Called by an engine actor as it starts its ``batch_number``-th batch (1-based, per process)."""
+def _on_engine_batch(n: int, rank: int, prompts: list[str] | None) -> None:
+    """``kill_engine``: an engine actor starts its ``n``-th batch (1-based, per process)."""
     params = active("kill_engine")
-    if params and batch_number == int(params.get("batch", 1)) and _claim("kill_engine", params):
+    if params and n == int(params.get("batch", 1)) and _claim("kill_engine", params):
         _kill_engine_core(float(params.get("delay", 0.5)))
 
 
-def before_generate(prompts: list[str]) -> None:
-    """Called by an engine actor just before it hands ``prompts`` (their text) to the engine."""
+def _on_engine_prompts(n: int, rank: int, prompts: list[str] | None) -> None:
+    """``crash_on_prompt``: an engine actor is about to hand ``prompts`` (their text) to the engine."""
     needle = (active("crash_on_prompt") or {}).get("text")
-    if needle and any(needle in p for p in prompts):
+    if needle and any(needle in p for p in prompts or ()):
         _announce(f"SIGKILL this engine actor: a prompt contains {needle!r}")
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def after_commit(shard_number: int) -> None:
-    """Called by a shard writer after its ``shard_number``-th commit record (1-based, per process) lands."""
+def _on_shard_commit(n: int, rank: int, prompts: list[str] | None) -> None:
+    """``kill_writer``: a shard writer's ``n``-th commit record (1-based, per process) has landed."""
     params = active("kill_writer")
-    if params and shard_number == int(params.get("shard", 1)) and _claim("kill_writer", params):
+    if params and n == int(params.get("shard", 1)) and _claim("kill_writer", params):
         _announce("SIGKILL this shard writer after its commit, before its task returns")
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-# ---------------------------------------------------------------- training faults (train_loop.py)
+# ---------------------------------------------------------------- training faults (student/loop.py)
 
 
 def _due(params: dict[str, str], step: int, rank: int, default_rank: int) -> bool:
     return step == int(params["step"]) and rank == int(params.get("rank", default_rank))
 
 
-def maybe_kill_train_worker(step: int, rank: int, spec: str | None = None) -> None:
+def _on_train_step(n: int, rank: int, prompts: list[str] | None) -> None:
     """``kill_train_worker``: SIGKILL this worker after optimizer step N.
 
     ``delay`` waits first: Ray Train registers a reported checkpoint only when its controller next polls
     the workers (every 2 s), so a kill right after a report may lose that checkpoint.
     """
-    params = active("kill_train_worker", spec)
-    if params and _due(params, step, rank, 1) and _claim("kill_train_worker", params):
+    params = active("kill_train_worker")
+    if params and _due(params, n, rank, 1) and _claim("kill_train_worker", params):
         time.sleep(float(params.get("delay", 0)))
-        _announce(f"killing train worker rank {rank} at step {step}")
+        _announce(f"killing train worker rank {rank} at step {n}")
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def maybe_stall_train_worker(step: int, rank: int, spec: str | None = None) -> None:
+def _on_train_checkpoint(n: int, rank: int, prompts: list[str] | None) -> None:
     """``stall_train_worker``: sleep after step N's checkpoint, so a drill can kill the whole job there."""
-    params = active("stall_train_worker", spec)
-    if params and _due(params, step, rank, 0) and _claim("stall_train_worker", params):
-        _announce(f"stalling train worker rank {rank} at step {step}")
+    params = active("stall_train_worker")
+    if params and _due(params, n, rank, 0) and _claim("stall_train_worker", params):
+        _announce(f"stalling train worker rank {rank} at step {n}")
         time.sleep(float(params.get("seconds", 3600)))
+
+
+# ---------------------------------------------------------------- the hook production code calls
+
+_POINTS = {"engine_batch": _on_engine_batch, "engine_prompts": _on_engine_prompts, "shard_commit": _on_shard_commit,
+           "train_step": _on_train_step, "train_checkpoint": _on_train_checkpoint}
+
+
+def point(where: str, n: int = 0, *, rank: int = 0, prompts: list[str] | None = None) -> None:
+    """A named drill point: fires the fault ``DISTILL_LLM_FAULTS`` arms there, else does nothing.
+
+    ``n`` counts what the point counts (batch, commit, optimizer step), ``rank`` is a Train worker's rank,
+    ``prompts`` the texts an engine is about to generate.
+    """
+    if where not in _POINTS:
+        raise ValueError(f"unknown fault point {where!r}; known: {sorted(_POINTS)}")
+    if os.environ.get(ENV):
+        _POINTS[where](n, rank, prompts)
+
+
+def arm(spec: str | None) -> None:
+    """Arm ``spec`` in this process: Train workers get the driver's drills even when Ray was started earlier."""
+    if spec:
+        os.environ[ENV] = spec

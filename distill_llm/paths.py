@@ -7,9 +7,9 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import registry
 from .config import CREDENTIALS_IN_URL, ConfigError, has_credentials
 
-BUILTIN_MODELS = ("toy-teacher", "toy-student")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 # A missing path ending like a file is a typo, not a hub id; any other suffix is not checked because
 # hub ids hold dots ("Qwen/Qwen2.5-7B-Instruct" has Path.suffix ".5B-Instruct").
@@ -34,15 +34,10 @@ def absolute(path: str) -> str:
 
 
 def resolve_model(name: str) -> str:
-    """A built-in toy name, an existing local folder, a folder URL (fetched to the cache), or a hub id (as is)."""
-    if name == "toy-teacher":
-        from .toy import TEACHER_ASSET
-
-        return str(TEACHER_ASSET)
-    if name == "toy-student":
-        from .toy import toy_student_path
-
-        return str(toy_student_path())
+    """A built-in name (registry.py), an existing local folder, a folder URL (fetched to the cache), or a hub id (as is)."""
+    builtin = registry.model(name)
+    if builtin is not None:
+        return str(builtin.path())
     if is_url(name):
         return fetch_dir(name)
     local = Path(name).expanduser()
@@ -78,7 +73,7 @@ def check_weights_format(path: str, allow_pickle: bool, key: str) -> None:
 
 
 # Object stores (no directories, no rename: pyarrow's move there is copy + delete) whose single PUT is
-# atomic; shards.py writes straight to the final key on them instead of write-then-rename.
+# atomic; corpus/shards.py writes straight to the final key on them instead of write-then-rename.
 OBJECT_STORES = ("s3", "gcs")
 # Set for every s3:// URL: a small object goes up as one PutObject (one request, atomic) instead of a
 # three-request multipart upload; S3 servers whose CompleteMultipartUpload reply pyarrow rejects

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import registry
+
 TEACHER_ASSET = Path(__file__).parent / "assets" / "toy-teacher"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 THINK_TOKENS = ["<think>", "</think>"]  # added tokens, not special: they stay in decoded text
@@ -172,6 +174,18 @@ def toy_student_path(seed: int = 0) -> Path:
 
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _student_config():
+    return qwen2_config(STUDENT_SHAPE, build_tokenizer())
+
+
+# The toy world is a plug-in (registry.py): these names exist once this module is imported, which the
+# registry does through the package's ``distill_llm.plugins`` entry point.
+registry.register_model("toy-teacher", lambda: str(TEACHER_ASSET))
+registry.register_model("toy-student", lambda: str(toy_student_path()), _student_config)
+registry.register_checker("toy", check_answer)
+registry.register_prompt_source("toy", lambda split, limit: make_problems(split, limit or 256))
 
 
 # ---------------------------------------------------------------- the teacher's training

@@ -24,7 +24,7 @@ def ray_session():
     import ray
 
     from distill_llm.config import RayConfig
-    from distill_llm.runtime import init_ray
+    from distill_llm.cluster.runtime import init_ray
 
     init_ray(RayConfig())
     yield ray
@@ -47,7 +47,7 @@ def small_config(tmp: Path, **sections):
 @pytest.fixture(scope="session")
 def generated(ray_session, tmp_path_factory):
     """A real shard set from the toy teacher through Ray Data + vLLM (48 prompts x 2 samples, k=8)."""
-    from distill_llm.generation import generate
+    from distill_llm.teacher.stage import generate
 
     tmp = tmp_path_factory.mktemp("gen")
     cfg = small_config(tmp)

@@ -4,8 +4,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from distill_llm.schema import shard_schema
-from distill_llm.tokenization import build_batch
+from distill_llm.corpus.schema import shard_schema
+from distill_llm.student.batching import build_batch
 
 K = 3
 

@@ -200,7 +200,7 @@ def test_recipe_opens_with_its_commands_and_gpus(path):
 
 def test_recipes_plan_offline(monkeypatch):
     """Every recipe fits its GPUs by `distill-llm plan`, except the known multi-node replica of DeepSeek-R1."""
-    from distill_llm.plan import plan
+    from distill_llm.cluster.plan import plan
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for path in RECIPES:

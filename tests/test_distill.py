@@ -18,9 +18,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_kd_student_beats_sequence_level_and_untrained(ray_session, tmp_path):
-    from distill_llm.evaluate import evaluate
-    from distill_llm.generation import generate
-    from distill_llm.training import train
+    from distill_llm.evaluation.stage import evaluate
+    from distill_llm.teacher.stage import generate
+    from distill_llm.student.stage import train
 
     def config(name, *extra):
         return load_config(ROOT / "configs" / "quickstart.yaml", [

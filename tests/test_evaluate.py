@@ -3,7 +3,7 @@
 import pytest
 
 from distill_llm.config import build_config
-from distill_llm.evaluate import format_table, models_to_score, pass_at_k, score
+from distill_llm.evaluation.stage import format_table, models_to_score, pass_at_k, score
 
 
 def test_pass_at_k_is_the_unbiased_estimator():

@@ -9,14 +9,14 @@ import pytest
 from conftest import small_config
 from distill_llm import faults
 from distill_llm.config import ConfigError
-from distill_llm.faults import active, maybe_kill_train_worker, maybe_stall_train_worker, parse
+from distill_llm.faults import active, parse, point
 
 
 def test_nothing_happens_without_the_variable(monkeypatch):
     monkeypatch.delenv(faults.ENV, raising=False)
-    faults.on_engine_batch(1)
-    faults.before_generate(["anything"])
-    faults.after_commit(1)
+    faults.point("engine_batch", 1)
+    faults.point("engine_prompts", prompts=["anything"])
+    faults.point("shard_commit", 1)
 
 
 def _fake_engine_core() -> subprocess.Popen:
@@ -36,13 +36,13 @@ def test_kill_engine_kills_the_engine_core_child_once(monkeypatch, tmp_path):
     monkeypatch.setenv(faults.DIR_ENV, str(tmp_path))
     core = _fake_engine_core()
     try:
-        faults.on_engine_batch(1)
+        faults.point("engine_batch", 1)
         assert core.poll() is None, "not at batch 1"
-        faults.on_engine_batch(2)
+        faults.point("engine_batch", 2)
         assert core.wait(timeout=10) == -9, "SIGKILL at batch 2"
         assert (tmp_path / "kill_engine.fired").exists()
         again = _fake_engine_core()
-        faults.on_engine_batch(2)  # a restarted actor: the marker says it already fired
+        faults.point("engine_batch", 2)  # a restarted actor: the marker says it already fired
         assert again.poll() is None
         again.kill()
         again.wait()
@@ -55,7 +55,7 @@ def test_one_shot_faults_need_a_marker_folder(monkeypatch):
     monkeypatch.setenv(faults.ENV, "kill_writer:shard=1")
     monkeypatch.delenv(faults.DIR_ENV, raising=False)
     with pytest.raises(RuntimeError, match=faults.DIR_ENV):
-        faults.after_commit(1)
+        faults.point("shard_commit", 1)
 
 
 def test_fault_spec_parses_entries_with_their_settings():
@@ -74,20 +74,23 @@ def test_fault_spec_parses_entries_with_their_settings():
 
 def test_fault_fires_once_per_marker(tmp_path, monkeypatch):
     marker = tmp_path / "stalled"
-    spec = f"stall_train_worker:step=3,rank=0,seconds=0,marker={marker}"
-    maybe_stall_train_worker(2, 0, spec)
-    maybe_stall_train_worker(3, 1, spec)
-    assert not marker.exists(), "other steps and ranks do not fire"
-    maybe_stall_train_worker(3, 0, spec)
+    monkeypatch.setenv("DISTILL_LLM_FAULTS", f"stall_train_worker:step=3,rank=0,seconds=0,marker={marker}")
+    point("train_checkpoint", 2, rank=0)
+    point("train_checkpoint", 3, rank=1)
+    point("train_step", 3, rank=0)
+    assert not marker.exists(), "other steps, ranks and points do not fire"
+    point("train_checkpoint", 3, rank=0)
     assert marker.exists()
     # armed kill whose marker exists: a restarted worker goes on instead of killing itself again
     (tmp_path / "killed").touch()
     monkeypatch.setenv("DISTILL_LLM_FAULTS", f"kill_train_worker:step=1,rank=0,marker={tmp_path / 'killed'}")
-    maybe_kill_train_worker(1, 0)
+    point("train_step", 1, rank=0)
+    with pytest.raises(ValueError, match="unknown fault point"):
+        point("nowhere")
 
 
 def test_grad_accum_beyond_an_epoch_is_refused(tmp_path):
-    from distill_llm.training import plan_steps
+    from distill_llm.student.stage import plan_steps
 
     cfg = small_config(tmp_path, train={"batch_size": 16, "grad_accum": 4, "num_workers": 2})
     with pytest.raises(ConfigError, match="train.grad_accum=4 needs 4 batches per step, but each of the 2 workers "
@@ -98,8 +101,8 @@ def test_grad_accum_beyond_an_epoch_is_refused(tmp_path):
 
 
 def test_epochs_are_one_stream_split_evenly(tmp_path):
-    from distill_llm.train_loop import epoch_position
-    from distill_llm.training import plan_steps
+    from distill_llm.student.loop import epoch_position
+    from distill_llm.student.stage import plan_steps
 
     # 100 rows on 3 workers, batches of 8: 33 rows = 5 batches a worker per epoch; 3 epochs are
     # 300 // 3 = 100 rows = 13 batches a worker (the partial batches run on into the next epoch)
@@ -114,7 +117,7 @@ def test_epochs_are_one_stream_split_evenly(tmp_path):
 
 
 def test_run_name_follows_what_is_learned_not_how_it_is_operated(tmp_path):
-    from distill_llm.training import run_identity, run_name
+    from distill_llm.student.stage import run_identity, run_name
 
     base = small_config(tmp_path)
     name = run_name(base, run_identity(base, "shards-a"))
@@ -127,7 +130,7 @@ def test_run_name_follows_what_is_learned_not_how_it_is_operated(tmp_path):
 
 
 def test_reused_run_name_with_other_shards_is_refused(tmp_path):
-    from distill_llm.training import claim_run, run_identity
+    from distill_llm.student.stage import claim_run, run_identity
 
     cfg = small_config(tmp_path, train={"run_name": "mine"})
     storage = str(tmp_path / "train")
@@ -142,7 +145,7 @@ def test_reused_run_name_with_other_shards_is_refused(tmp_path):
 
 
 def test_unwritable_location_is_named(tmp_path):
-    from distill_llm.training import check_writable
+    from distill_llm.student.stage import check_writable
 
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ConfigError, match=r"train.storage_path=.*a-file/train is not writable"):

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import small_config
 from distill_llm.config import ConfigError
-from distill_llm.shards import ShardError, inspect, shard_files
+from distill_llm.corpus.shards import ShardError, inspect, shard_files
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def test_stored_topk_equals_transformers_log_softmax(generated):
 
 
 def test_rerun_resumes_without_duplicates(generated):
-    from distill_llm.generation import generate
+    from distill_llm.teacher.stage import generate
 
     cfg, first = generated
     again = generate(cfg)
@@ -68,7 +68,7 @@ def test_rerun_resumes_without_duplicates(generated):
 
 
 def test_other_config_in_same_dir_is_refused(generated, tmp_path):
-    from distill_llm.generation import generate
+    from distill_llm.teacher.stage import generate
 
     cfg, _ = generated
     other = small_config(tmp_path, generate={"temperature": 0.5})
@@ -78,7 +78,7 @@ def test_other_config_in_same_dir_is_refused(generated, tmp_path):
 
 
 def test_bad_prompt_rows_are_skipped_and_counted(ray_session, tmp_path):
-    from distill_llm.generation import generate
+    from distill_llm.teacher.stage import generate
 
     prompts = tmp_path / "prompts.jsonl"
     lines = [json.dumps({"prompt": "What is 2+2?", "answer": 4}),
@@ -110,7 +110,7 @@ def test_bad_prompt_rows_are_skipped_and_counted(ray_session, tmp_path):
     ({"teacher": {"max_model_len": 100000}}, "exceeds the model's context"),
 ])
 def test_bad_inputs_fail_before_work(tmp_path, overrides, message):
-    from distill_llm.generation import generate
+    from distill_llm.teacher.stage import generate
 
     with pytest.raises(ConfigError, match=message):
         generate(small_config(tmp_path, **overrides))
@@ -118,7 +118,7 @@ def test_bad_inputs_fail_before_work(tmp_path, overrides, message):
 
 
 def test_foreign_parquet_in_output_dir_is_refused(tmp_path):
-    from distill_llm.generation import generate
+    from distill_llm.teacher.stage import generate
 
     (tmp_path / "shards").mkdir()
     pq.write_table(pa.table({"x": [1]}), tmp_path / "shards" / "data.parquet")

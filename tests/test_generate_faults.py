@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import small_config
-from distill_llm.shards import ShardError, commit_records, shard_files
+from distill_llm.corpus.shards import ShardError, commit_records, shard_files
 
 pytestmark = pytest.mark.slow
 
@@ -124,7 +124,7 @@ class Driver:
 @pytest.fixture(scope="module")
 def reference(ray_session, tmp_path_factory):
     """The uninterrupted run every faulty run is compared with."""
-    from distill_llm.generation import generate
+    from distill_llm.teacher.stage import generate
 
     cfg = config(tmp_path_factory.mktemp("reference"))
     manifest = generate(cfg)
@@ -133,7 +133,7 @@ def reference(ray_session, tmp_path_factory):
 
 
 def test_sigkilled_driver_resumes_without_loss_or_duplicates(reference, tmp_path):
-    from distill_llm.generation import generate
+    from distill_llm.teacher.stage import generate
 
     cfg = config(tmp_path)
     commits = Path(cfg.output.dir) / "_commits"
@@ -163,7 +163,7 @@ def faulty_run(tmp_path_factory):
     after its commit record lands (so Ray retries a write task that already committed)."""
     from distill_llm.toy import make_problems
 
-    from distill_llm.data import prompt_id
+    from distill_llm.corpus.prompts import prompt_id
 
     tmp = tmp_path_factory.mktemp("faulty")
     cfg = config(tmp, generate={"max_row_attempts": 1})
@@ -189,8 +189,8 @@ def test_killed_engine_is_restarted_and_its_batch_retried(faulty_run, reference)
 
 
 def test_prompt_that_always_crashes_is_quarantined(faulty_run, reference):
-    from distill_llm.generation import generate
-    from distill_llm.shards import read_manifest
+    from distill_llm.teacher.stage import generate
+    from distill_llm.corpus.shards import read_manifest
 
     cfg, log, _, _, poisoned = faulty_run
     manifest = read_manifest(cfg.output.dir)
@@ -238,7 +238,7 @@ def remount(path: Path, options: str) -> None:
 
 def assert_commits_verify(out_dir: str) -> list[dict]:
     """Every committed shard still has the size and sha256 its commit record says."""
-    from distill_llm.shards import _sha256
+    from distill_llm.corpus.shards import _sha256
     import pyarrow.fs as pafs
 
     records = commit_records(out_dir)
@@ -250,7 +250,7 @@ def assert_commits_verify(out_dir: str) -> list[dict]:
 
 
 def test_full_disk_then_read_only_dir_stop_cleanly_and_resume(reference, tmp_path):
-    from distill_llm.generation import generate
+    from distill_llm.teacher.stage import generate
 
     mnt = tmp_path / "mnt"
     mount_tmpfs(mnt, "40k")  # 10 pages: run.json, an attempt record, two to four shards: full mid-run

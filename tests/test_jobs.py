@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from distill_llm import jobs
+from distill_llm.cluster import jobs
 from distill_llm.cli import main
 from distill_llm.config import ConfigError, load_config
 
@@ -108,7 +108,7 @@ def test_relative_output_paths_are_refused_for_the_stages_that_use_them():
 
 
 def test_job_env_vars_are_not_passed_to_ray_init_again(monkeypatch):
-    from distill_llm.runtime import _job_env_vars
+    from distill_llm.cluster.runtime import _job_env_vars
 
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     assert _job_env_vars() == set()

@@ -1,4 +1,4 @@
-"""Unit tests for distill_llm.losses against an independent float64 full-vocabulary reference.
+"""Unit tests for distill_llm.student.losses against an independent float64 full-vocabulary reference.
 
 The reference below materialises logits for all N positions at once and builds the teacher and
 student bucket distributions from scratch; it shares no code with the module under test.
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill_llm.losses import DIVERGENCES, KDSettings, distill_loss, divergence
+from distill_llm.student.losses import DIVERGENCES, KDSettings, distill_loss, divergence
 
 N, H, V, K = 37, 16, 50, 5
 RTOL, ATOL = 1e-5, 1e-6

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from distill_llm.config import ConfigError, load_config
-from distill_llm.plan import (MODEL_TABLE, ModelShape, dense_param_count, lora_param_count, make_plan, model_shape,
+from distill_llm.cluster.plan import (MODEL_TABLE, ModelShape, dense_param_count, lora_param_count, make_plan, model_shape,
                               shape_from_config, shard_bytes_per_token)
 
 QWEN7 = ModelShape(**MODEL_TABLE["Qwen/Qwen2.5-7B"], source="table")
@@ -221,4 +221,4 @@ def test_quickstart_plans_from_local_config_json(capsys):
 
     assert main(["plan", "configs/quickstart.yaml"]) == 0
     out = capsys.readouterr().out
-    assert "config.json of" in out and "built-in toy shape" in out and "WARNING" not in out
+    assert "config.json of" in out and "built-in toy-student shape" in out and "WARNING" not in out

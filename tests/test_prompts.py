@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill_llm.config import ConfigError, DataConfig
-from distill_llm.data import expand_samples, normalize_prompt, prompt_id, read_prompts
+from distill_llm.corpus.prompts import expand_samples, normalize_prompt, prompt_id, read_prompts
 
 
 def rows(ds):

@@ -29,7 +29,7 @@ def s3():
     from moto.server import ThreadedMotoServer
 
     from distill_llm.config import RayConfig
-    from distill_llm.runtime import init_ray
+    from distill_llm.cluster.runtime import init_ray
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -40,7 +40,7 @@ def s3():
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     # A local Ray's workers take the driver's environment when Ray starts: restart it so they see the
-    # endpoint and the credentials (secrets are not in the runtime_env, see runtime.py).
+    # endpoint and the credentials (secrets are not in the runtime_env, see distill_llm/cluster/runtime.py).
     was_running = ray.is_initialized()
     ray.shutdown()
     client = boto3.client("s3")  # endpoint from AWS_ENDPOINT_URL, like every stage
@@ -86,8 +86,8 @@ def pipeline(s3, tmp_path_factory, request):
     """generate -> train with every location in S3; returns the config and the captured output."""
     import ray
 
-    from distill_llm.generation import generate
-    from distill_llm.training import train
+    from distill_llm.teacher.stage import generate
+    from distill_llm.student.stage import train
 
     tmp = tmp_path_factory.mktemp("s3run")
     cfg = small_config(tmp, output={"dir": f"{RUN}/shards", "student_dir": f"{RUN}/student"},
@@ -107,7 +107,7 @@ def pipeline(s3, tmp_path_factory, request):
 
 
 def test_shards_are_committed_to_s3_with_the_manifest_last(pipeline, s3):
-    from distill_llm.shards import commit_records, read_manifest, shard_files
+    from distill_llm.corpus.shards import commit_records, read_manifest, shard_files
 
     manifest = read_manifest(f"{RUN}/shards")
     assert manifest["totals"]["rows"] == 64 and manifest == pipeline["manifest"], "32 prompts x 2 samples"
@@ -195,8 +195,8 @@ def test_no_secret_reaches_outputs_logs_or_the_runtime_env(pipeline, s3):
 
 def test_a_missing_bucket_is_named_before_any_work(s3, tmp_path):
     from distill_llm.cli import main
-    from distill_llm.generation import generate
-    from distill_llm.training import train
+    from distill_llm.teacher.stage import generate
+    from distill_llm.student.stage import train
 
     cfg = small_config(tmp_path, output={"dir": "s3://no-such-bucket/shards"})
     with pytest.raises(ConfigError, match="output.dir=s3://no-such-bucket/shards: bucket 'no-such-bucket' does not"):

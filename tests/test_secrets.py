@@ -8,7 +8,7 @@ from distill_llm.config import ConfigError
 
 
 def test_runtime_env_forwards_settings_but_never_secrets():
-    from distill_llm.runtime import forwarded_env
+    from distill_llm.cluster.runtime import forwarded_env
 
     env = {"HF_HOME": "/cache/hf", "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": "all",
            "DISTILL_LLM_CACHE": "/cache", "AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1",

@@ -30,7 +30,7 @@ def test_pickled_weights_are_refused_unless_opted_in(pickled_model):
 def test_student_loader_reads_safetensors_only(pickled_model):
     import torch
 
-    from distill_llm.student import load_student
+    from distill_llm.student.model import load_student
 
     with pytest.raises(ConfigError, match="cannot load student model"):
         load_student(str(pickled_model), torch.float32)
@@ -38,8 +38,8 @@ def test_student_loader_reads_safetensors_only(pickled_model):
 
 
 def test_training_and_generation_refuse_a_pickled_model_before_ray_starts(pickled_model, tmp_path):
-    from distill_llm.generation import generate
-    from distill_llm.training import train
+    from distill_llm.teacher.stage import generate
+    from distill_llm.student.stage import train
 
     cfg = load_config(None, [f"teacher.model={pickled_model}", f"output.dir={tmp_path / 'shards'}"])
     with pytest.raises(ConfigError, match="teacher.allow_pickle_weights"):

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distill_llm.schema import SCHEMA_VERSION, engine_output_schema, read_metadata, shard_schema
-from distill_llm.shards import (ShardError, ShardWriter, check_compatible, inspect, prepare_output, read_manifest,
+from distill_llm.corpus.schema import SCHEMA_VERSION, engine_output_schema, read_metadata, shard_schema
+from distill_llm.corpus.shards import (ShardError, ShardWriter, check_compatible, inspect, prepare_output, read_manifest,
                                 shard_files, write_manifest)
 
 K = 4
@@ -188,7 +188,7 @@ def test_samples_committed_twice_withhold_the_manifest(tmp_path):
 
 
 def test_manifest_clears_scratch_and_attempt_records(tmp_path):
-    from distill_llm.attempts import AttemptLog
+    from distill_llm.teacher.attempts import AttemptLog
 
     prepare_output(str(tmp_path), run_record(), resume=True, overwrite=False)
     AttemptLog(str(tmp_path), 2).begin_batch(["p0-0"])
@@ -199,7 +199,7 @@ def test_manifest_clears_scratch_and_attempt_records(tmp_path):
 
 
 def test_attempt_records_count_tries_and_stop_at_the_limit(tmp_path):
-    from distill_llm.attempts import AttemptLog
+    from distill_llm.teacher.attempts import AttemptLog
 
     log = AttemptLog(str(tmp_path / "out"), max_row_attempts=2)
     batch = ["a-0", "b-0"]
@@ -216,7 +216,7 @@ def test_storage_errors_say_what_is_safe(tmp_path):
     import errno
 
     from distill_llm.paths import WriteFailed, writing
-    from distill_llm.shards import storage_errors
+    from distill_llm.corpus.shards import storage_errors
 
     write_set(tmp_path, [engine_rows(2)])
     with pytest.raises(ShardError) as err, storage_errors(str(tmp_path)):

@@ -1,5 +1,5 @@
 from distill_llm import toy
-from distill_llm.checkers import check, get_checker
+from distill_llm.evaluation.checkers import check, get_checker
 
 
 def test_problem_solution_is_right():
@@ -60,7 +60,7 @@ def test_tokenizer_round_trips_through_disk(tmp_path):
 def test_shipped_teacher_matches_the_tokenizer_builder():
     from transformers import AutoTokenizer
 
-    from distill_llm.tokenization import tokenizer_fingerprint
+    from distill_llm.tokenizers import tokenizer_fingerprint
 
     shipped = AutoTokenizer.from_pretrained(toy.TEACHER_ASSET)
     assert tokenizer_fingerprint(shipped) == tokenizer_fingerprint(toy.build_tokenizer())

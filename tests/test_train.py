@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def trained(generated, tmp_path_factory):
-    from distill_llm.training import train
+    from distill_llm.student.stage import train
 
     cfg, _ = generated
     tmp = tmp_path_factory.mktemp("lora")
@@ -77,7 +77,7 @@ def _losses(storage_path: str) -> list[float]:
 
 def test_same_config_trains_the_same_student(trained, tmp_path):
     """A cached corpus is split per worker by the seed, in block order: a second run repeats every loss."""
-    from distill_llm.training import train
+    from distill_llm.student.stage import train
 
     cfg, _ = trained
     again = cfg.model_copy(deep=True)
@@ -89,7 +89,7 @@ def test_same_config_trains_the_same_student(trained, tmp_path):
 def test_each_epoch_is_reshuffled_and_split_evenly(ray_session):
     import ray
 
-    from distill_llm.training import ordered_data, worker_datasets
+    from distill_llm.student.stage import ordered_data, worker_datasets
 
     def epochs_by_worker() -> dict[str, list[list[int]]]:
         with ordered_data():  # a small shard set is read as one block, like this one
@@ -107,7 +107,7 @@ def test_each_epoch_is_reshuffled_and_split_evenly(ray_session):
 
 
 def test_rerun_resumes_from_the_finished_checkpoint(trained):
-    from distill_llm.training import train
+    from distill_llm.student.stage import train
 
     cfg, out = trained
     again = train(cfg)
@@ -116,7 +116,7 @@ def test_rerun_resumes_from_the_finished_checkpoint(trained):
 
 
 def test_vllm_serves_the_student_for_evaluation(trained):
-    from distill_llm.evaluate import evaluate
+    from distill_llm.evaluation.stage import evaluate
 
     cfg, out = trained
     cfg = cfg.model_copy(deep=True)
@@ -131,7 +131,7 @@ def test_vllm_serves_the_student_for_evaluation(trained):
 
 def _shard_copy(src: str, dst: Path, change=None) -> str:
     """A copy of a shard set, optionally with its rows changed (the manifest rewritten to match)."""
-    from distill_llm.shards import write_manifest
+    from distill_llm.corpus.shards import write_manifest
 
     shutil.copytree(src, dst)
     if change:
@@ -147,7 +147,7 @@ def _shard_copy(src: str, dst: Path, change=None) -> str:
 
 
 def test_empty_after_filtering_is_an_error(generated, tmp_path):
-    from distill_llm.training import train
+    from distill_llm.student.stage import train
 
     cfg, _ = generated
     shards = _shard_copy(cfg.output.dir, tmp_path / "wrong",
@@ -163,7 +163,7 @@ def test_empty_after_filtering_is_an_error(generated, tmp_path):
     ({"student": {"lora": "{r: 4, target_modules: [nonexistent_proj]}"}}, "matched no layer"),
 ])
 def test_bad_student_settings_fail_before_training(generated, tmp_path, overrides, message):
-    from distill_llm.training import train
+    from distill_llm.student.stage import train
 
     cfg, _ = generated
     with pytest.raises(ConfigError, match=message):
@@ -171,7 +171,7 @@ def test_bad_student_settings_fail_before_training(generated, tmp_path, override
 
 
 def test_shards_without_manifest_are_refused(generated, tmp_path):
-    from distill_llm.training import train
+    from distill_llm.student.stage import train
 
     cfg, _ = generated
     shards = _shard_copy(cfg.output.dir, tmp_path / "partial")
@@ -182,8 +182,8 @@ def test_shards_without_manifest_are_refused(generated, tmp_path):
 
 def test_token_level_kd_refuses_a_student_with_other_token_ids(generated, tmp_path):
     from distill_llm.paths import resolve_model
-    from distill_llm.training import check_tokenizers
-    from distill_llm.tokenization import load_tokenizer
+    from distill_llm.student.stage import check_tokenizers
+    from distill_llm.tokenizers import load_tokenizer
 
     cfg, manifest = generated
     student = tmp_path / "other-student"

@@ -13,8 +13,8 @@ import pytest
 
 from conftest import small_config
 from distill_llm.config import ConfigError
-from distill_llm.shards import ShardError
-from distill_llm.train_loop import epoch_position
+from distill_llm.corpus.shards import ShardError
+from distill_llm.student.loop import epoch_position
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def _read(ckpt: Path) -> tuple[dict, list[int]]:
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(generated, tmp_path, monkeypatch):
-    from distill_llm.training import train
+    from distill_llm.student.stage import train
 
     cfg, manifest = generated
     cfg = _fast(cfg, tmp_path, max_steps=16, keep_checkpoints=2, max_failures=1)
@@ -145,7 +145,7 @@ def _flip_middle(path: Path) -> None:
     (Path.unlink, "listed in the manifest is missing"),
 ])
 def test_damaged_shard_is_named_before_training(generated, tmp_path, damage, message):
-    from distill_llm.training import train
+    from distill_llm.student.stage import train
 
     shards, victim = _shard_set_copy(generated, tmp_path)
     size = victim.stat().st_size
@@ -160,7 +160,7 @@ def test_damaged_shard_is_named_before_training(generated, tmp_path, damage, mes
 
 
 def test_same_size_alteration_passes_a_size_only_check(generated, tmp_path):
-    from distill_llm.training import verified_files
+    from distill_llm.student.stage import verified_files
 
     shards, victim = _shard_set_copy(generated, tmp_path)
     _flip_middle(victim)
@@ -187,7 +187,7 @@ def _student_without_tokenizer(tmp_path: Path) -> str:
     ({"student": {"model": "{bare}"}}, "student.model=.*bare-student: .* has no usable tokenizer"),
 ])
 def test_bad_training_settings_fail_before_training(generated, tmp_path, settings, message):
-    from distill_llm.training import train
+    from distill_llm.student.stage import train
 
     cfg, _ = generated
     (tmp_path / "a-file").write_text("not a folder")

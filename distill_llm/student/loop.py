@@ -1,6 +1,6 @@
 """The per-worker training loop: the only module that calls ``ray.train``.
 
-Reads batches from its dataset shard (``training.worker_datasets``), steps the student, and reports checkpoints
+Reads batches from its dataset shard (``stage.worker_datasets``), steps the student, and reports checkpoints
 (weights or adapter, optimizer, step, epoch position and the metrics so far) from rank 0.
 """
 
@@ -10,19 +10,35 @@ import json
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import faults
-from .config import build_config
+from .. import faults
+from ..config import build_config
 from .losses import KDSettings
-from .student import StudentWithLoss, add_lora, count_parameters, load_student
-from .tokenization import build_batch, completion_ids, load_tokenizer, prompt_ids
+from .model import StudentWithLoss, add_lora, count_parameters, load_student
+from ..tokenizers import completion_ids, load_tokenizer, prompt_ids
+from .batching import build_batch
 
 STATE = "trainer_state.json"
 METRICS = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class LoopInputs:
+    """What the driver (stage.py) hands every Ray Train worker, as ``train_loop_config={"inputs": ...}``
+    (Ray Train wants a dict there)."""
+
+    config: dict[str, Any]  # the validated Config, as JSON (rebuilt with build_config on the worker)
+    student_path: str  # a local folder or hub id, already resolved on the driver
+    retokenize: bool  # the student has another tokenizer: re-tokenise the teacher's text (sequence-level KD)
+    total_steps: int
+    batches_per_epoch: int  # per worker
+    per_worker_datasets: bool  # datasets train_<rank> (a cached corpus) rather than one split "train"
+    faults: str | None = None  # the driver's DISTILL_LLM_FAULTS, armed on the worker (faults.arm)
 
 
 def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -73,12 +89,13 @@ def _restore(student, optimizer, directory: Path) -> tuple[Any, dict, list[dict]
     return student, json.loads((directory / STATE).read_text()), metrics
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = build_config(loop_config["config"])
-    info = loop_config["info"]
+    inputs = loop_config["inputs"]
+    cfg = build_config(inputs.config)
+    faults.arm(inputs.faults)
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -88,8 +105,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if not t.use_gpu:
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
 
-    tokenizer = load_tokenizer(info["student_path"], cfg.student.revision, cfg.student.trust_remote_code)
-    student = load_student(info["student_path"], dtype, cfg.student.revision, cfg.student.trust_remote_code,
+    tokenizer = load_tokenizer(inputs.student_path, cfg.student.revision, cfg.student.trust_remote_code)
+    student = load_student(inputs.student_path, dtype, cfg.student.revision, cfg.student.trust_remote_code,
                            cfg.student.gradient_checkpointing, cfg.student.allow_pickle_weights)
     if cfg.student.lora is not None:
         student = add_lora(student, cfg.student.lora)
@@ -113,13 +130,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if world > 1 else StudentWithLoss(student, settings).to(device)
 
     retokenize = None
-    if info["retokenize"]:
+    if inputs.retokenize:
         def retokenize(row):
             return prompt_ids(tokenizer, row["messages"]), completion_ids(tokenizer, row["completion_text"],
                                                                           row["finish_reason"])
 
-    total = info["total_steps"]
-    shard = ray.train.get_dataset_shard(f"train_{rank}" if info["per_worker_datasets"] else "train")
+    total = inputs.total_steps
+    shard = ray.train.get_dataset_shard(f"train_{rank}" if inputs.per_worker_datasets else "train")
     progress = None
     if rank == 0:
         trainable, all_params = count_parameters(student)
@@ -129,11 +146,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     counts: dict[str, int] = {}
     step_tokens, t_step, wait, micro = 0, time.time(), 0.0, 0
     model.train()
-    per_epoch = info["batches_per_epoch"]
+    per_epoch = inputs.batches_per_epoch
     # checkpoints from before "batches" was recorded kept only the position inside an epoch
     position = state.get("batches", state["epoch"] * per_epoch + state["batches_in_epoch"])
     t_wait = time.time()
-    # One iterator for the whole run: the dataset already holds every epoch (training.worker_datasets).
+    # One iterator for the whole run: the dataset already holds every epoch (stage.worker_datasets).
     for index, table in enumerate(shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow",
                                                      prefetch_batches=2)):
         if index < position:  # resumed: the data position continues
@@ -159,12 +176,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if progress is not None:
                 progress.update(row)
             step_tokens, t_step, wait = 0, time.time(), 0.0
-            faults.maybe_kill_train_worker(state["step"], rank, info.get("faults"))
+            faults.point("train_step", state["step"], rank=rank)
             if state["step"] >= total:
                 break
             if t.checkpoint_every and state["step"] % t.checkpoint_every == 0:
                 _report(model, optimizer, state, metrics, counts, rank)
-                faults.maybe_stall_train_worker(state["step"], rank, info.get("faults"))
+                faults.point("train_checkpoint", state["step"], rank=rank)
         t_wait = time.time()
     _report(model, optimizer, state, metrics, counts, rank)
 

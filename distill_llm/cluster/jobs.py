@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from .config import ENV_CONFIG_PREFIX, Config, ConfigError
-from .paths import is_url
+from ..config import ENV_CONFIG_PREFIX, Config, ConfigError
+from ..paths import is_url
 
 STAGE_MODULES = {"generate": "generate_teacher", "train": "train_student", "eval": "evaluate", "run": "run"}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -62,7 +62,7 @@ def resolve_address(address: str | None, config_address: str | None = None) -> s
 
 def project_root() -> Path | None:
     """The source checkout holding distill_llm/ and pipelines/, or None when the package is installed."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # distill_llm/cluster/jobs.py -> the checkout
     if (root / "pyproject.toml").is_file() and (root / "pipelines").is_dir():
         return root
     return None  # site-packages: the cluster's own installation runs the job

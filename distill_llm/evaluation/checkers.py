@@ -4,15 +4,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .config import ConfigError
+from .. import registry
+from ..config import ConfigError
 
 Checker = Callable[[str, str], bool]
-
-
-def _toy(completion: str, answer: str) -> bool:
-    from .toy import check_answer
-
-    return check_answer(completion, answer)
 
 
 def _exact(completion: str, answer: str) -> bool:
@@ -29,16 +24,18 @@ def _math(completion: str, answer: str) -> bool:
     return bool(gold) and bool(verify(gold, parse(tail)))
 
 
-CHECKERS: dict[str, Checker] = {"toy": _toy, "exact": _exact, "math": _math}
+registry.register_checker("exact", _exact)
+registry.register_checker("math", _math)
 
 
 def get_checker(name: str) -> Checker | None:
     """The named checker, or None for 'none'."""
     if name == "none":
         return None
-    if name not in CHECKERS:
-        raise ConfigError(f"data.checker: unknown checker {name!r}; choose one of {sorted(CHECKERS) + ['none']}")
-    return CHECKERS[name]
+    found = registry.checker(name)
+    if found is None:
+        raise ConfigError(f"data.checker: unknown checker {name!r}; choose one of {registry.checker_names() + ['none']}")
+    return found
 
 
 def check(checker: Checker | None, completion: str, answer: str | None) -> bool | None:

@@ -19,6 +19,8 @@ SCHEMA_VERSION = 1
 METADATA_KEY = b"distill_llm"
 MANIFEST_NAME = "manifest.json"
 SHARD_PREFIX = "part-"
+# Scratch records of the teacher stage's tries (teacher/attempts.py), left out of a finished set.
+ATTEMPTS_DIR = "_attempts"
 LOGPROB_SEMANTICS = (
     "topk_logprobs[i][j] is log p(topk_token_ids[i][j] | prompt, completion[:i]) under the teacher's "
     "untempered distribution (temperature 1, no top-p/top-k filtering: vLLM raw_logprobs), "
@@ -68,8 +70,6 @@ def engine_output_schema(k: int, logprobs_dtype: str) -> pa.Schema:
         pa.field(SKIP_DETAIL, pa.string()))
 
 
-REQUIRED_FOR_TRAINING = ("sample_id", "prompt_token_ids", "completion_token_ids", "completion_text", "messages")
-REQUIRED_FOR_KD = ("topk_token_ids", "topk_logprobs")
 
 
 def read_metadata(schema: pa.Schema) -> dict[str, Any] | None:

@@ -11,9 +11,9 @@ from typing import Any
 import pyarrow as pa
 
 from .checkers import get_checker
-from .config import Config, ConfigError
-from .paths import check_weights_format, filesystem, join, makedirs, read_text, resolve_model
-from .teacher import SamplingSpec
+from ..config import Config, ConfigError
+from ..paths import check_weights_format, filesystem, join, makedirs, read_text, resolve_model
+from ..teacher.engine import SamplingSpec
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -63,8 +63,8 @@ def _exported(folder: str) -> bool:
 
 
 def evaluate_model(cfg: Config, model: str, is_teacher: bool = False) -> tuple[dict[str, Any], pa.Table]:
-    from .data import expand_samples, read_prompts
-    from .generation import apply_engine, engine_spec, use_gpu_for
+    from ..corpus.prompts import expand_samples, read_prompts
+    from ..teacher.stage import apply_engine, engine_spec, use_gpu_for
 
     path = resolve_model(model)
     role = "teacher" if is_teacher else "student"
@@ -108,7 +108,7 @@ def evaluate(cfg: Config, student: str | None = None) -> dict[str, dict[str, Any
     """Score every model on the held-out prompts; writes report.json/.md under the eval dir and prints the table."""
     import pyarrow.parquet as pq
 
-    from .runtime import init_ray
+    from ..cluster.runtime import init_ray
 
     if get_checker(cfg.data.checker) is None:
         raise ConfigError("evaluation needs an answer checker: set data.checker (toy, math, exact)")

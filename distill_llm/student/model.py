@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError, LoraSettings
+from ..config import ConfigError, LoraSettings
 from .losses import KDSettings, distill_loss
 
 

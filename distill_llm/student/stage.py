@@ -14,11 +14,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError
-from .faults import ENV as FAULTS_ENV
-from .paths import absolute, check_location, check_weights_format, filesystem, is_url, join, makedirs, resolve_model
-from .shards import _read_json, check_compatible, identity_diff, read_manifest, shard_files, write_json
-from .tokenization import first_vocab_mismatch, load_tokenizer, tokenizer_fingerprint
+from ..config import Config, ConfigError
+from ..faults import ENV as FAULTS_ENV
+from ..paths import absolute, check_location, check_weights_format, filesystem, is_url, join, makedirs, resolve_model
+from ..corpus.shards import read_json, check_compatible, identity_diff, read_manifest, shard_files, write_json
+from ..tokenizers import first_vocab_mismatch, load_tokenizer, tokenizer_fingerprint
 
 # Settings that change how a run is operated, not what it learns: changing them on a rerun keeps the run
 # (so raising max_failures after a crash resumes instead of starting over).
@@ -69,7 +69,7 @@ def claim_run(storage: str, name: str, identity: dict[str, Any]) -> None:
     ``train.run_name`` reused with other shards or settings would silently continue someone else's run.
     """
     fs, root = filesystem(join(storage, name))
-    old = _read_json(fs, join(root, RUN_RECORD))
+    old = read_json(fs, join(root, RUN_RECORD))
     if old is None:
         makedirs(fs, root)
         write_json(fs, join(root, RUN_RECORD), identity)
@@ -207,9 +207,8 @@ def epochs_dataset(ds, epochs: int, seed: int):
     """Every epoch in one dataset, each in its own block order, so a worker opens one iterator per run.
 
     A new ``iter_batches`` per epoch waits at Ray Data's streaming-split barrier for the slowest worker
-    and starts a new executor: bench/train.py measured 36% of the first step of every epoch spent
-    waiting for data that way (2026-11-24), against 1.4% inside an epoch. Ray Data may interleave the
-    copies at their seams; this is the path for corpora too large to cache, where epochs are few.
+    and starts a new executor (bench/RESULTS.md has the cost). Ray Data may interleave the copies at
+    their seams; this is the path for corpora too large to cache, where epochs are few.
     """
     copies = [ds.randomize_block_order(seed=seed + epoch) for epoch in range(epochs)]
     return copies[0].union(*copies[1:]) if epochs > 1 else copies[0]
@@ -219,8 +218,8 @@ def worker_datasets(ds, epochs: int, workers: int, batch_size: int, seed: int) -
     """(Ray Train datasets, their DataConfig): one stream of every epoch per worker, fixed by the seed when cached.
 
     Ray Train's streaming split hands each block to whichever worker asks first, so two runs of one
-    config trained different rows on each worker: the toy student's pass@1 ranged from 11% to 93%
-    over identical runs (2026-11-24). A cached (materialised) corpus is therefore cut into blocks of
+    config would train different rows on each worker, and different students. A cached (materialised)
+    corpus is therefore cut into blocks of
     about one batch (Ray Data reads a small shard set as a single block, where a block order would
     shuffle nothing), and every epoch takes its own seeded block order and is split evenly into one
     dataset per worker, read in order. A corpus too large to cache streams through Ray Train's split,
@@ -252,9 +251,8 @@ def worker_datasets(ds, epochs: int, workers: int, batch_size: int, seed: int) -
 def cache_small(ds, manifests: dict[str, dict[str, Any]], max_gb: float):
     """Materialise a corpus that fits in ``max_gb`` into the object store (spread over nodes, not one process).
 
-    Re-reading Parquet every epoch starts fresh read tasks, and on a 2-core machine Ray's worker
-    churn for them took about 15 s an epoch (611 s for the toy run against 139 s cached); a large
-    corpus keeps streaming from storage instead.
+    Re-reading Parquet every epoch starts fresh read tasks, whose worker start-up dominates a small
+    corpus's epoch; a large corpus keeps streaming from storage instead.
     """
     size = sum(m["totals"]["bytes"] for m in manifests.values())
     return ds.materialize() if size <= max_gb * 2**30 else ds
@@ -265,8 +263,8 @@ def train(cfg: Config) -> str:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .runtime import init_ray
-    from .train_loop import train_loop_per_worker
+    from ..cluster.runtime import init_ray
+    from .loop import LoopInputs, train_loop_per_worker
 
     start = time.time()
     shard_dirs = [absolute(d) for d in cfg.shard_dirs]
@@ -283,7 +281,7 @@ def train(cfg: Config) -> str:
         raise ConfigError(f"train.alpha={cfg.train.alpha} needs top-k logprobs, but the shards were generated "
                           "with generate.top_k_logprobs=0; set train.alpha=0 or regenerate")
     if cfg.student.lora is not None:
-        from .student import check_lora_targets
+        from .model import check_lora_targets
 
         check_lora_targets(student_path, cfg.student.lora, cfg.student.revision, cfg.student.trust_remote_code)
     try:
@@ -317,12 +315,10 @@ def train(cfg: Config) -> str:
     t = cfg.train
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"),
-                           "info": {"student_path": student_path, "retokenize": retokenize,
-                                    "total_steps": total_steps, "batches_per_epoch": batches_per_epoch,
-                                    "per_worker_datasets": "train" not in datasets,
-                                    # the driver's fault drills reach workers even when Ray was started earlier
-                                    "faults": os.environ.get(FAULTS_ENV)}},
+        train_loop_config={"inputs": LoopInputs(
+            config=cfg.model_dump(mode="json"), student_path=student_path, retokenize=retokenize,
+            total_steps=total_steps, batches_per_epoch=batches_per_epoch, per_worker_datasets="train" not in datasets,
+            faults=os.environ.get(FAULTS_ENV))},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker,
                                                                      **t.resources_per_worker}),
@@ -357,8 +353,8 @@ def export_student(cfg: Config, checkpoint, student_path: str, tokenizer, run: d
     """Checkpoint -> a Hugging Face folder at output.student_dir with card, curves and TensorBoard events."""
     import torch
 
-    from .plots import plot_curves, write_tensorboard
-    from .student import load_student, save_hf_folder
+    from ..plots import plot_curves, write_tensorboard
+    from .model import load_student, save_hf_folder
 
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(d)

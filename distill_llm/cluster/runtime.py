@@ -7,7 +7,7 @@ import logging
 import os
 from typing import Mapping
 
-from .config import RayConfig
+from ..config import RayConfig
 
 
 # Settings that every worker must share with the driver: the package's own, the engine's, the hub's
@@ -65,9 +65,3 @@ def cluster_gpus() -> float:
     import ray
 
     return ray.cluster_resources().get("GPU", 0.0)
-
-
-def cluster_cpus() -> float:
-    import ray
-
-    return ray.cluster_resources().get("CPU", 0.0)

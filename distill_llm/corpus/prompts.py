@@ -1,4 +1,4 @@
-"""Ray Data in and out: prompts to sample rows, engine output to committed shards, shards to training."""
+"""Prompts in: JSONL, Parquet, a saved HF dataset or a plug-in's split -> normalised prompt rows -> sample rows."""
 
 from __future__ import annotations
 
@@ -10,13 +10,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray.data
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
 
-from .config import ConfigError, DataConfig
-from .paths import filesystem, is_url
+from .. import registry
+from ..config import ConfigError, DataConfig
+from ..paths import filesystem, is_url
 from .schema import MESSAGE, SKIP_DETAIL, SKIP_REASON
-from .shards import ShardWriter
 
 PROMPT_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("messages", pa.list_(MESSAGE)), ("answer", pa.string()),
@@ -98,11 +96,11 @@ def read_prompts(cfg: DataConfig, source: str | None = None, num_prompts: int | 
     """A Ray Dataset of normalised prompt rows (PROMPT_SCHEMA) from a toy split, JSONL, Parquet or HF dir."""
     source = source or cfg.prompts
     limit = num_prompts if num_prompts is not None else cfg.num_prompts
-    if source.startswith("toy:"):
-        from .toy import make_problems
-
+    builtin = registry.prompt_source(source)
+    if builtin is not None:  # a plug-in's prompts (toy:train), made on the driver
+        make, split = builtin
         try:
-            items = make_problems(source.split(":", 1)[1], limit or 256)
+            items = make(split, limit)
         except ValueError as err:
             raise ConfigError(f"data.prompts: {err}") from None
         return ray.data.from_arrow(drop_duplicates([normalize_prompt(p, i) for i, p in enumerate(items)]))
@@ -157,24 +155,3 @@ def expand_samples(prompts, samples_per_prompt: int, done: set[str]):
         return pa.Table.from_pylist(rows, schema=schema)
 
     return prompts.map_batches(explode, batch_format="pyarrow")
-
-
-class ShardSink(Datasink):
-    """Ray Data datasink: each write task commits one shard through ShardWriter (see shards.py)."""
-
-    def __init__(self, writer: ShardWriter, rows_per_shard: int):
-        self.writer, self.rows = writer, rows_per_shard
-        self.records: list[dict[str, Any]] = []
-
-    def write(self, blocks, ctx) -> dict[str, Any] | None:
-        return self.writer.write(BlockAccessor.for_block(b).to_arrow() for b in blocks)
-
-    def on_write_complete(self, write_result) -> None:
-        self.records = [r for r in write_result.write_returns if r]
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows
-
-    def get_name(self) -> str:
-        return "WriteShards"

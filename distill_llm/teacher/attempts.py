@@ -15,9 +15,9 @@ import json
 import os
 import time
 
-from .paths import filesystem, join, makedirs, writing
+from ..corpus.schema import ATTEMPTS_DIR
+from ..paths import filesystem, join, makedirs, writing
 
-ATTEMPTS = "_attempts"
 
 
 class AttemptLog:
@@ -28,7 +28,7 @@ class AttemptLog:
 
     def _path(self, kind: str, key: str) -> tuple[object, str]:
         fs, root = filesystem(self.out_dir)
-        return fs, join(root, ATTEMPTS, f"{kind}-{key}.json")
+        return fs, join(root, ATTEMPTS_DIR, f"{kind}-{key}.json")
 
     def _count(self, kind: str, key: str) -> int:
         import pyarrow.fs as pafs
@@ -70,7 +70,7 @@ class AttemptLog:
     def end_batch(self, sample_ids: list[str]) -> None:
         self._clear("batch", self.batch_key(sample_ids))
 
-    # ---- rows: keyed by sample id (content hashes made by data.py, safe in a file name)
+    # ---- rows: keyed by sample id (content hashes made by corpus/prompts.py, safe in a file name)
     def begin_row(self, sample_id: str) -> int:
         """Tries recorded before this one; at ``max_row_attempts`` nothing more is recorded (quarantined)."""
         before = self._count("row", sample_id)

@@ -6,7 +6,7 @@ Layout of ``output.dir`` (local path or object-store URL)::
     part-<id>.parquet        committed shards (local: written under _tmp/ then renamed; object stores: one PUT)
     _commits/part-<id>.json  one record per committed shard: rows, tokens, bytes, sha256 (after the shard)
     rejects/part-<id>.parquet  rows the teacher could not use, with the reason
-    _attempts/               engine tries in flight (attempts.py); removed with _tmp/ by the manifest
+    _attempts/               engine tries in flight (teacher/attempts.py); removed with _tmp/ by the manifest
     manifest.json            written last, only when every prompt is accounted for
 
 A shard without its commit record was cut off mid-commit and is ignored (and replaced on resume).
@@ -30,12 +30,11 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import faults
-from .attempts import ATTEMPTS
-from .config import ConfigError
-from .paths import WriteFailed, check_location, filesystem, is_object_store, join, makedirs, read_text, writing
-from .schema import (MANIFEST_NAME, REJECT_SCHEMA, SCHEMA_VERSION, SHARD_PREFIX, SKIP_DETAIL, SKIP_REASON,
-                     read_metadata, shard_schema)
+from .. import faults
+from ..config import ConfigError
+from ..paths import WriteFailed, check_location, filesystem, is_object_store, join, makedirs, read_text, writing
+from .schema import (ATTEMPTS_DIR, MANIFEST_NAME, REJECT_SCHEMA, SCHEMA_VERSION, SHARD_PREFIX, SKIP_DETAIL, SKIP_REASON,
+                     shard_schema)
 
 RUN_NAME = "run.json"
 COMMITS = "_commits"
@@ -53,7 +52,7 @@ class ShardError(ConfigError):
 # ---------------------------------------------------------------- small file helpers
 
 
-def _read_json(fs, path: str) -> Any | None:
+def read_json(fs, path: str) -> Any | None:
     text = read_text(fs, path)
     return None if text is None else json.loads(text)
 
@@ -172,7 +171,7 @@ class Resume:
 def prepare_output(out_dir: str, run: dict[str, Any], resume: bool, overwrite: bool) -> Resume:
     """Claim ``out_dir`` for this run: start fresh, resume the same run, or refuse another run's shards."""
     fs, root = filesystem(out_dir)
-    old = _read_json(fs, join(root, RUN_NAME))
+    old = read_json(fs, join(root, RUN_NAME))
     existing = _list(fs, root, ".parquet")
     import pyarrow.fs as pafs
 
@@ -213,7 +212,7 @@ def prepare_output(out_dir: str, run: dict[str, Any], resume: bool, overwrite: b
 
 def commit_records(out_dir: str) -> list[dict[str, Any]]:
     fs, root = filesystem(out_dir)
-    return [_read_json(fs, p) for p in _list(fs, join(root, COMMITS), ".json")]
+    return [read_json(fs, p) for p in _list(fs, join(root, COMMITS), ".json")]
 
 
 # ---------------------------------------------------------------- writing shards (runs in Ray tasks)
@@ -230,9 +229,8 @@ class ShardWriter:
 
     def _encodings(self) -> dict[str, str] | None:
         """Physical encodings only (the schema is unchanged). Top-k ids are small integers in 32 bits:
-        split into byte planes, zstd stores them ~16% smaller (bench/storage.py: the file goes from 78 to
-        71 bytes per token at k = 20 on Qwen-vocabulary rows). Not the float16 logprobs: DuckDB cannot read
-        BYTE_STREAM_SPLIT on float16."""
+        split into byte planes, zstd stores them smaller (bench/storage.py gives the figures). Not the
+        float16 logprobs: DuckDB cannot read BYTE_STREAM_SPLIT on float16."""
         return {"topk_token_ids.list.element.list.element": "BYTE_STREAM_SPLIT"} if self.k > 0 else None
 
     def write(self, tables: Iterable[pa.Table]) -> dict[str, Any] | None:
@@ -240,7 +238,7 @@ class ShardWriter:
             record = self._commit(pa.concat_tables(list(tables)))
         if record is not None:
             self.commits += 1
-            faults.after_commit(self.commits)
+            faults.point("shard_commit", self.commits)
         return record
 
     def _commit(self, table: pa.Table) -> dict[str, Any] | None:
@@ -299,7 +297,7 @@ def write_manifest(out_dir: str, extra: dict[str, Any] | None = None, max_reject
     import pyarrow.fs as pafs
 
     fs, root = filesystem(out_dir)
-    run = _read_json(fs, join(root, RUN_NAME))
+    run = read_json(fs, join(root, RUN_NAME))
     records = commit_records(out_dir)
     shards = [{k: r[k] for k in ("file", "rows", "prompt_tokens", "completion_tokens", "bytes", "sha256")}
               for r in records if r["rows"] > 0]
@@ -317,7 +315,7 @@ def write_manifest(out_dir: str, extra: dict[str, Any] | None = None, max_reject
     for path in _list(fs, root, ".parquet"):
         if _base(path) not in known:
             fs.delete_file(path)
-    for scratch in (TMP, ATTEMPTS):
+    for scratch in (TMP, ATTEMPTS_DIR):
         if fs.get_file_info(join(root, scratch)).type != pafs.FileType.NotFound:
             fs.delete_dir(join(root, scratch))
     manifest = {
@@ -358,10 +356,10 @@ def _check_unique(fs, root: str, records: list[dict[str, Any]]) -> None:
 def read_manifest(shard_dir: str) -> dict[str, Any]:
     """The manifest of a complete shard set, or a ShardError saying why it cannot be used."""
     fs, root = filesystem(shard_dir)
-    manifest = _read_json(fs, join(root, MANIFEST_NAME))
+    manifest = read_json(fs, join(root, MANIFEST_NAME))
     if manifest is None:
         hint = " (a run was started there but did not finish: rerun `distill-llm generate` to resume it)" \
-            if _read_json(fs, join(root, RUN_NAME)) else ""
+            if read_json(fs, join(root, RUN_NAME)) else ""
         raise ShardError(f"{shard_dir} has no {MANIFEST_NAME}: not a complete shard set{hint}")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ShardError(f"{shard_dir} has shard schema v{manifest.get('schema_version')}, this distill-llm "
@@ -399,6 +397,19 @@ def shard_files(shard_dir: str, verify: str = "size", threads: int = 8) -> list[
     return paths
 
 
+def read_shards(shard_dir: str, columns: list[str] | None = None, verify: str = "size") -> pa.Table:
+    """Every committed row of a shard set as one Arrow table (``.to_pandas()`` for a DataFrame).
+
+    The files are checked against the manifest first (``verify``: "size" or "sha256"); ``columns`` limits
+    what is read (the top-k columns are most of the bytes).
+    """
+    fs, _ = filesystem(shard_dir)
+    paths = shard_files(shard_dir, verify=verify)
+    if not paths:  # a set whose every row was rejected
+        return pa.table({})
+    return pa.concat_tables([pq.read_table(p, columns=columns, filesystem=fs) for p in paths], promote_options="default")
+
+
 def _repair_hint(root: str, shard: dict[str, Any]) -> str:
     record = join(root, COMMITS, shard["file"].removesuffix(".parquet") + ".json")
     return (f"restore it from a copy, or delete it and {record} and rerun `distill-llm generate` with the "
@@ -416,11 +427,6 @@ def check_compatible(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
             if a != b:
                 raise ShardError(f"shard sets disagree on {key}: {first_dir} has {a!r}, {other_dir} has {b!r}")
     return first["run"]
-
-
-def file_metadata(path: str) -> dict[str, Any] | None:
-    fs, p = filesystem(path)
-    return read_metadata(pq.read_schema(p, filesystem=fs))
 
 
 # ---------------------------------------------------------------- inspect

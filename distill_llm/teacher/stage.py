@@ -6,13 +6,14 @@ import time
 import warnings
 from typing import Any
 
-from .config import Config, ConfigError
-from .paths import absolute, check_location, check_weights_format, resolve_model
-from .schema import LOGPROB_SEMANTICS, SCHEMA_VERSION
+from .. import registry
+from ..config import Config, ConfigError
+from ..paths import absolute, check_location, check_weights_format, resolve_model
+from ..corpus.schema import LOGPROB_SEMANTICS, SCHEMA_VERSION
 from .attempts import AttemptLog
-from .shards import ShardWriter, prepare_output, storage_errors, write_manifest
-from .teacher import EngineSpec, SamplingSpec
-from .tokenization import load_tokenizer, tokenizer_fingerprint
+from ..corpus.shards import ShardWriter, prepare_output, storage_errors, write_manifest
+from .engine import EngineSpec, SamplingSpec
+from ..tokenizers import load_tokenizer, tokenizer_fingerprint
 
 
 def model_limits(path: str, revision: str | None, trust_remote_code: bool) -> dict[str, int | None]:
@@ -65,7 +66,7 @@ def run_record(cfg: Config, model: str, tokenizer) -> dict[str, Any]:
     g = cfg.generate
     return {
         "schema_version": SCHEMA_VERSION,
-        "teacher": {"model": cfg.teacher.model, "resolved": model if cfg.teacher.model.startswith("toy-") else None,
+        "teacher": {"model": cfg.teacher.model, "resolved": model if registry.model(cfg.teacher.model) else None,
                     "revision": cfg.teacher.revision, "dtype": cfg.teacher.dtype},
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "prompts": {"source": cfg.data.prompts, "num_prompts": cfg.data.num_prompts,
@@ -82,11 +83,11 @@ def apply_engine(ds, spec: EngineSpec, sampling: SamplingSpec, replicas: int, us
                  max_restarts: int = -1, attempts: AttemptLog | None = None):
     """Map a dataset of sample rows through ``replicas`` engine actors.
 
-    An actor whose engine died exits (teacher.py), so Ray restarts it and retries its batch, at most
+    An actor whose engine died exits (engine.py), so Ray restarts it and retries its batch, at most
     ``max_restarts`` times per actor (-1: Ray Data's default, no limit); with ``attempts`` a row that
     kills the engine every time is quarantined instead (attempts.py). No sample is lost either way.
     """
-    from .teacher import TeacherEngine, engine_resources
+    from .engine import TeacherEngine, engine_resources
 
     from ray.data import ActorPoolStrategy
 
@@ -104,15 +105,16 @@ def apply_engine(ds, spec: EngineSpec, sampling: SamplingSpec, replicas: int, us
 
 
 def use_gpu_for(setting: bool | None) -> bool:
-    from .runtime import cluster_gpus
+    from ..cluster.runtime import cluster_gpus
 
     return cluster_gpus() > 0 if setting is None else setting
 
 
 def generate(cfg: Config) -> dict[str, Any]:
     """Run the teacher stage; returns the manifest. Resumes a matching run found in output.dir."""
-    from .data import ShardSink, expand_samples, read_prompts
-    from .runtime import init_ray
+    from ..corpus.prompts import expand_samples, read_prompts
+    from ..corpus.sink import ShardSink
+    from ..cluster.runtime import init_ray
 
     start = time.time()
     g, out_dir = cfg.generate, absolute(cfg.output.dir)
@@ -147,4 +149,3 @@ def generate(cfg: Config) -> dict[str, Any]:
           f"{t['completion_tokens']:,} completion tokens in {seconds:.1f}s "
           f"({t['completion_tokens'] / max(seconds, 1e-9):,.0f} tok/s) -> {out_dir}")
     return manifest
-

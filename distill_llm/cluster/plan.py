@@ -43,7 +43,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError
+from .. import registry
+from ..config import Config, ConfigError
 
 EXIT_CANNOT_FIT = 3  # `distill-llm plan` exits with this when an error flag fired
 
@@ -201,12 +202,11 @@ def _offline() -> bool:
 
 def _fetch_config(name: str, revision: str | None, trust_remote_code: bool) -> tuple[Any | None, str]:
     """(transformers config or None, why not)."""
-    from .paths import resolve_model
+    from ..paths import resolve_model
 
-    if name == "toy-student":  # built from its shape, not saved, so planning does not build the model
-        from .toy import STUDENT_SHAPE, build_tokenizer, qwen2_config
-
-        return qwen2_config(STUDENT_SHAPE, build_tokenizer()), "built-in toy shape"
+    builtin = registry.model(name)
+    if builtin is not None and builtin.config is not None:  # sized from its shape: planning builds no model
+        return builtin.config(), f"built-in {name} shape"
     path = resolve_model(name)
     from transformers import AutoConfig
 
@@ -287,7 +287,7 @@ def count_prompts(cfg: Config) -> int | None:
     if cfg.data.num_prompts is not None:
         return cfg.data.num_prompts
     src = cfg.data.prompts
-    from .paths import filesystem, is_url
+    from ..paths import filesystem, is_url
 
     if not (src.endswith(".parquet") or (not is_url(src) and Path(src).is_dir() and any(Path(src).glob("*.parquet")))):
         return None

@@ -12,17 +12,17 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from . import faults
+from .. import faults
 from .attempts import AttemptLog
-from .checkers import check, get_checker
-from .tokenization import prompt_ids
-from .schema import SKIP_DETAIL, SKIP_REASON, engine_output_schema
+from ..evaluation.checkers import check, get_checker
+from ..tokenizers import prompt_ids
+from ..corpus.schema import SKIP_DETAIL, SKIP_REASON, engine_output_schema
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ class TeacherEngine:
             prompts.append({"prompt_token_ids": ids})
             params.append(self._params(row["sample_id"], len(ids)))
         self.batches += 1
-        faults.on_engine_batch(self.batches)
+        faults.point("engine_batch", self.batches)
         for i, result in zip(todo, self._generate([rows[i] for i in todo], prompts, params)):
             if isinstance(result, Quarantined):
                 out[i] = self._reject(rows[i], "engine_crash", str(result))
@@ -185,7 +185,7 @@ class TeacherEngine:
             results = self._one_by_one(rows, prompts, params)
         else:
             try:
-                faults.before_generate([_text(r) for r in rows])
+                faults.point("engine_prompts", prompts=[_text(r) for r in rows])
                 results = self._engine_generate(prompts, params)
             except Exception as err:
                 if _engine_dead(err):
@@ -213,7 +213,7 @@ class TeacherEngine:
                     f"(generate.max_row_attempts={self.attempts.max_row_attempts}); quarantined"))
                 continue
             try:
-                faults.before_generate([_text(row)])
+                faults.point("engine_prompts", prompts=[_text(row)])
                 results.append(self._engine_generate([p], [sp])[0])
             except Exception as row_err:
                 if _engine_dead(row_err):
@@ -310,7 +310,3 @@ def engine_resources(spec: EngineSpec, use_gpu: bool) -> dict[str, Any]:
     if spec.resources:
         out["resources"] = dict(spec.resources)
     return out
-
-
-def describe(spec: EngineSpec, sampling: SamplingSpec) -> dict[str, Any]:
-    return {"engine": asdict(spec), "sampling": asdict(sampling)}
