@@ -1,0 +1,58 @@
+"""Answer checkers: verdicts on the main thread, off it (where Ray Data runs an engine actor's batches),
+and inside the real teacher and evaluation stages."""
+
+import threading
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import small_config
+from distill_llm.evaluation.checkers import check, get_checker
+
+CASES = [("<think>7+5=12</think>632", "632", True), ("<think></think>\\boxed{\\frac{1}{2}}", "0.5", True),
+         ("<think></think>631", "632", False), ("no answer at all", "632", False), ("<think></think>x", "\\frac{", False)]
+
+
+def _off_main_thread(fn, *args):
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(value=fn(*args)))
+    worker.start()
+    worker.join()
+    return out["value"]
+
+
+def test_math_checker_gives_the_same_verdicts_off_the_main_thread():
+    """math-verify times out with signal.alarm, which only works on a main thread: off it every check
+    came back False (and every R1 recipe trained on nothing)."""
+    math = get_checker("math")
+    on_main = [check(math, c, a) for c, a, _ in CASES]
+    assert on_main == [want for _, _, want in CASES]
+    assert _off_main_thread(lambda: [check(math, c, a) for c, a, _ in CASES]) == on_main
+
+
+def test_unknown_checker_names_the_key_and_the_choices():
+    from distill_llm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.checker: unknown checker 'maths'; choose one of .*'math'.*'toy'"):
+        get_checker("maths")
+
+
+@pytest.mark.slow
+def test_math_checker_inside_the_teacher_and_evaluation_stages(ray_session, tmp_path):
+    """The toy answers are integers, so the math checker must agree with the toy checker on every sample."""
+    from distill_llm.corpus.shards import read_shards
+    from distill_llm.evaluation.stage import evaluate
+    from distill_llm.teacher.stage import generate
+
+    cfg = small_config(tmp_path, data={"checker": "math", "num_prompts": 16}, generate={"samples_per_prompt": 1},
+                       eval={"num_prompts": 8, "include_base_student": "false"})
+    generate(cfg)
+    rows = read_shards(cfg.output.dir, columns=["completion_text", "answer", "answer_correct"]).to_pylist()
+    toy = get_checker("toy")
+    assert [r["answer_correct"] for r in rows] == [check(toy, r["completion_text"], r["answer"]) for r in rows]
+    assert sum(r["answer_correct"] for r in rows) >= 14, "the toy teacher solves nearly every problem"
+
+    results = evaluate(cfg)
+    samples = pq.read_table(f"{cfg.eval_dir}/samples-teacher.parquet").to_pylist()
+    assert len(samples) == 8 and results["teacher"]["pass@1"] >= 0.85
+    assert [s["answer_correct"] for s in samples] == [check(toy, s["completion_text"], s["answer"]) for s in samples]
