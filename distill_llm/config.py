@@ -174,7 +174,7 @@ class EvalConfig(_Section):
 
 
 class RayConfig(_Section):
-    address: str | None = None  # None: connect to RAY_ADDRESS or start a local Ray in-process
+    address: str | None = None  # None: RAY_ADDRESS, else a private local Ray (never a head running here); auto: join it
     num_cpus: int | None = None  # for a local Ray only
     dashboard_host: str = "127.0.0.1"
 
