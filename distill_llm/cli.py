@@ -14,12 +14,53 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import traceback
 
 from .config import Config, ConfigError, dump_config, load_config
 
 STAGES = ("generate", "train", "eval", "run")
-JOB_COMMANDS = ("submit", "jobs")  # parsed by job_main: they take flags (--address ...) besides overrides
+JOB_COMMANDS = ("submit", "jobs")
+DEBUG_ENV = "DISTILL_LLM_DEBUG"  # 1: print the traceback of an unexpected error (as --debug does)
+
+# Each command: (one-line summary, what it does, an example).
+COMMANDS = {
+    "generate": ("teacher -> shards in output.dir",
+                 "Run the teacher over data.prompts and write Parquet shards with top-k logprobs to output.dir "
+                 "(resumable: a rerun skips committed samples).",
+                 "distill-llm generate configs/quickstart.yaml data.num_prompts=64 output.dir=runs/a/shards"),
+    "train": ("shards -> student checkpoint in output.student_dir",
+              "Train the student on the shards (data.shards, default output.dir) with Ray Train and export a "
+              "Hugging Face folder to output.student_dir.",
+              "distill-llm train configs/quickstart.yaml train.max_steps=200 train.alpha=0.5"),
+    "eval": ("teacher and students scored side by side",
+             "Serve the teacher, the base and distilled student and any model=PATH, and score them on "
+             "eval.prompts; writes report.json / report.md to output.eval_dir.",
+             "distill-llm eval configs/quickstart.yaml model=runs/other/student eval.num_prompts=50"),
+    "run": ("generate -> train -> eval",
+            "The three stages one after the other, with one config.",
+            "distill-llm run configs/quickstart.yaml"),
+    "inspect": ("what a shard set holds",
+                "Rows, prompts, completion tokens, k, bytes per token, finish reasons and the answer pass rate of "
+                "a shard set, computed from its files.",
+                "distill-llm inspect runs/quickstart/shards --json"),
+    "config": ("print the validated config",
+               "Read the config and the overrides, validate them and print the full config with every default.",
+               "distill-llm config configs/quickstart.yaml train.alpha=0"),
+    "plan": ("tokens, bytes, GPU-hours and fit, before anything runs",
+             "Estimate what the config will cost and flag what cannot fit (exit 3) without starting anything.",
+             "distill-llm plan configs/r1distill-qwen7b.yaml plan.gpu_type=H200"),
+    "submit": ("a stage as a Ray job",
+               "Validate the config here, submit a stage to a Ray cluster's job server and follow its log "
+               "(exit 0 when the job SUCCEEDED).",
+               "distill-llm submit configs/quickstart.yaml --address http://HEAD:8265 --stage generate "
+               "output.dir=s3://BUCKET/run1/shards"),
+    "jobs": ("manage submitted jobs",
+             "Status, logs (--follow) or stop of a job submitted with `distill-llm submit`.",
+             "distill-llm jobs logs raysubmit_XXXX --follow --address http://HEAD:8265"),
+}
 
 
 def _split(args: list[str]) -> tuple[str | None, list[str]]:
@@ -66,24 +107,6 @@ def run_stage(stage: str, cfg: Config) -> None:
         evaluate(cfg, student=student)
 
 
-def _job_parser(command: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"distill-llm {command}")
-    parser.add_argument("--address", help="job server (Ray dashboard) URL, e.g. http://HEAD:8265; "
-                                           "default: RAY_ADDRESS, then ray.address of the config when it is http")
-    parser.add_argument("--server-timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="while following a job, give up after the job server is unreachable this long")
-    if command == "submit":
-        parser.add_argument("config", help="CONFIG.yaml")
-        parser.add_argument("overrides", nargs="*", help="dotted.key=value")
-        parser.add_argument("--stage", choices=STAGES, default="run")
-        parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    else:
-        parser.add_argument("action", choices=["status", "logs", "stop"])
-        parser.add_argument("job_id")
-        parser.add_argument("--follow", action="store_true", help="logs: follow until the job ends")
-    return parser
-
-
 def _follow_to_end(client, job_id: str, address: str, server_timeout_s: float) -> int:
     """Follow a job's logs; 0 when it succeeded, 1 with its error on stderr otherwise."""
     from .cluster import jobs
@@ -127,54 +150,137 @@ def _job_command(command: str, ns: argparse.Namespace) -> int:
     return 0
 
 
-def job_main(argv: list[str]) -> int:
-    """``submit`` and ``jobs``: ConfigError exits 2, an unreachable server or a failed job 1."""
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", metavar="CONFIG.yaml",
+                        help="the YAML config (omitted: the built-in defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value",
+                        help="overrides parsed as YAML scalars, e.g. train.alpha=0 student.lora=null")
+
+
+def _add_job_args(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--address", help="job server (Ray dashboard) URL, e.g. http://HEAD:8265; "
+                                           "default: RAY_ADDRESS, then ray.address of the config when it is http")
+    parser.add_argument("--server-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="while following a job, give up after the job server is unreachable this long")
+    if command == "submit":
+        _add_config_args(parser)
+        parser.add_argument("--stage", choices=STAGES, default="run")
+        parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    else:
+        parser.add_argument("action", choices=["status", "logs", "stop"])
+        parser.add_argument("job_id")
+        parser.add_argument("--follow", action="store_true", help="logs: follow until the job ends")
+
+
+def command_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of one command, with its own --help: what it does, its arguments and an example."""
+    summary, description, example = COMMANDS[command]
+    parser = argparse.ArgumentParser(prog=f"distill-llm {command}", description=f"{summary}. {description}",
+                                     epilog=f"example:\n  {example}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if command in JOB_COMMANDS:
+        _add_job_args(parser, command)
+    elif command == "inspect":
+        parser.add_argument("dir", metavar="DIR", help="a shard set: a local folder or an s3:// / gs:// URL")
+        parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+    else:
+        _add_config_args(parser)
+    if command == "eval":
+        parser.epilog += "\n\nmodel=PATH (repeatable) adds PATH to eval.models."
+    parser.add_argument("--debug", action="store_true",
+                        help=f"print the traceback of an unexpected error (or set {DEBUG_ENV}=1)")
+    return parser
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<9} {summary}" for name, (summary, _, _) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="distill-llm", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Offline LLM distillation on Ray: every command reads the same YAML config with dotted "
+                    f"overrides.\n\ncommands:\n{lines}\n\n`distill-llm COMMAND --help` shows a command's "
+                    "arguments and an example.")
+    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
+    return parser
+
+
+def _config_and_overrides(ns: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """An override in the config's place (no file, just overrides) goes back to the overrides."""
+    if ns.config is not None and "=" in ns.config:
+        return None, [ns.config, *ns.overrides]
+    return ns.config, list(ns.overrides)
+
+
+def _run_command(command: str, ns: argparse.Namespace) -> int:
+    if command in JOB_COMMANDS:
+        if command == "submit":
+            ns.config, ns.overrides = _config_and_overrides(ns)
+            if ns.config is None:
+                raise ConfigError("submit needs a config file: distill-llm submit CONFIG.yaml --address URL")
+        return _job_command(command, ns)
+    if command == "inspect":
+        from .corpus.shards import format_inspect, inspect
+
+        info = inspect(ns.dir)
+        print(json.dumps(info, indent=2, sort_keys=True) if ns.json else format_inspect(info))
+        return 0
+    path, overrides = _config_and_overrides(ns)
+    args = ([path] if path else []) + overrides
+    if command == "config":
+        print(dump_config(load("config", args)), end="")
+    elif command == "plan":
+        from .cluster.plan import EXIT_CANNOT_FIT, format_plan, plan
+
+        cfg = load("plan", args)
+        result = plan(cfg)
+        print(format_plan(result, cfg))
+        if not result.fits:
+            return EXIT_CANNOT_FIT
+    else:
+        run_stage(command, load(command, args))
+    return 0
+
+
+def unexpected_error(command: str, err: BaseException) -> str:
+    """One line for an error that is not a config error: what failed, and what to do next."""
+    text = " ".join(str(err).split()) or "(no message)"
+    if len(text) > 400:
+        text = text[:400] + " ..."
+    return (f"distill-llm {command}: failed: {type(err).__name__}: {text} -- fix the cause named here and rerun the "
+            f"same command (stages resume from what they committed); --debug or {DEBUG_ENV}=1 prints the "
+            "traceback")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 on success, 2 on a config error, 1 on any other error (one line; the traceback with --debug)."""
     from .cluster.jobs import JobError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        top = _top_parser()
+        if not argv:
+            top.print_help(sys.stderr)
+            return 2
+        top.parse_args(argv[:1])  # --help, or an error naming the valid commands
+        return 2
     command = argv[0]
-    ns = _job_parser(command).parse_intermixed_args(argv[1:])
+    ns = command_parser(command).parse_intermixed_args(argv[1:])
+    debug = ns.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        return _job_command(command, ns)
+        return _run_command(command, ns)
     except ConfigError as err:
         print(f"distill-llm {command}: error: {err}", file=sys.stderr)
         return 2
     except JobError as err:
         print(f"distill-llm {command}: error: {err}", file=sys.stderr)
         return 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in JOB_COMMANDS:
-        return job_main(argv)
-    parser = argparse.ArgumentParser(prog="distill-llm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=[*STAGES, "inspect", "config", "plan", *JOB_COMMANDS])
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="CONFIG.yaml and dotted.key=value overrides")
-    ns = parser.parse_args(argv)
-    try:
-        if ns.command == "inspect":
-            from .corpus.shards import format_inspect, inspect
-
-            if len(ns.args) != 1:
-                parser.error("inspect takes one shard directory")
-            print(format_inspect(inspect(ns.args[0])))
-        elif ns.command == "config":
-            print(dump_config(load("config", ns.args)), end="")
-        elif ns.command == "plan":
-            from .cluster.plan import EXIT_CANNOT_FIT, format_plan, plan
-
-            cfg = load("plan", ns.args)
-            result = plan(cfg)
-            print(format_plan(result, cfg))
-            if not result.fits:
-                return EXIT_CANNOT_FIT
-        else:
-            run_stage(ns.command, load(ns.command, ns.args))
-    except ConfigError as err:
-        print(f"distill-llm {ns.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    except KeyboardInterrupt:
+        print(f"distill-llm {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        print(unexpected_error(command, err), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -63,10 +63,50 @@ class TeacherConfig(_Section):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to vllm.LLM as is
 
 
+HF_PREFIX = "hf:"  # data.prompts: hf:PATH[:NAME]:SPLIT reads a dataset through datasets.load_dataset
+PROMPT_COLUMNS = ("prompt", "messages", "answer")
+
+
+class DatasetSource(_Section):
+    """A dataset read through ``datasets.load_dataset``: a hub id or a local folder it can load."""
+
+    path: str  # hub id (AI-MO/NuminaMath-CoT) or a local folder of data files
+    name: str | None = None  # the dataset's configuration (subset); None: its default
+    split: str = "train"
+    revision: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict)  # source column -> prompt | messages | answer
+    streaming: bool | None = None  # None: stream hub datasets (no full download), load local folders
+
+    @field_validator("columns")
+    @classmethod
+    def _targets(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = {k: t for k, t in v.items() if t not in PROMPT_COLUMNS}
+        if bad:
+            raise ValueError(f"columns {bad} map onto unknown columns; map onto {', '.join(PROMPT_COLUMNS)}")
+        if len(set(v.values())) < len(v):
+            raise ValueError(f"columns {v} map two source columns onto one")
+        return v
+
+    @property
+    def uri(self) -> str:
+        """The ``hf:`` form of this source, as data.prompts shows it (and the run identity records it)."""
+        return f"{HF_PREFIX}{self.path}:{self.name + ':' if self.name else ''}{self.split}"
+
+    @classmethod
+    def parse(cls, uri: str) -> "DatasetSource":
+        """``hf:PATH[:NAME]:SPLIT`` (or ``hf:PATH``, the train split) as a DatasetSource."""
+        parts = uri[len(HF_PREFIX):].split(":")
+        if not parts[0] or len(parts) > 3:
+            raise ConfigError(f"data.prompts={uri}: expected hf:PATH[:NAME]:SPLIT, e.g. hf:AI-MO/NuminaMath-CoT:train")
+        split = parts[-1] if len(parts) > 1 else "train"
+        return cls(path=parts[0], name=parts[1] if len(parts) == 3 else None, split=split)
+
+
 class DataConfig(_Section):
     """Where prompts (and, for training, shards) come from."""
 
-    prompts: str = "toy:train"  # JSONL, Parquet, a saved HF dataset dir, or toy:train / toy:eval
+    prompts: str = "toy:train"  # JSONL, Parquet, a saved HF dataset dir, hf:PATH[:NAME]:SPLIT, or toy:train / toy:eval
+    dataset: DatasetSource | None = None  # datasets.load_dataset with a column mapping; data.prompts then shows hf:...
     num_prompts: int | None = Field(256, ge=1)  # first N prompts (toy: how many to make)
     system_prompt: str | None = None
     checker: str = "toy"  # answer checker: toy, math, exact, none
@@ -76,6 +116,20 @@ class DataConfig(_Section):
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_names_the_prompts(cls, tree: Any) -> Any:
+        """With data.dataset, data.prompts is its hf: form (one name for the run's identity and messages)."""
+        if not isinstance(tree, dict) or not isinstance(tree.get("dataset"), dict):
+            return tree
+        try:
+            uri = DatasetSource.model_validate(tree["dataset"]).uri
+        except ValidationError:
+            return tree  # the field's own validation names the bad key (data.dataset.columns ...)
+        if tree.get("prompts") not in (None, uri):
+            raise ValueError(f"data.prompts={tree['prompts']} and data.dataset ({uri}) both name the prompts; keep one")
+        return {**tree, "prompts": uri}
 
 
 class GenerateConfig(_Section):
@@ -174,7 +228,7 @@ class EvalConfig(_Section):
 
 
 class RayConfig(_Section):
-    address: str | None = None  # None: connect to RAY_ADDRESS or start a local Ray in-process
+    address: str | None = None  # None: RAY_ADDRESS, else a private local Ray (never a head running here); auto: join it
     num_cpus: int | None = None  # for a local Ray only
     dashboard_host: str = "127.0.0.1"
 

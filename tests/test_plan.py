@@ -9,6 +9,7 @@ import pytest
 
 from distill_llm.config import ConfigError, load_config
 from distill_llm.cluster.plan import (MODEL_TABLE, ModelShape, dense_param_count, lora_param_count, make_plan, model_shape,
+                              with_mla_cache,
                               shape_from_config, shard_bytes_per_token)
 
 QWEN7 = ModelShape(**MODEL_TABLE["Qwen/Qwen2.5-7B"], source="table")
@@ -222,3 +223,56 @@ def test_quickstart_plans_from_local_config_json(capsys):
     assert main(["plan", "configs/quickstart.yaml"]) == 0
     out = capsys.readouterr().out
     assert "config.json of" in out and "built-in toy-student shape" in out and "WARNING" not in out
+
+
+def test_mla_latent_cache_is_counted_on_every_tensor_parallel_rank():
+    from transformers import DeepseekV3Config
+
+    c = cfg("plan.gpu_type=H200", "teacher.tensor_parallel_size=8", "teacher.max_model_len=32768")
+    budget = 8 * 141e9 * 0.9
+    room = make_plan(c, R1, QWEN15).numbers["KV cache room"]
+    # 61 layers x (512 + 64) latent values x 2 bytes, held whole by each of the 8 ranks
+    assert room == pytest.approx((budget - 671e9) / (61 * 576 * 2 * 8 * 32768))
+    assert 18 < room < 19
+    # 62 GB left after the weights: 5.4 full-context sequences if the latent were split, 0.7 as vLLM stores it
+    full = cfg("plan.gpu_type=H200", "teacher.tensor_parallel_size=8", "teacher.max_model_len=163840",
+               "teacher.gpu_memory_utilization=0.65")
+    assert flags(full, R1, QWEN15).get("teacher.max_model_len") == "error"
+    # the latent read from an MLA config.json replaces whatever the table said
+    conf = DeepseekV3Config(num_hidden_layers=61, kv_lora_rank=256, qk_rope_head_dim=64, max_position_embeddings=4096)
+    shape = with_mla_cache(replace(R1, mla=False, kv_elems_per_token=None), conf)
+    assert shape.mla and shape.kv_elems_per_replica(8) == 61 * 320 * 8 and shape.max_positions == 4096
+    assert with_mla_cache(QWEN7, QWEN7) == QWEN7  # a dense config has no latent
+
+
+def test_kv_heads_fewer_than_tensor_parallel_ranks_are_replicated():
+    # Qwen2.5-7B has 4 KV heads: at TP 8 each rank still holds one, so the replica stores 8 heads per layer
+    assert QWEN7.kv_elems_per_replica(2) == 2 * 28 * 128 * 4
+    assert QWEN7.kv_elems_per_replica(8) == 2 * 28 * 128 * 8
+
+
+def test_an_unreachable_hub_is_detected_at_once_and_said_once(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    with socket.socket() as s:  # a port nothing listens on: the hub's connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf"),
+           "PYTHONPATH": str(root)}
+    env.pop("HF_HUB_OFFLINE", None)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "distill_llm.cli", "plan", str(root / "configs" / "quickstart.yaml"),
+                           "teacher.model=Qwen/Qwen2.5-7B-Instruct", "student.model=Qwen/Qwen2.5-1.5B-Instruct"],
+                          env=env, capture_output=True, text=True, timeout=45, cwd=root)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert out.count("unreachable") == 1 and f"127.0.0.1:{port} unreachable" in proc.stdout
+    assert "retry" not in out.lower() and "built-in table" in proc.stdout
+    assert elapsed < 30, f"{elapsed:.0f}s"

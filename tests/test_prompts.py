@@ -79,3 +79,55 @@ def test_repeated_prompts_are_skipped_not_duplicated(ray_session, tmp_path):
     got = read_prompts(DataConfig(prompts=str(path), num_prompts=None)).take_all()
     assert [r["skip_reason"] for r in got] == [None, None, "duplicate_prompt"]
     assert len({r["prompt_id"] for r in got}) == 3
+
+
+def numina_like_folder(root):
+    """A folder datasets.load_dataset reads, with NuminaMath's column names and two configurations."""
+    import yaml
+
+    rows = {"main": [{"problem": f"What is {i}+{i}?", "solution": f"{2 * i}", "source": "x"} for i in range(5)],
+            "hard": [{"problem": f"What is {i}*{i}?", "solution": f"{i * i}", "source": "y"} for i in range(3)]}
+    for name, items in rows.items():
+        (root / name).mkdir(parents=True)
+        for split, part in (("train", items), ("test", items[:1])):
+            pq.write_table(pa.Table.from_pylist(part), root / name / f"{split}.parquet")
+    configs = [{"config_name": n, "default": n == "main",
+                "data_files": [{"split": s, "path": f"{n}/{s}.parquet"} for s in ("train", "test")]} for n in rows]
+    (root / "README.md").write_text("---\n" + yaml.safe_dump({"configs": configs}) + "---\n")
+    return root
+
+
+def test_load_dataset_sources_map_their_columns(ray_session, tmp_path):
+    from distill_llm.config import load_config
+
+    folder = numina_like_folder(tmp_path / "numina")
+    section = f"data.dataset={{path: {folder}, name: hard, split: train, columns: {{problem: prompt, solution: answer}}}}"
+    cfg = load_config(None, [section, "data.num_prompts=null"])
+    assert cfg.data.prompts == f"hf:{folder}:hard:train"  # the name the run identity records
+    got = rows(read_prompts(cfg.data))
+    assert len(got) == 3 and {r["answer"] for r in got} == {"0", "1", "4"}
+    assert {r["messages"][0]["content"] for r in got} == {f"What is {i}*{i}?" for i in range(3)}
+    # streamed (as hub datasets are), whole and limited
+    streamed = cfg.data.model_copy(update={"dataset": cfg.data.dataset.model_copy(update={"streaming": True})})
+    assert rows(read_prompts(streamed)) == got
+    assert len(read_prompts(streamed, num_prompts=2).take_all()) == 2
+    # hf:PATH[:NAME]:SPLIT with the dataset's own column names needs a mapping: the error names the columns
+    with pytest.raises(ConfigError, match=r"columns \['problem', 'solution', 'source'\].*needs a 'prompt'"):
+        read_prompts(DataConfig(prompts=f"hf:{folder}:test"))
+    with pytest.raises(ConfigError, match=r"names \['question'\], which .* lacks"):
+        read_prompts(load_config(None, [f"data.dataset={{path: {folder}, columns: {{question: prompt}}}}"]).data)
+    with pytest.raises(ConfigError, match="load_dataset.*split='validation'.*failed"):
+        read_prompts(DataConfig(prompts=f"hf:{folder}:main:validation"))
+
+
+def test_hf_uri_and_dataset_section_are_checked_when_read():
+    from distill_llm.config import DatasetSource, load_config
+
+    assert DatasetSource.parse("hf:AI-MO/NuminaMath-CoT:train") == DatasetSource(path="AI-MO/NuminaMath-CoT")
+    assert DatasetSource.parse("hf:org/set:sub:test").name == "sub"
+    with pytest.raises(ConfigError, match="hf:PATH"):
+        DatasetSource.parse("hf:a:b:c:d")
+    with pytest.raises(ConfigError, match="data.dataset.columns: .*map onto prompt, messages, answer"):
+        load_config(None, ["data.dataset={path: x, columns: {problem: question}}"])
+    with pytest.raises(ConfigError, match="both name the prompts"):
+        load_config(None, ["data.prompts=p.jsonl", "data.dataset={path: x}"])

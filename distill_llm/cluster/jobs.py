@@ -127,9 +127,33 @@ def _bounded(fn: Callable[..., Any], *args: Any, timeout_s: float, what: str) ->
     err = box.get("error")
     if isinstance(err, (JobError, ConfigError)):
         raise err
+    if _is_auth_error(err):
+        raise JobError(auth_hint(what, err)) from None
     if err is not None:
         raise JobError(f"{what}: {err}") from err
     return box.get("value")
+
+
+def _is_auth_error(err: BaseException | None) -> bool:
+    from ray.exceptions import AuthenticationError
+
+    return isinstance(err, AuthenticationError)
+
+
+def auth_hint(what: str, err: BaseException) -> str:
+    """One sentence for Ray's AuthenticationError: which variable to set.
+
+    A head started with ``ray start --head`` turns token authentication on when this machine has a token
+    (``~/.ray/auth_token``, which any local Ray writes), while a client sends the token only when
+    RAY_AUTH_MODE=token is set in its own environment.
+    """
+    message = str(getattr(err, "message", err)).strip().rstrip(".")
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return (f"{what}: the Ray cluster requires an authentication token ({message}); set RAY_AUTH_MODE=token "
+                "(the token is read from RAY_AUTH_TOKEN, else ~/.ray/auth_token, which a head started on this "
+                "machine uses), e.g. RAY_AUTH_MODE=token distill-llm submit ...")
+    return (f"{what}: the Ray cluster refused the token sent ({message}); set RAY_AUTH_TOKEN to the cluster's "
+            "token (`ray get-auth-token` on the head prints it)")
 
 
 def connect(address: str, timeout_s: float = REQUEST_TIMEOUT_S):

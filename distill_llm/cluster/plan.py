@@ -96,6 +96,9 @@ class ModelShape:
     params: int | None = None  # total, for shapes the dense formula does not describe (MoE)
     active_params: int | None = None  # per token (MoE)
     kv_elems_per_token: int | None = None  # per token over all layers; None: 2 x layers x kv_heads x head_dim
+    # Multi-head latent attention (DeepSeek-V3/R1): kv_elems_per_token is the compressed latent
+    # (kv_lora_rank + qk_rope_head_dim per layer), which vLLM keeps whole on every tensor-parallel rank.
+    mla: bool = False
     source: str = ""
 
     @property
@@ -109,6 +112,19 @@ class ModelShape:
     @property
     def kv_elems(self) -> int:
         return self.kv_elems_per_token or 2 * self.layers * self.kv_heads * self.head_dim
+
+    def kv_elems_per_replica(self, tp: int) -> int:
+        """KV-cache values one token takes over all GPUs of a replica at tensor-parallel size ``tp``.
+
+        Each rank holds its share of the KV heads, and at least one head (vLLM replicates KV heads when
+        tp > kv_heads); an MLA latent cache has no heads to split, so every rank holds all of it.
+        Pipeline stages split the layers without copying them.
+        """
+        if self.mla:
+            return self.kv_elems * tp
+        if self.kv_elems_per_token is not None:
+            return self.kv_elems_per_token
+        return 2 * self.layers * self.head_dim * max(self.kv_heads, tp)
 
     @property
     def matmul_params(self) -> int:
@@ -144,7 +160,7 @@ MODEL_TABLE: dict[str, dict[str, Any]] = {
     "deepseek-ai/DeepSeek-R1": dict(vocab=129280, hidden=7168, intermediate=18432, layers=61, heads=128,
                                     kv_heads=128, head_dim=128, tied=False, max_positions=163840,
                                     qkv_bias=False, dtype_bytes=1, params=671_000_000_000,
-                                    active_params=37_000_000_000, kv_elems_per_token=61 * 576),
+                                    active_params=37_000_000_000, kv_elems_per_token=61 * 576, mla=True),
 }
 MODEL_TABLE["deepseek-ai/DeepSeek-R1-0528"] = MODEL_TABLE["deepseek-ai/DeepSeek-R1"]
 
@@ -195,9 +211,48 @@ def shape_from_config(conf: Any, source: str) -> ModelShape | None:
         qk_norm=model_type == "qwen3", dtype_bytes=1 if fp8 else DTYPE_BYTES.get(dtype, 2), source=source)
 
 
+HUB_PROBE_TIMEOUT_S = 3.0  # one connection attempt to the hub; huggingface_hub's own retries take about a minute
+_hub_offline: dict[str, str | None] = {}  # endpoint -> why it is unreachable (None: reachable), probed once
+
+
 def _offline() -> bool:
     """Read at call time (huggingface_hub reads HF_HUB_OFFLINE once at import)."""
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _probe(host: str, port: int, timeout_s: float) -> str | None:
+    """None when a TCP connection to host:port opens within timeout_s (name lookup included), else why not."""
+    import socket
+    import threading
+
+    box: dict[str, str | None] = {}
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            box["why"] = None
+        except OSError as err:
+            box["why"] = f"{type(err).__name__}: {err}"
+
+    thread = threading.Thread(target=connect, daemon=True)  # getaddrinfo has no timeout of its own
+    thread.start()
+    thread.join(timeout_s)
+    return box.get("why", f"no answer in {timeout_s:g}s")
+
+
+def hub_offline() -> str | None:
+    """Why the Hugging Face hub cannot be used (HF_HUB_OFFLINE, or one short probe failed), or None."""
+    if _offline():
+        return "HF_HUB_OFFLINE is set"
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    if endpoint not in _hub_offline:
+        url = urlparse(endpoint)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        why = _probe(url.hostname or "", port, HUB_PROBE_TIMEOUT_S)
+        _hub_offline[endpoint] = None if why is None else f"{endpoint} unreachable ({why})"
+    return _hub_offline[endpoint]
 
 
 def _fetch_config(name: str, revision: str | None, trust_remote_code: bool) -> tuple[Any | None, str]:
@@ -210,12 +265,23 @@ def _fetch_config(name: str, revision: str | None, trust_remote_code: bool) -> t
     path = resolve_model(name)
     from transformers import AutoConfig
 
+    local_only = os.path.isdir(path) or hub_offline() is not None  # offline: the local cache only, no retries
     try:
         conf = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
-                                          local_files_only=_offline())
+                                          local_files_only=local_only)
     except (OSError, ValueError) as err:  # offline, no such model, or an architecture transformers lacks
         return None, f"config.json of {name} unavailable ({type(err).__name__})"
     return conf, f"config.json of {path}"
+
+
+def with_mla_cache(shape: ModelShape, conf: Any) -> ModelShape:
+    """``shape`` with the latent KV cache of an MLA config (kv_lora_rank + qk_rope_head_dim per layer), if it has one."""
+    conf = getattr(conf, "text_config", conf)
+    rank, rope = getattr(conf, "kv_lora_rank", None), getattr(conf, "qk_rope_head_dim", None)
+    if not rank or rope is None:
+        return shape
+    return replace(shape, kv_elems_per_token=conf.num_hidden_layers * (rank + rope), mla=True,
+                   layers=conf.num_hidden_layers, max_positions=conf.max_position_embeddings or shape.max_positions)
 
 
 def model_shape(name: str, revision: str | None, trust_remote_code: bool) -> tuple[ModelShape | None, str]:
@@ -229,7 +295,8 @@ def model_shape(name: str, revision: str | None, trust_remote_code: bool) -> tup
         why = f"model_type {kind} is not a dense {'/'.join(DENSE_TYPES)} decoder"
     if name in MODEL_TABLE:
         source = f"built-in table; {why}"
-        return ModelShape(**MODEL_TABLE[name], source=source), source
+        shape = ModelShape(**MODEL_TABLE[name], source=source)
+        return (with_mla_cache(shape, conf) if conf is not None else shape), source
     return None, why
 
 
@@ -396,10 +463,11 @@ def teacher_fit(plan: Plan, cfg: Config, s: ModelShape, gpu: GpuSpec) -> None:
         plan.flag("error", "teacher.max_model_len", f"teacher.max_model_len={t.max_model_len:,} exceeds the model's "
                   f"max_position_embeddings {s.max_positions:,}")
     if weights <= budget and s.kv_elems:
-        kv_token = s.kv_elems * 2  # vLLM's KV cache is 16-bit unless kv_cache_dtype says otherwise
+        kv_token = s.kv_elems_per_replica(tp) * 2  # vLLM's KV cache is 16-bit unless kv_cache_dtype says otherwise
         seqs = (budget - weights) / (kv_token * seq)
+        copies = f", the MLA latent on each of {tp} TP ranks" if s.mla and tp > 1 else ""
         plan.add("KV cache room", seqs, f"{seqs:,.1f} seqs",
-                 f"(memory - weights) / ({kv_token / 1e3:.0f} kB/token x max_model_len {seq:,})")
+                 f"(memory - weights) / ({kv_token / 1e3:.0f} kB/token{copies} x max_model_len {seq:,})")
         if seqs < 1:
             plan.flag("error", "teacher.max_model_len", f"after the weights, the KV cache holds {seqs:.2f} sequences of "
                       f"{seq:,} tokens (vLLM refuses to start below one); lower teacher.max_model_len or add GPUs")
@@ -506,7 +574,16 @@ def plan(cfg: Config) -> Plan:
                               ("student", cfg.student, cfg.plan.student_params_b)):
         shape, sources[role] = model_shape(m.model, m.revision, m.trust_remote_code)
         shapes[role] = with_params(shape, params_b, role)
-    return make_plan(cfg, shapes["teacher"], shapes["student"], sources)
+    result = make_plan(cfg, shapes["teacher"], shapes["student"], sources)
+    offline = [m for m in (cfg.teacher.model, cfg.student.model) if _is_hub_id(m)] and hub_offline()
+    if offline:  # said once, here, rather than as retries per model
+        result.rows.insert(0, ("hub", "offline", f"{offline}: shapes from the local cache and the built-in table"))
+    return result
+
+
+def _is_hub_id(name: str) -> bool:
+    """A name the hub would be asked for: not a built-in, a local folder or a URL."""
+    return registry.model(name) is None and not os.path.isdir(os.path.expanduser(name)) and "://" not in name
 
 
 def format_plan(p: Plan, cfg: Config) -> str:

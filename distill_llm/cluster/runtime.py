@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+from pathlib import Path
 from typing import Mapping
 
 from ..config import RayConfig
@@ -37,7 +39,12 @@ def _job_env_vars() -> set[str]:
 
 
 def init_ray(cfg: RayConfig) -> None:
-    """Join ``ray.address`` / RAY_ADDRESS, or start a local Ray bound to loopback."""
+    """Join ``ray.address`` / RAY_ADDRESS (``auto``: the Ray already running here), else start a private Ray.
+
+    Without an address the local Ray is always a new, private instance (Ray's ``address="local"``): a head
+    started on this machine with ``ray start --head``, or the stale record of a dead one (``ray_current_cluster``
+    in Ray's temp dir), is neither joined nor an error. ``ray.address: auto`` joins the running head instead.
+    """
     import ray
 
     if ray.is_initialized():
@@ -53,12 +60,31 @@ def init_ray(cfg: RayConfig) -> None:
     else:
         # Logical CPUs are scheduling tokens: on a 2-core laptop two Train workers would take both and
         # starve the Ray Data tasks that feed them (a deadlock), so a local Ray gets at least 4.
-        ray.init(num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+        num_cpus = cfg.num_cpus or max(4, os.cpu_count() or 1)
+        recorded = running_head_recorded()
+        other = (f"; the Ray head recorded at {recorded} is not joined (ray.address=auto joins it)"
+                 if recorded else "")
+        print(f"ray: starting a private local Ray ({num_cpus} CPUs){other}", file=sys.stderr, flush=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  dashboard_host=cfg.dashboard_host,
                  runtime_env=env, logging_level=logging.WARNING, configure_logging=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.print_on_execution_start = False
+
+
+def running_head_recorded() -> str | None:
+    """The address in Ray's ``ray_current_cluster`` record (written by ``ray start``), or None.
+
+    The record lies in Ray's default temp dir (RAY_TMPDIR, else TMPDIR on Linux, else /tmp, plus ``/ray``)
+    and may point at a head that has since died; either way a run without ``ray.address`` does not use it.
+    """
+    from ray._common.utils import get_ray_address_file
+
+    try:
+        return Path(get_ray_address_file(None)).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def cluster_gpus() -> float:

@@ -1,4 +1,5 @@
-"""Prompts in: JSONL, Parquet, a saved HF dataset or a plug-in's split -> normalised prompt rows -> sample rows."""
+"""Prompts in: JSONL, Parquet, a saved HF dataset, a load_dataset source (hub id or local folder, with a column
+mapping) or a plug-in's split -> normalised prompt rows -> sample rows."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pyarrow.fs as pafs
 import ray.data
 
 from .. import registry
-from ..config import ConfigError, DataConfig
+from ..config import HF_PREFIX, PROMPT_COLUMNS, ConfigError, DataConfig, DatasetSource
 from ..paths import filesystem, is_url
 from .schema import MESSAGE, SKIP_DETAIL, SKIP_REASON
 
@@ -96,6 +97,10 @@ def read_prompts(cfg: DataConfig, source: str | None = None, num_prompts: int | 
     """A Ray Dataset of normalised prompt rows (PROMPT_SCHEMA) from a toy split, JSONL, Parquet or HF dir."""
     source = source or cfg.prompts
     limit = num_prompts if num_prompts is not None else cfg.num_prompts
+    if cfg.dataset is not None and source == cfg.prompts:
+        return read_dataset(cfg.dataset, limit)
+    if source.startswith(HF_PREFIX):
+        return read_dataset(DatasetSource.parse(source), limit)
     builtin = registry.prompt_source(source)
     if builtin is not None:  # a plug-in's prompts (toy:train), made on the driver
         make, split = builtin
@@ -132,6 +137,61 @@ def read_prompts(cfg: DataConfig, source: str | None = None, num_prompts: int | 
         ds = ds.limit(limit)
     # Streamed Parquet is not deduplicated (that needs a shuffle); row positions in the ids of bad rows
     # are per batch here, while the reason and detail still describe the row.
+    return ds.map_batches(_normalize_batch, batch_format="pyarrow", zero_copy_batch=True)
+
+
+def _load_dataset(spec: DatasetSource, streaming: bool):
+    """datasets.load_dataset of the source; what fails there is named as a config error."""
+    import datasets
+
+    local = Path(spec.path).expanduser()
+    try:
+        return datasets.load_dataset(str(local) if local.is_dir() else spec.path, spec.name, split=spec.split,
+                                     revision=spec.revision, streaming=streaming)
+    except Exception as err:  # DatasetNotFoundError, an unknown split or config, no network: all named alike
+        text = " ".join(str(err).split())[:300]
+        raise ConfigError(f"data.prompts={spec.uri}: datasets.load_dataset({spec.path!r}, name={spec.name!r}, "
+                          f"split={spec.split!r}) failed: {type(err).__name__}: {text}") from None
+
+
+def _mapped_columns(spec: DatasetSource, names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(source columns to keep, renames) so the rows carry prompt/messages/answer as data.dataset.columns says."""
+    missing = [c for c in spec.columns if c not in names]
+    if missing:
+        raise ConfigError(f"data.dataset.columns names {missing}, which {spec.uri} lacks; its columns: {names}")
+    targets = set(spec.columns.values())
+    keep = [c for c in names if c in spec.columns or (c in PROMPT_COLUMNS and c not in targets)]
+    if not {"prompt", "messages"} & {spec.columns.get(c, c) for c in keep}:
+        raise ConfigError(f"{spec.uri} has columns {names}; it needs a 'prompt' (string) or 'messages' (chat) column: "
+                          "map one with data.dataset.columns, e.g. {problem: prompt, solution: answer}")
+    return keep, {c: t for c, t in spec.columns.items() if c != t}
+
+
+def read_dataset(spec: DatasetSource, limit: int | None):
+    """A load_dataset source as normalised prompt rows; hub datasets stream (no full download) unless told not to.
+
+    A limited or local read is normalised and deduplicated on the driver, like a saved dataset; an unlimited
+    stream goes through Ray Data batch by batch (not deduplicated, like Parquet).
+    """
+    local = Path(spec.path).expanduser().is_dir()
+    streaming = spec.streaming if spec.streaming is not None else not local
+    hf = _load_dataset(spec, streaming)
+    names = list(hf.column_names or next(iter(hf), {}).keys())  # a stream of untyped files has no features yet
+    keep, renames = _mapped_columns(spec, names)
+    hf = hf.select_columns(keep)
+    if renames:
+        hf = hf.rename_columns(renames)
+    if not streaming or limit is not None:
+        items = list(hf.take(limit)) if streaming else hf.select(range(min(limit or len(hf), len(hf)))).to_list()
+        if not items:
+            raise ConfigError(f"data.prompts={spec.uri} holds no rows")
+        return ray.data.from_arrow(drop_duplicates([normalize_prompt(r, i) for i, r in enumerate(items)]))
+    # Ray's datasource iterates the stream itself. Not ray.data.from_huggingface: for a stream it reads the hub's
+    # Parquet export of whatever dataset bears the same name, dropping the column mapping (and, for a local
+    # folder, possibly reading an unrelated hub dataset of that name).
+    from ray.data._internal.datasource.huggingface_datasource import HuggingFaceDatasource
+
+    ds = ray.data.read_datasource(HuggingFaceDatasource(dataset=hf))
     return ds.map_batches(_normalize_batch, batch_format="pyarrow", zero_copy_batch=True)
 
 
