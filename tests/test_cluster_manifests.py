@@ -282,3 +282,21 @@ def test_checker_catches_a_launcher_without_the_resources():
 def test_ray_start_resources_parses_kuberay_quoting():
     assert ray_start_resources({"resources": '"{\\"teacher\\": 1, \\"x\\": 2.5}"'}) == {"teacher": 1, "x": 2.5}
     assert ray_start_resources({}) == {}
+
+
+SUBREAPER = "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"
+
+
+def test_every_ray_node_kills_the_children_of_dead_workers():
+    """A second guard beside vLLM's own: the raylet kills a dead engine actor's engine-core child, so a
+    restarted engine finds the GPU memory free (tests/test_generate_faults.py checks it on CPU)."""
+    for name, (path, cluster) in CLUSTERS.items():
+        spec = cluster["spec"]
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            for container in group["template"]["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                assert env.get(SUBREAPER) == "true", f"{path.name}: {container['name']} of {name}"
+    launcher = docs(LAUNCHER)[0]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in launcher[key] if " start " in f" {c} "]
+        assert starts and all(c.startswith(f"{SUBREAPER}=true ") for c in starts), key
