@@ -11,7 +11,6 @@ killed by pid afterwards, so no Ray or vLLM process leaks into later tests.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
