@@ -152,9 +152,9 @@ class TeacherEngine:
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
-        self._check_engine()
         self.generating = threading.Event()
         _watch_engine(self.llm, self.generating)
+        self._check_engine()
 
     def close(self) -> None:
         """Stop the engine-core process now, the way vLLM's own shutdown does (idempotent).
@@ -190,7 +190,7 @@ class TeacherEngine:
         probe = SamplingParams(max_tokens=2, temperature=1.0, logprobs=self.k, flat_logprobs=True, detokenize=False,
                                seed=0, ignore_eos=True)
         ids = self.tokenizer.encode("1+1=") or [0]
-        out = self.llm.generate([{"prompt_token_ids": ids}], [probe], use_tqdm=False)[0].outputs[0]
+        out = self._engine_generate([{"prompt_token_ids": ids}], [probe])[0].outputs[0]
         problem = layout_problem(out.logprobs, list(out.token_ids), self.k)
         if problem:
             raise EngineLayoutError(
