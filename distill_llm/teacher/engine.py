@@ -154,6 +154,7 @@ class TeacherEngine:
         self.max_len = self.llm.llm_engine.model_config.max_model_len
         self.generating = threading.Event()
         _watch_engine(self.llm, self.generating)
+        _shutdown_at_exit(self.llm)
         self._check_engine()
 
     def close(self) -> None:
@@ -365,6 +366,20 @@ def _watch_engine(llm, generating: threading.Event) -> None:
         _exit_for_restart("its engine-core process died during a generate call")
 
     threading.Thread(target=watch, name="distill-llm-engine-watchdog", daemon=True).start()
+
+
+def _shutdown_at_exit(llm) -> None:
+    """Shut the engine core down when the actor process exits normally (Ray Data releasing the actor).
+
+    Handlers registered later run first, so this runs before multiprocessing's own exit handler terminates
+    the engine-core child: vLLM's liveness monitor then sees a shutdown, not an engine core that vanished
+    ("engine core exited unexpectedly" after a successful run). Idempotent with TeacherEngine.close.
+    """
+    import atexit
+
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        atexit.register(core.shutdown)
 
 
 def _exit_for_restart(reason: str) -> None:
