@@ -160,8 +160,8 @@ class TeacherEngine:
     def close(self) -> None:
         """Stop the engine-core process now, the way vLLM's own shutdown does (idempotent).
 
-        Without it the actor process exits with the engine still attached: vLLM's liveness monitor then
-        sees its engine core vanish and logs "engine core exited unexpectedly" after a run that succeeded.
+        Without it the actor process exits with the engine still attached, and vLLM's liveness monitor sees
+        its engine core vanish ("engine core exited unexpectedly", README "Faults and restarts").
         """
         llm, self.llm = getattr(self, "llm", None), None
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)

@@ -133,30 +133,6 @@ def check_engines_fit(cfg: Config, spec: EngineSpec, use_gpu: bool, what: str = 
                     timeout_s=t.placement_timeout_s, what=what)
 
 
-def wait_for_engines_to_exit(timeout_s: float = 60.0) -> None:
-    """Wait (bounded) until the engine actors Ray Data released have exited.
-
-    Ray Data releases its actors gracefully when a dataset is done, and each engine then shuts its vLLM
-    engine core down (TeacherEngine.close). Waiting here lets that finish before the next stage takes the
-    devices, or before a driver that started a local Ray exits and tears it down under the engines (vLLM
-    would then report "engine core exited unexpectedly" after a run that succeeded).
-    """
-    import ray
-    from ray._private.state import actors  # the GCS's actor table: works without the dashboard
-
-    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            alive = [a for a in actors(job_id=job, actor_state_name="ALIVE").values()
-                     if "MapWorker" in a["ActorClassName"]]
-        except Exception:  # another Ray version: nothing to wait on
-            return
-        if not alive:
-            return
-        time.sleep(0.5)
-
-
 def engine_build(distributions: dict[str, str]) -> str | None:
     """"gpu", "cpu" or None (no vLLM) from the distributions providing the ``vllm`` module, name -> version.
 
@@ -247,8 +223,6 @@ def generate(cfg: Config) -> dict[str, Any]:
     writer = ShardWriter(out_dir, g.top_k_logprobs, g.logprobs_dtype, metadata=run)
     with storage_errors(out_dir):
         rows.write_datasink(ShardSink(writer, g.rows_per_shard))
-    wait_for_engines_to_exit()
-    with storage_errors(out_dir):
         manifest = write_manifest(out_dir, extra=extra, max_rejected=g.max_errored_rows, expected=expected)
     seconds = time.time() - start
     t = manifest["totals"]
