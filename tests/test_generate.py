@@ -77,7 +77,7 @@ def test_other_config_in_same_dir_is_refused(generated, tmp_path):
         generate(other)
 
 
-def test_bad_prompt_rows_are_skipped_and_counted(ray_session, tmp_path):
+def test_bad_prompt_rows_are_skipped_and_counted(ray_session, tmp_path, capfd):
     from distill_llm.teacher.stage import generate
 
     prompts = tmp_path / "prompts.jsonl"
@@ -93,6 +93,8 @@ def test_bad_prompt_rows_are_skipped_and_counted(ray_session, tmp_path):
     cfg = small_config(tmp_path, data={"prompts": str(prompts), "num_prompts": "null"},
                        generate={"samples_per_prompt": 1})
     manifest = generate(cfg)
+    assert (f"generate: 3 prompts from {prompts} (5 skipped: bad_json 1, bad_messages 1, duplicate_prompt 1, "
+            "empty_prompt 1, missing_prompt 1)") in capfd.readouterr().out
     assert manifest["totals"]["rows"] == 2
     assert manifest["rejected"] == {"missing_prompt": 1, "empty_prompt": 1, "prompt_too_long": 1,
                                     "bad_json": 1, "bad_messages": 1, "duplicate_prompt": 1}

@@ -11,11 +11,11 @@ killed by pid afterwards, so no Ray or vLLM process leaks into later tests.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,6 +95,31 @@ def kill_session(sid: int) -> list[int]:
     return sorted(found)
 
 
+def engine_cores(sid: int) -> set[int]:
+    """vLLM engine-core processes of a session (vLLM names them VLLM::EngineCore through setproctitle)."""
+    cores = set()
+    for pid in session_pids(sid):
+        try:
+            if b"EngineCore" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                cores.add(pid)
+        except OSError:
+            continue
+    return cores
+
+
+class CoreWatch(threading.Thread):
+    """Samples a session's engine-core processes until stopped: how many lived at once, and which."""
+
+    def __init__(self, sid: int):
+        super().__init__(daemon=True)
+        self.sid, self.most, self.seen, self.done = sid, 0, set(), threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            cores = engine_cores(self.sid)
+            self.most, self.seen = max(self.most, len(cores)), self.seen | cores
+
+
 class Driver:
     """`python -m pipelines.generate_teacher` in its own session, output in a log file."""
 
@@ -171,7 +196,13 @@ def faulty_run(tmp_path_factory):
     env = {"DISTILL_LLM_FAULTS": f"kill_engine:batch=2,delay=0.3;crash_on_prompt:{poison};kill_writer:shard=1",
            "DISTILL_LLM_FAULTS_DIR": str(tmp / "markers")}
     driver = Driver(cfg, tmp / "driver.log", env)
-    rc = driver.wait(grace=30)
+    driver.cores = CoreWatch(driver.proc.pid)
+    driver.cores.start()
+    try:
+        rc = driver.wait(grace=30)
+    finally:
+        driver.cores.done.set()
+        driver.cores.join()
     log = driver.output()
     assert rc == 0, log[-5000:]
     return cfg, log, tmp / "markers", driver, prompt_id([{"role": "user", "content": poison}]) + "-0"
@@ -186,6 +217,15 @@ def test_killed_engine_is_restarted_and_its_batch_retried(faulty_run, reference)
     assert set(rows) == set(reference) - {poisoned}, "every sample but the poisoned one"
     assert_same_rows(rows, reference)
     assert not driver.leftovers, f"processes outlived the finished run: {driver.leftovers}"
+
+
+def test_no_engine_core_outlives_its_killed_actor(faulty_run):
+    """A SIGKILLed engine actor (crash_on_prompt) takes its engine-core child along: with one replica no
+    two engine cores ever live at once, so a restarted engine finds its device memory free again."""
+    cfg, log, _, driver, _ = faulty_run
+    assert "SIGKILL this engine actor" in log, "the drill killed an engine actor"
+    assert len(driver.cores.seen) >= 3, f"the first core and the restarted ones were seen: {driver.cores.seen}"
+    assert driver.cores.most == cfg.teacher.replicas == 1, f"{driver.cores.most} engine cores alive at once"
 
 
 def test_prompt_that_always_crashes_is_quarantined(faulty_run, reference):

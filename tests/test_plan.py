@@ -24,7 +24,8 @@ def _offline(monkeypatch):
 
 
 def cfg(*overrides: str):
-    return load_config(None, ["train.use_gpu=true", *overrides])
+    # data.num_prompts is set: its default (all prompts) cannot be counted for the built-in toy:train source
+    return load_config(None, ["train.use_gpu=true", "data.num_prompts=256", *overrides])
 
 
 def meta_numel(config) -> int:
@@ -199,7 +200,7 @@ def test_cli_prints_the_table_and_exits_3_when_it_cannot_fit(capsys):
     from distill_llm.cli import main
 
     fits = ["teacher.model=Qwen/QwQ-32B", "teacher.tensor_parallel_size=8", "student.model=Qwen/Qwen2.5-7B-Instruct",
-            "train.use_gpu=true", "teacher.dtype=auto"]
+            "train.use_gpu=true", "teacher.dtype=auto", "data.num_prompts=256"]
     assert main(["plan", *fits]) == 0
     out = capsys.readouterr().out
     assert "teacher GPU-hours" in out and "built-in table" in out and "plan: fits" in out

@@ -228,3 +228,37 @@ def test_storage_errors_say_what_is_safe(tmp_path):
     with pytest.raises(ValueError, match="not storage"), storage_errors(str(tmp_path)):
         raise ValueError("not storage")
     assert issubclass(WriteFailed, OSError)
+
+
+def test_a_write_whose_rows_were_all_rejected_leaves_no_shard_file(tmp_path):
+    manifest = write_set(tmp_path, [engine_rows(3, bad={0, 1, 2}), engine_rows(2, start=3)])
+    on_disk = sorted(p.name for p in tmp_path.glob("*.parquet"))
+    assert on_disk == sorted(s["file"] for s in manifest["shards"]), "every shard file on disk is in the manifest"
+    assert manifest["totals"]["rows"] == 2 and manifest["rejected"] == {"prompt_too_long": 3}
+    resume = prepare_output(str(tmp_path), run_record(), resume=True, overwrite=False)
+    assert resume.done_sample_ids == {f"p{i}-0" for i in range(5)}, "its rejects still count as decided"
+
+
+def test_the_manifest_waits_for_every_sample_asked_for(tmp_path):
+    prepare_output(str(tmp_path), run_record(), resume=True, overwrite=False)
+    ShardWriter(str(tmp_path), K, "float16", run_record()).write([engine_rows(4, bad={1})])
+    with pytest.raises(ShardError, match=r"asked for 6 samples, 3 were committed and 1 rejected: 2 samples are "
+                                         r"missing. No manifest was written"):
+        write_manifest(str(tmp_path), expected=6)
+    assert not (tmp_path / "manifest.json").exists()
+    assert write_manifest(str(tmp_path), expected=4)["complete"]
+
+
+def test_the_manifest_counts_rows_whose_answer_passed(tmp_path):
+    manifest = write_set(tmp_path, [engine_rows(5), engine_rows(4, start=5, bad={6})])
+    passed = sum(pq.read_table(f, columns=["answer_correct"]).column(0).to_pylist().count(True)
+                 for f in shard_files(str(tmp_path)))
+    assert manifest["totals"]["correct"] == passed == sum(s["correct"] for s in manifest["shards"]) == 4
+    old = json.loads((tmp_path / "manifest.json").read_text())  # a manifest written before the count existed
+    del old["totals"]["correct"]
+    for shard in old["shards"]:
+        del shard["correct"]
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    from distill_llm.corpus.shards import read_shards
+
+    assert read_shards(str(tmp_path)).num_rows == 8 and "correct" not in read_manifest(str(tmp_path))["totals"]

@@ -141,6 +141,7 @@ def _shard_copy(src: str, dst: Path, change=None) -> str:
             table = change(pq.read_table(path))
             pq.write_table(table, path)
             rec["bytes"], rec["sha256"] = path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
+            rec["correct"] = table.column("answer_correct").to_pylist().count(True)  # the manifest's count
             commit.write_text(json.dumps(rec))
         write_manifest(str(dst))
     return str(dst)

@@ -202,8 +202,9 @@ def prepare_output(out_dir: str, run: dict[str, Any], resume: bool, overwrite: b
     records = commit_records(out_dir)
     done: set[str] = set()
     for rec in records:
-        done.update(pq.read_table(join(root, rec["file"]), columns=["sample_id"], filesystem=fs)
-                    .column("sample_id").to_pylist())
+        if rec.get("file"):  # None: every row of that write was rejected
+            done.update(pq.read_table(join(root, rec["file"]), columns=["sample_id"], filesystem=fs)
+                        .column("sample_id").to_pylist())
         if rec.get("rejects_file"):
             done.update(pq.read_table(join(root, rec["rejects_file"]), columns=["sample_id"], filesystem=fs)
                         .column("sample_id").to_pylist())
@@ -249,7 +250,9 @@ class ShardWriter:
         rejected = pa.compute.invert(pa.compute.is_null(table.column(SKIP_REASON)))
         good, bad = table.filter(pa.compute.invert(rejected)), table.filter(rejected)
         name = shard_name(table.column("sample_id").to_pylist())
-        record: dict[str, Any] = {"file": f"{name}.parquet", "rows": good.num_rows, "rejected": {}}
+        # A write whose every row was rejected commits its rejects only: no empty shard file on disk.
+        record: dict[str, Any] = {"file": f"{name}.parquet" if good.num_rows else None, "rows": good.num_rows,
+                                  "rejected": {}}
         if bad.num_rows:
             rejects = pa.table({"sample_id": bad["sample_id"], "prompt_id": bad["prompt_id"],
                                 "reason": bad[SKIP_REASON], "detail": bad[SKIP_DETAIL]}, schema=REJECT_SCHEMA)
@@ -257,6 +260,10 @@ class ShardWriter:
             record["rejects_file"] = f"{REJECTS}/{name}.parquet"
             _write_bytes_atomic(fs, join(root, record["rejects_file"]), _parquet_bytes(rejects))
             record["rejected"] = dict(Counter(bad.column(SKIP_REASON).to_pylist()))
+        if not good.num_rows:
+            makedirs(fs, join(root, COMMITS))
+            write_json(fs, join(root, COMMITS, f"{name}.json"), record)  # the commit point
+            return record
         good = good.select(schema.names).cast(schema)
         # Serialised in memory (a shard is one write task's rows) so its size and sha256 need no read-back.
         data = _parquet_bytes(good, compression=self.compression, compression_level=self.level,
@@ -269,6 +276,7 @@ class ShardWriter:
             completion_tokens=int(pa.compute.sum(
                 pa.compute.list_value_length(good["completion_token_ids"])).as_py() or 0),
             prompts=len(set(good.column("prompt_id").to_pylist())),
+            correct=int(pa.compute.sum(pa.compute.fill_null(good["answer_correct"], False)).as_py() or 0),
         )
         makedirs(fs, join(root, COMMITS))
         write_json(fs, join(root, COMMITS, f"{name}.json"), record)  # the commit point
@@ -289,18 +297,20 @@ def shard_name(sample_ids: list[str]) -> str:
 # ---------------------------------------------------------------- the manifest
 
 
-def write_manifest(out_dir: str, extra: dict[str, Any] | None = None, max_rejected: int | None = None) -> dict[str, Any]:
+def write_manifest(out_dir: str, extra: dict[str, Any] | None = None, max_rejected: int | None = None,
+                   expected: int | None = None) -> dict[str, Any]:
     """Gather every commit record into manifest.json, written last; returns the manifest.
 
-    Past ``max_rejected`` rejected rows no manifest is written: the set stays visibly incomplete.
+    Past ``max_rejected`` rejected rows no manifest is written: the set stays visibly incomplete; nor when
+    ``expected`` (every sample the run asked for) is not what was committed plus what was rejected.
     """
     import pyarrow.fs as pafs
 
     fs, root = filesystem(out_dir)
     run = read_json(fs, join(root, RUN_NAME))
     records = commit_records(out_dir)
-    shards = [{k: r[k] for k in ("file", "rows", "prompt_tokens", "completion_tokens", "bytes", "sha256")}
-              for r in records if r["rows"] > 0]
+    keys = ("file", "rows", "prompt_tokens", "completion_tokens", "bytes", "sha256", "correct")
+    shards = [{k: r[k] for k in keys if k in r} for r in records if r["rows"] > 0]
     rejected: Counter = Counter()
     for r in records:
         rejected.update(r.get("rejected", {}))
@@ -309,33 +319,48 @@ def write_manifest(out_dir: str, extra: dict[str, Any] | None = None, max_reject
                          f"generate.max_errored_rows={max_rejected}; see {join(out_dir, REJECTS)}/ for the reasons. "
                          "No manifest was written.")
     _check_unique(fs, root, records)
+    _check_accounted(out_dir, expected, sum(r["rows"] for r in records), sum(rejected.values()))
     # A shard moved into place whose commit record never landed is an orphan of a killed run; temporary
     # files and attempt records of finished tries are scratch.
-    known = {r["file"] for r in records}
+    known = {r["file"] for r in records if r.get("file")}
     for path in _list(fs, root, ".parquet"):
         if _base(path) not in known:
             fs.delete_file(path)
     for scratch in (TMP, ATTEMPTS_DIR):
         if fs.get_file_info(join(root, scratch)).type != pafs.FileType.NotFound:
             fs.delete_dir(join(root, scratch))
+    totals = {
+        "rows": sum(s["rows"] for s in shards),
+        "prompt_tokens": sum(s["prompt_tokens"] for s in shards),
+        "completion_tokens": sum(s["completion_tokens"] for s in shards),
+        "bytes": sum(s["bytes"] for s in shards),
+        "rejected": sum(rejected.values()),
+    }
+    if all("correct" in s for s in shards):  # rows whose answer check passed (train.filter_correct counts them)
+        totals["correct"] = sum(s["correct"] for s in shards)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "complete": True,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run": run,
         "shards": shards,
-        "totals": {
-            "rows": sum(s["rows"] for s in shards),
-            "prompt_tokens": sum(s["prompt_tokens"] for s in shards),
-            "completion_tokens": sum(s["completion_tokens"] for s in shards),
-            "bytes": sum(s["bytes"] for s in shards),
-            "rejected": sum(rejected.values()),
-        },
+        "totals": totals,
         "rejected": dict(rejected),
         **(extra or {}),
     }
     write_json(fs, join(root, MANIFEST_NAME), manifest)
     return manifest
+
+
+def _check_accounted(out_dir: str, expected: int | None, rows: int, rejected: int) -> None:
+    """Refuse to call a set complete unless every sample asked for was committed or rejected, once."""
+    if expected is None or rows + rejected == expected:
+        return
+    gap = (f"{expected - rows - rejected} samples are missing" if rows + rejected < expected
+           else f"{rows + rejected - expected} more than asked for")
+    raise ShardError(f"{out_dir}: the run asked for {expected} samples, {rows} were committed and {rejected} "
+                     f"rejected: {gap}. No manifest was written; rerun the same command to resume (committed "
+                     "samples are kept, missing ones are generated)")
 
 
 def _check_unique(fs, root: str, records: list[dict[str, Any]]) -> None:

@@ -301,7 +301,9 @@ def train(cfg: Config) -> str:
     check_cluster_fits(cfg)
     with ordered_data():  # the cached blocks and their per-worker splits in one order, run after run
         ds = cache_small(training_dataset(cfg, files, with_topk), manifests, cfg.train.cache_max_gb)
-    rows = ds.count() if cfg.train.filter_correct else sum(m["totals"]["rows"] for m in manifests.values())
+    rows = ((sum(m["totals"]["correct"] for m in manifests.values())  # passing rows counted at commit
+             if all("correct" in m["totals"] for m in manifests.values()) else ds.count())  # older sets: read
+            if cfg.train.filter_correct else sum(m["totals"]["rows"] for m in manifests.values()))
     if rows == 0:
         raise ConfigError("the training set is empty" + (" after train.filter_correct kept only rows whose answer "
                                                          "check passed" if cfg.train.filter_correct else ""))

