@@ -9,6 +9,7 @@ are not saved: they come from the base model. No Ray.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -105,5 +106,7 @@ def checkpoint_model(directory: Path, student_path: str, student_cfg):
                            allow_pickle=student_cfg.allow_pickle_weights)
     if student_cfg.lora is not None:
         student = add_lora(student, student_cfg.lora)
-    restore_state(student, None, Path(directory))
+    with warnings.catch_warnings():  # one process, no process group: what DCP warns about is intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        restore_state(student, None, Path(directory))
     return student.to(base_dtype(student_path, student_cfg.revision, student_cfg.trust_remote_code))

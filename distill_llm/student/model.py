@@ -74,7 +74,7 @@ class StudentWithLoss(nn.Module):
         self.backbone = base.get_decoder() if hasattr(base, "get_decoder") else base.model
         self.head = base.get_output_embeddings()
 
-    def forward(self, input_ids, attention_mask, gather_index, targets, topk_ids=None, topk_logprobs=None,
+    def forward(self, input_ids, gather_index, targets, attention_mask=None, topk_ids=None, topk_logprobs=None,
                 normalizer: float | None = None, position_ids=None) -> dict[str, torch.Tensor]:
         """A packed batch (batching.build_batch with pack=True) has no attention mask and position ids that
         restart at every sequence: transformers then keeps attention inside each sequence."""
