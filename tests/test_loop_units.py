@@ -122,3 +122,21 @@ def test_restore_into_another_student_names_the_keys(tmp_path):
         restore_state(_student(lora={"r": 4, "alpha": 8}), None, tmp_path)
     with pytest.raises(ConfigError, match="older version"):
         restore_state(_student(), None, tmp_path / "nothing")
+
+
+def test_export_reads_a_lora_checkpoint_into_a_peft_model(tmp_path):
+    """checkpoint_model (what the export saves) rebuilds the base + adapter from a checkpoint that holds only the
+    adapter, in the base's dtype."""
+    from distill_llm.paths import resolve_model
+    from distill_llm.student.checkpoint import checkpoint_model, save_state
+
+    student = _student(lora={"r": 4, "alpha": 8})
+    optimizer = _one_step(student, torch.float32, lr=1e-2)
+    save_state(student, optimizer, tmp_path)
+    cfg = build_config({"student": {"model": "toy-student", "lora": {"r": 4, "alpha": 8}}})
+    model = checkpoint_model(tmp_path, resolve_model("toy-student"), cfg.student)
+    assert hasattr(model, "peft_config")
+    trained = dict(student.named_parameters())
+    lora = [(n, p) for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora and all(torch.equal(p, trained[n]) and p.abs().sum() > 0 for n, p in lora)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the toy student is stored in fp32

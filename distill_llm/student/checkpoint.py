@@ -19,10 +19,10 @@ from ..config import ConfigError
 WEIGHTS = "weights"
 
 
-def _options():
+def _options(strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True)  # strict loading stays on
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
 def _state(student, optimizer) -> dict:
@@ -78,7 +78,9 @@ def restore_state(student, optimizer, directory: Path) -> None:
     check_keys(student, directory)
     state = _state(student, optimizer)
     dcp.load(state, checkpoint_id=str(Path(directory) / WEIGHTS))
-    set_model_state_dict(student, state["model"], options=_options())
+    # not strict: the frozen parameters (a LoRA base) are not in a checkpoint by design; check_keys above has
+    # already refused any difference in the trainable ones
+    set_model_state_dict(student, state["model"], options=_options(strict=False))
     if optimizer is not None:
         set_optimizer_state_dict(student, optimizer, state["optim"], options=_options())
 
