@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from distill_llm.config import ConfigError, build_config
+from distill_llm.config import build_config
 from distill_llm.student.batching import build_batch
 from distill_llm.student.losses import KDSettings
 

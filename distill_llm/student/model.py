@@ -107,6 +107,8 @@ def place_model(student, settings: KDSettings, strategy: str, dtype: torch.dtype
     the forward under autocast (``compute_context``). Needs torch.distributed initialised when world > 1
     or strategy is fsdp.
     """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # FSDP's default device mesh and NCCL use the current device
     module = StudentWithLoss(student, settings).to(device)
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
