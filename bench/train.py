@@ -1,6 +1,7 @@
 """Student training throughput and peak memory: the project's loss path against a naive loop.
 
     PYTHONPATH=$PWD python bench/train.py                               # CPU: steps, loss grid, data wait
+    PYTHONPATH=$PWD python bench/train.py --packing --batch 8 --seq 1024   # packing vs padding tokens/s
     PYTHONPATH=$PWD python bench/train.py --device cuda --shape qwen2.5-1.5b --batch 8 --seq 2048 \
         --grad-ckpt --no-data-wait                                      # a GPU host
 
@@ -25,6 +26,7 @@ as N (completion positions in a batch) and V grow: ours stays flat in N, naive g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -139,6 +141,44 @@ def naive_loss(logits, targets, topk_ids, topk_logprobs, alpha: float = 0.5):
 
 
 # ---------------------------------------------------------------- cases (each in its own process)
+
+
+def case_pack(c: dict) -> dict:
+    """The loop's own steps (build_batch, accumulate, AdamW) over R1-like rows, packed or padded.
+
+    Lengths are lognormal (sigma ``c["sigma"]``, so max/median is about 8 over a few hundred rows), capped at
+    ``max_seq_len``; prompts are 1/8 of each row. tok/s counts real (non-padding) tokens.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from distill_llm.student.batching import build_batch
+    from distill_llm.student.loop import accumulate
+    from distill_llm.student.losses import KDSettings
+    from distill_llm.student.model import StudentWithLoss
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, vocab = make_model(c["shape"], "cpu", torch.float32, "full", False)
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(rng.lognormal(np.log(c["median"]), c["sigma"], c["rows"]).astype(int) + 8, c["max_seq_len"])
+    prompts = [rng.integers(0, vocab, max(1, n // 8)).tolist() for n in lengths]
+    table = pa.table({"prompt_token_ids": prompts,
+                      "completion_token_ids": [rng.integers(0, vocab, n - len(p)).tolist()
+                                               for n, p in zip(lengths, prompts)]})
+    wrapped = StudentWithLoss(model, KDSettings(alpha=0.0, chunk_size=512))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batches = [build_batch(table.slice(i, c["batch"]), max_seq_len=c["max_seq_len"], pad_id=0, with_topk=False,
+                           pack=c["packing"])[0] for i in range(0, table.num_rows, c["batch"])]
+    t0 = time.perf_counter()
+    for batch in batches:
+        accumulate(wrapped, [batch], "cpu", contextlib.nullcontext())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sec = time.perf_counter() - t0
+    cells = sum(b["input_ids"].numel() for b in batches)
+    return {**c, "tok_s": int(lengths.sum()) / sec, "padding_frac": 1 - int(lengths.sum()) / cells,
+            "max_over_median": float(lengths.max() / np.median(lengths)), "seconds": sec}
 
 
 def case_train(c: dict) -> dict:
@@ -280,6 +320,9 @@ def main() -> None:
     p.add_argument("--loss-vocab", default="16384,151936", help="loss grid: vocabulary sizes")
     p.add_argument("--loss-chunk", type=int, default=256)
     p.add_argument("--naive-limit-gb", type=float, default=4.0, help="skip naive loss points needing more")
+    p.add_argument("--packing", action="store_true", help="only: packing vs padding tok/s (uses --batch, --seq)")
+    p.add_argument("--pack-rows", type=int, default=256)
+    p.add_argument("--pack-median", type=int, default=96)
     p.add_argument("--no-steps", action="store_true")
     p.add_argument("--no-loss-grid", action="store_true")
     p.add_argument("--no-data-wait", action="store_true")
@@ -290,7 +333,21 @@ def main() -> None:
     args = p.parse_args()
     if args.case:
         c = json.loads(args.case)
-        emit(case_train(c) if c["kind"] == "train" else case_loss(c))
+        emit({"train": case_train, "loss": case_loss, "pack": case_pack}[c["kind"]](c))
+        return
+    if args.packing:
+        info = machine()
+        rows = [run_case("train.py", dict(kind="pack", packing=packing, shape=args.shape, rows=args.pack_rows,
+                                          batch=args.batch, median=args.pack_median, sigma=0.8,
+                                          max_seq_len=args.seq)) for packing in (False, True)]
+        if all("error" not in r for r in rows):
+            rows[1]["tok/s vs padded"] = rows[1]["tok_s"] / rows[0]["tok_s"]
+        append_results(args.results, header(f"Training: packing vs padding, {args.shape}, cpu", info) + "\n"
+                       f"Full fine-tuning, sequence-level loss, batch {args.batch} rows, {args.pack_rows} rows of "
+                       f"lognormal length (median {args.pack_median}, sigma 0.8) capped at {args.seq}; load "
+                       f"average now {load_average()}.\n\n" + table(rows, ["packing", "tok_s", "padding_frac",
+                                                                       "max_over_median", "seconds",
+                                                                       "tok/s vs padded", "error"]) + "\n")
         return
 
     info = machine()

@@ -205,6 +205,13 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     max_seq_len: int = Field(1024, ge=8)
     loss_chunk_size: int = Field(1024, ge=1)  # tokens per chunk of the loss; bounds logits memory
+    # ddp: every worker holds the whole model, its gradients and AdamW state; fsdp: FSDP2 shards them per
+    # decoder layer over the workers (what a full fine-tune of a 7B+ student needs)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # compute dtype; parameters and AdamW state stay fp32 (master weights) whatever it is. auto: bfloat16 on
+    # GPU, float32 on CPU. float16 is not offered: it would need loss scaling.
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    packing: bool = False  # fill each row with several sequences up to max_seq_len (no padding compute)
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)

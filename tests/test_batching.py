@@ -62,3 +62,50 @@ def test_empty_batch_still_has_shapes():
     batch, stats = build_batch(t, max_seq_len=3, pad_id=0, with_topk=True)
     assert stats["rows"] == 0 and batch["gather_index"].numel() == 0 and batch["topk_ids"].shape == (0, K)
     assert np.all(batch["input_ids"].numpy() == 0)
+
+
+def test_packing_puts_sequences_end_to_end_with_restarting_positions():
+    t = table([row([1, 2, 3], [10, 11]), row([4], [20, 21, 22]), row([5, 6], [30] * 9)])
+    batch, stats = build_batch(t, max_seq_len=12, pad_id=0, with_topk=True, pack=True)
+    assert "attention_mask" not in batch and stats["rows"] == 3
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 10, 11, 4, 20, 21, 22, 0, 0], [5, 6] + [30] * 9]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1], list(range(11))]
+    flat = batch["input_ids"].flatten()
+    # each gathered position is followed by its target; targets and top-k rows in sequence order
+    assert flat[batch["gather_index"] + 1].tolist() == batch["targets"].tolist() == [10, 11, 20, 21, 22] + [30] * 9
+    assert batch["topk_ids"][:, 0].tolist() == batch["targets"].tolist()
+
+
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients():
+    """Rows of unequal lengths: packed (position ids restart, attention stays inside each sequence) and padded
+    give the same loss and gradients; packing without the boundary (one long sequence) would not."""
+    from distill_llm.paths import resolve_model
+    from distill_llm.student.losses import KDSettings
+    from distill_llm.student.model import StudentWithLoss, load_student
+
+    rng = np.random.default_rng(0)
+    lengths = [(3, 20), (8, 4), (2, 33), (5, 9)]
+    rows = []
+    for p, c in lengths:  # ids inside the toy student's 128-row vocabulary
+        r = row(rng.integers(3, 90, p).tolist(), rng.integers(3, 27, c).tolist())
+        r["topk_token_ids"] = [[i, i + 30, i + 60] for i in r["completion_token_ids"]]
+        rows.append(r)
+    t = table(rows)
+    model = StudentWithLoss(load_student(resolve_model("toy-student"), torch.float32), KDSettings(alpha=0.5))
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        out = model(**batch)
+        out["loss"].backward()
+        return out["loss"].detach(), {n: p.grad.clone() for n, p in model.model.named_parameters()}
+
+    padded, _ = build_batch(t, max_seq_len=64, pad_id=0, with_topk=True)
+    packed, _ = build_batch(t, max_seq_len=64, pad_id=0, with_topk=True, pack=True)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    loss_a, grads_a = loss_and_grads(padded)
+    loss_b, grads_b = loss_and_grads(packed)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    crossing = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
+    assert not torch.allclose(loss_and_grads(crossing)[0], loss_a, rtol=1e-4)

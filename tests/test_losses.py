@@ -70,7 +70,8 @@ def ref_distill(hidden, weight, targets, topk_ids, topk_logprobs, *, alpha, temp
     t = _ref_teacher(topk_logprobs, temperature, tail)
     s = _ref_student(logits, topk_ids.long(), temperature, tail)
     kd = _ref_divergence(t, s, kind, beta).sum() / denom
-    loss = (1 - alpha) * ce + alpha * temperature ** 2 * kd
+    scale = temperature ** 2 if kind in ("forward_kl", "reverse_kl") else 1.0  # T^2 for the KL divergences only
+    loss = (1 - alpha) * ce + alpha * scale * kd
     return loss, ce, kd
 
 
@@ -380,3 +381,14 @@ def test_distill_loss_unknown_divergence_raises():
     s = dataclasses.replace(KDSettings(), divergence="nope", alpha=0.5)
     with pytest.raises(ValueError):
         distill_loss(hidden, weight, targets, ids, lps, s)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_t_squared_scales_only_the_kl_divergences(kind):
+    """At T=3 the KD term is 9 x kd for forward/reverse KL and 1 x kd for jsd and tvd (README, loss section)."""
+    hidden, weight, targets, ids, lps, _ = make_inputs(seed=7)
+    settings = KDSettings(alpha=1.0, temperature=3.0, divergence=kind)
+    out = distill_loss(hidden, weight, targets, ids, lps, settings)
+    expected = 9.0 if kind in ("forward_kl", "reverse_kl") else 1.0
+    assert out["kd"] > 0
+    torch.testing.assert_close(out["loss"], expected * out["kd"], rtol=1e-6, atol=0)

@@ -164,9 +164,23 @@ def test_each_cannot_fit_flag_fires(overrides, teacher, student, key):
 
 
 def test_warnings_do_not_fail_the_plan():
-    c = cfg("teacher.tensor_parallel_size=8", "student.lora=null")  # 7B full FT: 76 GB of 80
+    c = cfg("teacher.tensor_parallel_size=8", "student.lora=null", "train.strategy=fsdp")  # 7B full FT: ~68 GB of 80
     p = make_plan(c, QWQ, QWEN7)
     assert p.fits and {f.key: f.level for f in p.flags} == {"student.gradient_checkpointing": "warning"}
+
+
+def test_training_memory_per_strategy():
+    """A 7.6B full fine-tune: 22 B/param under DDP (no 80 GB GPU holds it: use FSDP), 16 B/param / workers
+    under FSDP plus two gathered layers; plan names the strategy that fits."""
+    c = cfg("teacher.tensor_parallel_size=8", "student.lora=null", "train.num_workers=8")
+    p = make_plan(c, QWQ, QWEN7)
+    n, layers = QWEN7.total, QWEN7.layers
+    assert p.numbers["train memory/GPU (ddp)"] == pytest.approx(22 * n)
+    assert p.numbers["train memory/GPU (fsdp)"] == pytest.approx(16 * n / 8 + 24 * n / layers)
+    assert {f.key: f.level for f in p.flags}.get("train.strategy") == "error" and not p.fits
+    fsdp = make_plan(cfg("teacher.tensor_parallel_size=8", "student.lora=null", "train.num_workers=8",
+                         "train.strategy=fsdp"), QWQ, QWEN7)
+    assert fsdp.fits and fsdp.numbers["train memory/GPU"] == p.numbers["train memory/GPU (fsdp)"]
 
 
 def test_gpu_table_and_custom_gpu():

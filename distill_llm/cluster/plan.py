@@ -29,10 +29,12 @@ an estimate with its source printed beside it; the formulas, and where each defa
   checkpointing adds one more forward (+2N). N counts the matmul weights (the input embedding is a
   lookup; a tied lm_head is counted once). Attention-score FLOPs and padding are not counted, so long
   sequences cost more than this. GPU-hours = FLOPs / (peak bf16 FLOP/s x ``plan.train_mfu``).
-* **Training memory** per GPU (Ray Train DDP, bf16 on GPU, AdamW states in the parameters' dtype):
-  full fine-tuning holds weights 2 + gradients 2 + AdamW 4 + DDP gradient buckets 2 = 10 bytes per
-  parameter; LoRA holds the frozen weights (2 B/param) plus 10 B per adapter parameter. Activations
-  come on top, so a warning fires above ``TRAIN_MEMORY_WARN`` of the GPU.
+* **Training memory** per GPU (fp32 master weights and AdamW state, bf16 compute; ``train_memory``):
+  DDP holds per trained parameter weights 4 + gradients 4 + AdamW 8 + gradient buckets 4 + a bf16
+  compute copy 2 = 22 B; FSDP shards the 16 B of weights, gradients and AdamW over the workers and
+  gathers two decoder layers at a time (bf16 weights 2 + fp32 gradients 4 = 12 B per parameter of a
+  layer). LoRA's frozen weights are fp32 (4 B, sharded under FSDP). Activations come on top, so a
+  warning fires above ``TRAIN_MEMORY_WARN`` of the GPU. Both strategies are printed.
 """
 
 from __future__ import annotations
@@ -494,6 +496,16 @@ def teacher_fit(plan: Plan, cfg: Config, s: ModelShape, gpu: GpuSpec) -> None:
                   "spanning nodes needs vLLM's Ray executor with a placement group (not implemented yet)")
 
 
+def train_memory(params: float, adapter: float | None, strategy: str, workers: int, layers: int) -> float:
+    """Bytes per GPU of a student's training state (module docstring); ``adapter`` None is full fine-tuning."""
+    gathered = 2 * 12 * params / max(layers, 1) if strategy == "fsdp" else 0.0
+    if adapter is None:
+        return 22 * params if strategy == "ddp" else 16 * params / workers + gathered
+    if strategy == "ddp":
+        return 4 * params + 22 * adapter
+    return (4 * params + 22 * adapter) / workers + gathered / 3  # frozen layers gather their weights only
+
+
 def student_section(plan: Plan, cfg: Config, s: ModelShape, gpu: GpuSpec) -> None:
     st, t, p = cfg.student, cfg.train, cfg.plan
     completion, _ = mean_completion(cfg)
@@ -518,19 +530,31 @@ def student_section(plan: Plan, cfg: Config, s: ModelShape, gpu: GpuSpec) -> Non
              + (", + recompute" if st.gradient_checkpointing else ""))
     plan.add("train wall hours", hours / t.num_workers, _h(hours / t.num_workers), f"on train.num_workers {t.num_workers} GPUs")
     adapter = lora_param_count(s, st.lora.r, st.lora.target_modules) if lora and s.layers else 0
-    per_gpu = s.total * 2 + adapter * 10 if lora else s.total * 10
-    plan.add("train memory/GPU", per_gpu, _bytes(per_gpu),
-             (f"frozen {_n(s.total)} x 2 B + {_n(adapter)} adapter params x 10 B" if lora else
-              f"{_n(s.total)} params x 10 B (bf16 weights, grads, AdamW m/v, DDP buckets)")
-             + ", activations extra")
+    memory_by = {k: train_memory(s.total, adapter if lora else None, k, t.num_workers, s.layers)
+                 for k in ("ddp", "fsdp")}
+    for kind, need in memory_by.items():
+        plan.add(f"train memory/GPU ({kind})", need, _bytes(need),
+                 (f"frozen {_n(s.total)} x 4 B + {_n(adapter)} adapter params x 22 B" if lora else
+                  f"{_n(s.total)} params x 22 B (fp32 weights, grads, AdamW m/v, buckets; bf16 copy)")
+                 if kind == "ddp" else f"16 B/param / {t.num_workers} workers + 2 gathered layers x 12 B/param"
+                 + (" (adapters: 22 B)" if lora else ""))
+    per_gpu = memory_by[t.strategy]
+    plan.add("train memory/GPU", per_gpu, _bytes(per_gpu), f"train.strategy={t.strategy}, activations extra")
     saved = s.total if (not lora or st.merge_lora) else adapter
     dtype_bytes = 2 if t.use_gpu else 4
     plan.add("student checkpoint", saved * dtype_bytes, _bytes(saved * dtype_bytes),
              f"{_n(saved)} params x {dtype_bytes} B" + (" (adapter only)" if lora and not st.merge_lora else ""))
     memory = gpu.memory_gb * 1e9
     if per_gpu > memory:
-        plan.flag("error", "student.lora", f"training needs {_bytes(per_gpu)} per GPU before activations, more than "
-                  f"the {gpu.memory_gb:g} GB of a {p.gpu_type}; use LoRA (student.lora) or a smaller student")
+        other = "fsdp" if t.strategy == "ddp" else None
+        if other and memory_by[other] <= TRAIN_MEMORY_WARN * memory:
+            plan.flag("error", "train.strategy", f"training needs {_bytes(per_gpu)} per GPU with {t.strategy}, more "
+                      f"than the {gpu.memory_gb:g} GB of a {p.gpu_type}; train.strategy=fsdp needs "
+                      f"{_bytes(memory_by[other])} on {t.num_workers} workers")
+        else:
+            plan.flag("error", "student.lora", f"training needs {_bytes(per_gpu)} per GPU before activations, more "
+                      f"than the {gpu.memory_gb:g} GB of a {p.gpu_type}; use train.strategy=fsdp on more workers, "
+                      "LoRA (student.lora) or a smaller student")
     elif per_gpu > TRAIN_MEMORY_WARN * memory:
         plan.flag("warning", "student.gradient_checkpointing", f"training state {_bytes(per_gpu)} leaves under "
                   f"{1 - TRAIN_MEMORY_WARN:.0%} of {gpu.memory_gb:g} GB for activations")

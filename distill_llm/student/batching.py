@@ -7,13 +7,16 @@ def _lists(column) -> list:
     return column.to_pylist()
 
 
-def build_batch(table, *, max_seq_len: int, pad_id: int, with_topk: bool, retokenize=None) -> tuple[dict, dict]:
+def build_batch(table, *, max_seq_len: int, pad_id: int, with_topk: bool, retokenize=None,
+                pack: bool = False) -> tuple[dict, dict]:
     """Shard rows (pyarrow) -> padded tensors for StudentWithLoss, plus counts of truncated/skipped rows.
 
     Position t of the sequence predicts token t+1, so completion token i (sequence position P+i)
     is predicted at P+i-1; ``gather_index`` holds those flat positions, ``targets`` the tokens and
     ``topk_*`` the teacher's rows for them. ``retokenize(row) -> (prompt_ids, completion_ids)``
     replaces the stored ids for a student with another vocabulary (sequence-level KD only).
+    With ``pack`` the sequences are laid end to end in rows of at most ``max_seq_len`` tokens, with
+    ``position_ids`` restarting at 0 for each and no ``attention_mask`` (see ``_layout``).
     """
     import numpy as np
     import torch
@@ -56,18 +59,47 @@ def build_batch(table, *, max_seq_len: int, pad_id: int, with_topk: bool, retoke
         targets.extend(c[:keep_c])
         kept += 1
     stats["rows"] = kept
-    width = max((len(s) for s in seqs), default=1)
-    ids = torch.full((max(kept, 1), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((max(kept, 1), width), dtype=torch.long)
-    index = []
-    for row, (s, (_, n_p, n_c)) in enumerate(zip(seqs, gathers)):
-        ids[row, : len(s)] = torch.tensor(s)
-        mask[row, : len(s)] = 1
-        index.extend(row * width + n_p - 1 + j for j in range(n_c))
-    batch = {"input_ids": ids, "attention_mask": mask, "gather_index": torch.tensor(index, dtype=torch.long),
-             "targets": torch.tensor(targets, dtype=torch.long)}
+    batch = _layout(seqs, [(n_p, n_c) for _, n_p, n_c in gathers], max_seq_len if pack else None, pad_id)
+    batch["targets"] = torch.tensor(targets, dtype=torch.long)
     if with_topk:
         sel = np.concatenate([np.arange(r.start, r.stop) for r in tk_rows]) if tk_rows else np.zeros(0, dtype=int)
         batch["topk_ids"] = torch.from_numpy(flat_ids[sel].astype(np.int64))
         batch["topk_logprobs"] = torch.from_numpy(flat_lps[sel])
     return batch, stats
+
+
+def _layout(seqs: list[list[int]], spans: list[tuple[int, int]], pack_len: int | None, pad_id: int) -> dict:
+    """Place sequences in rows: one per row, right-padded with an attention mask; or, with ``pack_len``,
+    several per row in their order (a new row when the next would pass ``pack_len``), with position ids
+    restarting per sequence, from which transformers builds a mask that keeps attention inside each
+    sequence. Trailing padding of a packed row is a segment of its own and is never gathered.
+    """
+    import torch
+
+    rows: list[list[int]] = []  # sequence numbers per row
+    for i, s in enumerate(seqs):
+        if pack_len and rows and sum(len(seqs[j]) for j in rows[-1]) + len(s) <= pack_len:
+            rows[-1].append(i)
+        else:
+            rows.append([i])
+    width = max((sum(len(seqs[j]) for j in row) for row in rows), default=1)
+    ids = torch.full((max(len(rows), 1), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    positions = torch.zeros_like(ids)
+    index = []
+    for r, row in enumerate(rows):
+        at = 0
+        for j in row:
+            s, (n_p, n_c) = seqs[j], spans[j]
+            ids[r, at: at + len(s)] = torch.tensor(s)
+            mask[r, at: at + len(s)] = 1
+            positions[r, at: at + len(s)] = torch.arange(len(s))
+            index.extend(r * width + at + n_p - 1 + k for k in range(n_c))
+            at += len(s)
+        positions[r, at:] = torch.arange(width - at)
+    batch = {"input_ids": ids, "gather_index": torch.tensor(index, dtype=torch.long)}
+    if pack_len:
+        batch["position_ids"] = positions
+    else:
+        batch["attention_mask"] = mask
+    return batch

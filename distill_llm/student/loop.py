@@ -1,13 +1,15 @@
 """The per-worker training loop: the only module that calls ``ray.train``.
 
-Reads batches from its dataset shard (``stage.worker_datasets``), steps the student, and reports checkpoints
-(weights or adapter, optimizer, step, epoch position and the metrics so far) from rank 0.
+Reads batches from its dataset shard (``stage.worker_datasets``), steps the student (DDP or FSDP2, fp32 master
+weights, a token-exact loss over the whole step) and reports sharded checkpoints (checkpoint.py: trainable
+weights and optimizer state from every worker; step, epoch position and the metrics so far from rank 0).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,12 +21,14 @@ import torch
 from .. import faults
 from ..config import build_config
 from .losses import KDSettings
-from .model import StudentWithLoss, add_lora, count_parameters, load_student
+from .checkpoint import restore_state, save_state
+from .model import add_lora, compute_context, count_parameters, load_student, place_model
 from ..tokenizers import completion_ids, load_tokenizer, prompt_ids
 from .batching import build_batch
 
 STATE = "trainer_state.json"
 METRICS = "metrics.jsonl"
+EVENTS = "tensorboard"  # beside the checkpoints, in <storage_path>/<run>/
 
 
 @dataclass(frozen=True)
@@ -42,12 +46,16 @@ class LoopInputs:
 
 
 def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the base learning rate at a (1-based) step."""
+    """Multiplier of the base learning rate at a (1-based) step.
+
+    Warmup rises to 1 at step ``warmup``; the decay then starts at 1 on the first step after it and ends
+    one step short of 0, so every step, the last one too, trains (``max_steps: 1`` is one full step).
+    """
     if warmup and step <= warmup:
         return step / warmup
     if schedule == "constant" or total <= warmup:
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, (step - warmup - 1) / max(1, total - warmup))
     return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
 
@@ -59,34 +67,82 @@ def epoch_position(batches: int, per_epoch: int) -> tuple[int, int]:
     return epoch, batches - epoch * per_epoch
 
 
-def _save(model, optimizer, state: dict, metrics: list[dict], directory: Path) -> None:
-    inner = model.module if hasattr(model, "module") else model
-    student = inner.model
-    if hasattr(student, "peft_config"):
-        student.save_pretrained(str(directory / "adapter"), safe_serialization=True)
-    else:
-        student.save_pretrained(str(directory / "model"), safe_serialization=True)
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-    (directory / STATE).write_text(json.dumps(state))
-    (directory / METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
+def _save(student, optimizer, state: dict, metrics: list[dict], directory: Path, rank: int) -> None:
+    """Every worker writes its shard of the weights and optimizer state; rank 0 the run's state and metrics."""
+    save_state(student, optimizer, directory)
+    if rank == 0:
+        (directory / STATE).write_text(json.dumps(state))
+        (directory / METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
 
-def _restore(student, optimizer, directory: Path) -> tuple[Any, dict, list[dict]]:
-    if (directory / "adapter").is_dir():
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(student, load_file(str(directory / "adapter" / "adapter_model.safetensors")))
-    else:
-        from safetensors.torch import load_file
-
-        weights = {}
-        for f in sorted((directory / "model").glob("*.safetensors")):
-            weights.update(load_file(str(f)))
-        student.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+def _restore(student, optimizer, directory: Path) -> tuple[dict, list[dict]]:
+    """Weights and optimizer state into the placed student (checkpoint.restore_state); (state, metrics)."""
+    restore_state(student, optimizer, directory)
     metrics = [json.loads(line) for line in (directory / METRICS).read_text().splitlines() if line]
-    return student, json.loads((directory / STATE).read_text()), metrics
+    return json.loads((directory / STATE).read_text()), metrics
+
+
+def compute_dtype(t) -> torch.dtype:
+    """train.dtype: auto is bfloat16 on GPU and float32 on CPU."""
+    if t.dtype == "auto":
+        return torch.bfloat16 if t.use_gpu else torch.float32
+    return getattr(torch, t.dtype)
+
+
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def _sync_gradients(model, on: bool):
+    """DDP: reduce only on a step's last micro-batch (``no_sync`` before). FSDP reduce-scatters every
+    micro-batch, so each worker accumulates only its shard of the gradients."""
+    import contextlib
+
+    if on or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def accumulate(model, batches: list[dict], device, context) -> tuple[torch.Tensor, int]:
+    """Forward and backward every micro-batch of one optimizer step; returns the step's global mean
+    (loss, ce, kd) as a [3] tensor and the step's completion tokens over all workers.
+
+    The step's completion tokens are counted on every worker and summed (all-reduce) before any backward
+    pass, so each token weighs 1 / (the step's tokens) whatever the batch size, grad_accum, worker count and
+    sequence lengths. DDP and FSDP average gradients over the workers, so each divides its sums by the
+    step's tokens / world size.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    tokens = _all_reduce_sum(torch.tensor([float(sum(b["targets"].numel() for b in batches))], dtype=torch.float64))
+    normalizer = max(tokens.item(), 1.0) / world
+    sums = torch.zeros(3, dtype=torch.float64)
+    for i, batch in enumerate(batches):
+        with _sync_gradients(model, i == len(batches) - 1):
+            with context:
+                out = model(**{k: v.to(device) for k, v in batch.items()}, normalizer=normalizer)
+            out["loss"].backward()
+        sums += torch.stack([out["loss"].detach(), out["ce"], out["kd"]]).double().cpu()
+    return _all_reduce_sum(sums) / world, int(tokens.item())
+
+
+def _micro_batches(shard, t, position: int):
+    """(batch index after the group, its grad_accum tables) from the data position on; a short last group
+    (the data ran out) is dropped, as no step is taken on it."""
+    group: list = []
+    for index, table in enumerate(shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow",
+                                                     prefetch_batches=2)):
+        if index < position:  # resumed: the data position continues
+            continue
+        group.append(table)
+        if len(group) == t.grad_accum:
+            yield index + 1, group
+            group = []
 
 
 def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
@@ -101,33 +157,34 @@ def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(t.seed + rank)
     device = ray.train.torch.get_device()
-    dtype = torch.bfloat16 if t.use_gpu else torch.float32
+    dtype = compute_dtype(t)
     if not t.use_gpu:
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
 
     tokenizer = load_tokenizer(inputs.student_path, cfg.student.revision, cfg.student.trust_remote_code)
-    student = load_student(inputs.student_path, dtype, cfg.student.revision, cfg.student.trust_remote_code,
+    # fp32 master weights whatever the compute dtype: a bf16 update of ~1e-5 rounds away on most weights
+    student = load_student(inputs.student_path, torch.float32, cfg.student.revision, cfg.student.trust_remote_code,
                            cfg.student.gradient_checkpointing, cfg.student.allow_pickle_weights)
     if cfg.student.lora is not None:
         student = add_lora(student, cfg.student.lora)
     settings = KDSettings(alpha=t.alpha, temperature=t.temperature, divergence=t.divergence, jsd_beta=t.jsd_beta,
                           tail_bucket=t.tail_bucket, chunk_size=t.loss_chunk_size)
+    model = place_model(student, settings, t.strategy, dtype, device, world)
+    context = compute_context(t.strategy, dtype, device)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
     metrics: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    if checkpoint:  # after placement: the optimizer state lands on the parameters' device and shards
         with checkpoint.as_directory() as d:
-            student, state, metrics = _restore(student, optimizer, Path(d))
+            state, metrics = _restore(student, optimizer, Path(d))
         # Kept in trainer_state.json, so a run's restores can be audited (and tested) afterwards.
         state.setdefault("resumed", []).append({k: state[k] for k in ("step", "epoch", "batches_in_epoch")})
         if rank == 0:
-            print(f"train: resumed from step {state['step']} (epoch {state['epoch']}, "
-                  f"batch {state['batches_in_epoch']})", flush=True)
-    model = ray.train.torch.prepare_model(StudentWithLoss(student, settings), parallel_strategy_kwargs=None) \
-        if world > 1 else StudentWithLoss(student, settings).to(device)
+            say(f"train: resumed from step {state['step']} (epoch {state['epoch']}, "
+                f"batch {state['batches_in_epoch']})")
 
     retokenize = None
     if inputs.retokenize:
@@ -137,57 +194,56 @@ def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
 
     total = inputs.total_steps
     shard = ray.train.get_dataset_shard(f"train_{rank}" if inputs.per_worker_datasets else "train")
-    progress = None
+    progress = events = None
     if rank == 0:
         trainable, all_params = count_parameters(student)
-        print(f"train: {world} worker(s) on {device}, {trainable:,} of {all_params:,} parameters trainable, "
-              f"{total} steps", flush=True)
+        say(f"train: {world} worker(s) on {device} ({t.strategy}, {str(dtype).removeprefix('torch.')} compute, "
+            f"fp32 weights), {trainable:,} of {all_params:,} parameters trainable, {total} steps")
         progress = _Progress(total, state["step"], t.log_every)
+        events = _Events(ctx)
     counts: dict[str, int] = {}
-    step_tokens, t_step, wait, micro = 0, time.time(), 0.0, 0
+    t_step, wait = time.time(), 0.0
     model.train()
     per_epoch = inputs.batches_per_epoch
     # checkpoints from before "batches" was recorded kept only the position inside an epoch
     position = state.get("batches", state["epoch"] * per_epoch + state["batches_in_epoch"])
     t_wait = time.time()
     # One iterator for the whole run: the dataset already holds every epoch (stage.worker_datasets).
-    for index, table in enumerate(shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow",
-                                                     prefetch_batches=2)):
-        if index < position:  # resumed: the data position continues
-            continue
+    for end, tables in _micro_batches(shard, t, position):
         wait += time.time() - t_wait
-        batch, stats = build_batch(table, max_seq_len=t.max_seq_len, pad_id=tokenizer.pad_token_id,
-                                   with_topk=settings.alpha > 0, retokenize=retokenize)
-        for key, value in stats.items():
-            counts[key] = counts.get(key, 0) + value
-        out = model(**{k: v.to(device) for k, v in batch.items()})
-        (out["loss"] / t.grad_accum).backward()
-        step_tokens += int(batch["targets"].numel())
-        micro += 1
-        state["batches"] = index + 1
-        state["epoch"], state["batches_in_epoch"] = epoch_position(index + 1, per_epoch)
-        if micro % t.grad_accum == 0:
-            state["step"] += 1
-            row = _step(optimizer, params, state["step"], total, t, out)
-            elapsed = max(time.time() - t_step, 1e-9)
-            row.update(epoch=state["epoch"], tokens=step_tokens, tokens_per_s=step_tokens * world / elapsed,
-                       data_wait_frac=wait / elapsed)
-            metrics.append(row)
-            if progress is not None:
-                progress.update(row)
-            step_tokens, t_step, wait = 0, time.time(), 0.0
-            faults.point("train_step", state["step"], rank=rank)
-            if state["step"] >= total:
-                break
-            if t.checkpoint_every and state["step"] % t.checkpoint_every == 0:
-                _report(model, optimizer, state, metrics, counts, rank)
-                faults.point("train_checkpoint", state["step"], rank=rank)
+        batches = []
+        for table in tables:
+            batch, stats = build_batch(table, max_seq_len=t.max_seq_len, pad_id=tokenizer.pad_token_id,
+                                       with_topk=settings.alpha > 0, retokenize=retokenize, pack=t.packing)
+            batches.append(batch)
+            for key, value in stats.items():
+                counts[key] = counts.get(key, 0) + value
+        means, tokens = accumulate(model, batches, device, context)
+        state["batches"] = end
+        state["epoch"], state["batches_in_epoch"] = epoch_position(end, per_epoch)
+        state["step"] += 1
+        row = _step(optimizer, params, state["step"], total, t, means)
+        elapsed = max(time.time() - t_step, 1e-9)
+        row.update(epoch=state["epoch"], tokens=tokens, tokens_per_s=tokens / elapsed, data_wait_frac=wait / elapsed)
+        metrics.append(row)
+        if progress is not None:
+            progress.update(row)
+            events.add(row)
+        t_step, wait = time.time(), 0.0
+        faults.point("train_step", state["step"], rank=rank)
+        if state["step"] >= total:
+            break
+        if t.checkpoint_every and state["step"] % t.checkpoint_every == 0:
+            _report(student, optimizer, state, metrics, counts, rank, events)
+            faults.point("train_checkpoint", state["step"], rank=rank)
         t_wait = time.time()
-    _report(model, optimizer, state, metrics, counts, rank)
+    _report(student, optimizer, state, metrics, counts, rank, events)
+    if events is not None:
+        events.close()
 
 
-def _step(optimizer, params, step: int, total: int, t, out: dict) -> dict:
-    """Set the scheduled learning rate, clip, step; returns the step's metrics row."""
+def _step(optimizer, params, step: int, total: int, t, means: torch.Tensor) -> dict:
+    """Set the scheduled learning rate, clip, step; returns the step's metrics row (global means)."""
     scale = lr_at(step, total, t.warmup_steps, t.lr_schedule)
     for group in optimizer.param_groups:
         group["lr"] = t.lr * scale
@@ -195,8 +251,19 @@ def _step(optimizer, params, step: int, total: int, t, out: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"step": step, "loss": out["loss"].item(), "ce": out["ce"].item(), "kd": out["kd"].item(),
-            "lr": t.lr * scale}
+    loss, ce, kd = (float(v) for v in means)
+    return {"step": step, "loss": loss, "ce": ce, "kd": kd, "lr": t.lr * scale}
+
+
+def say(line: str) -> None:
+    """One line to the worker's stdout, which Ray relays to the driver once.
+
+    Ray Train patches ``print`` in its workers to log through its own logger, whose console handler writes
+    the line and which also calls the original ``print`` when ``sys.stdout`` is wrapped (as Ray wraps it):
+    every ``print`` reached the driver twice.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class _Progress:
@@ -211,22 +278,55 @@ class _Progress:
             return
         rate = (step - self.start) / max(time.time() - self.t0, 1e-9)
         eta = (self.total - step) / max(rate, 1e-9)
-        print(f"train: step {step}/{self.total} ({step / self.total:4.0%}) loss {row['loss']:.4f} ce {row['ce']:.4f} "
-              f"kd {row['kd']:.4f} lr {row['lr']:.2e} {row['tokens_per_s']:,.0f} tok/s "
-              f"data-wait {row['data_wait_frac']:.0%} eta {eta:.0f}s", flush=True)
+        say(f"train: step {step}/{self.total} ({step / self.total:4.0%}) loss {row['loss']:.4f} ce {row['ce']:.4f} "
+            f"kd {row['kd']:.4f} lr {row['lr']:.2e} {row['tokens_per_s']:,.0f} tok/s "
+            f"data-wait {row['data_wait_frac']:.0%} eta {eta:.0f}s")
 
 
-def _report(model, optimizer, state: dict, metrics: list[dict], counts: dict, rank: int) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint."""
+class _Events:
+    """TensorBoard events written as training goes (rank 0), so ``tensorboard --logdir`` shows a live run.
+
+    They go to ``<storage_path>/<run>/tensorboard`` when the run's storage is a local folder; with remote
+    storage they are written to a local folder and copied there at every checkpoint.
+    """
+
+    def __init__(self, ctx):
+        import pyarrow.fs as pafs
+        from torch.utils.tensorboard import SummaryWriter
+
+        storage = ctx.get_storage()
+        self.fs, self.remote = storage.storage_filesystem, f"{storage.experiment_fs_path}/{EVENTS}"
+        self.local = Path(self.remote) if isinstance(self.fs, pafs.LocalFileSystem) else \
+            Path(tempfile.mkdtemp(prefix="distill-llm-events-"))
+        self.writer = SummaryWriter(str(self.local), flush_secs=10)
+
+    def add(self, row: dict) -> None:
+        for key in ("loss", "ce", "kd", "lr", "tokens_per_s"):
+            self.writer.add_scalar(f"train/{key}", row[key], row["step"])
+
+    def sync(self) -> None:
+        import pyarrow.fs as pafs
+
+        self.writer.flush()
+        if str(self.local) != self.remote:
+            pafs.copy_files(str(self.local), self.remote, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.fs)
+
+    def close(self) -> None:
+        self.sync()
+        self.writer.close()
+
+
+def _report(student, optimizer, state: dict, metrics: list[dict], counts: dict, rank: int, events) -> None:
+    """Every rank writes its part of the checkpoint and reports it; Ray Train gathers them in one folder."""
     import ray.train
 
+    if events is not None:
+        events.sync()
     last = metrics[-1] if metrics else {}
     report = {"step": state["step"], "epoch": state["epoch"], **{k: last.get(k) for k in ("loss", "ce", "kd")},
               **{f"rows_{k}": v for k, v in counts.items()}}
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as d:
-            _save(model, optimizer, state, metrics, Path(d))
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"checkpoint_step{state['step']:07d}")
-    else:
-        ray.train.report(report)
+    with tempfile.TemporaryDirectory() as d:
+        _save(student, optimizer, state, metrics, Path(d), rank)
+        checkpoint = ray.train.Checkpoint.from_directory(d) if any(Path(d).rglob("*.*")) else None
+        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_step{state['step']:07d}")

@@ -1,6 +1,10 @@
 """Distillation losses on completion tokens, computed in chunks so logits never exist for a whole batch.
 
-    loss = (1 - alpha) * CE(student, teacher's sampled tokens) + alpha * T^2 * D(teacher_T || student_T)
+    loss = (1 - alpha) * CE(student, teacher's sampled tokens) + alpha * s(T) * D(teacher_T || student_T)
+
+s(T) = T^2 for the KL divergences (Hinton et al.: their gradient w.r.t. the logits shrinks as 1/T^2, and T^2 keeps
+the KD term's weight independent of T); 1 for jsd and tvd, which are bounded and whose gradients do not follow
+that 1/T^2 law (tvd's shrinks as 1/T), as in TRL's GKD and torchtune (see the README's loss section).
 
 The teacher distribution is its stored top-k log-probabilities renormalised at temperature T, with
 an optional (k+1)-th bucket for the mass outside the top k. The student distribution is taken over
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+T2_SCALED = ("forward_kl", "reverse_kl")  # divergences whose KD term is multiplied by T^2
 _EPS = 1e-6
 
 
@@ -75,6 +80,11 @@ def divergence(t_logp: torch.Tensor, s_logp: torch.Tensor, kind: str, beta: floa
     raise ValueError(f"unknown divergence {kind!r}; choose one of {DIVERGENCES}")
 
 
+def kd_scale(settings: KDSettings) -> float:
+    """The factor on the KD term: T^2 for the KL divergences, 1 for jsd and tvd (module docstring)."""
+    return settings.temperature ** 2 if settings.divergence in T2_SCALED else 1.0
+
+
 def _chunk_terms(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, topk_ids: torch.Tensor | None,
                  topk_logprobs: torch.Tensor | None, s: KDSettings) -> torch.Tensor:
     """Summed (CE, KD) of one chunk as a [2] tensor; the chunk's logits live only inside this call."""
@@ -113,6 +123,6 @@ def distill_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
             terms = _chunk_terms(*args)
         totals = totals + terms
     ce, kd = totals[0] / denom, totals[1] / denom
-    a, t2 = settings.alpha, settings.temperature ** 2
-    loss = (1 - a) * ce + a * t2 * kd
+    a, scale = settings.alpha, kd_scale(settings)
+    loss = (1 - a) * ce + a * scale * kd
     return {"loss": loss, "ce": ce.detach(), "kd": kd.detach()}

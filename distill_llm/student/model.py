@@ -74,14 +74,65 @@ class StudentWithLoss(nn.Module):
         self.backbone = base.get_decoder() if hasattr(base, "get_decoder") else base.model
         self.head = base.get_output_embeddings()
 
-    def forward(self, input_ids, attention_mask, gather_index, targets, topk_ids=None, topk_logprobs=None,
-                normalizer: float | None = None) -> dict[str, torch.Tensor]:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    def forward(self, input_ids, gather_index, targets, attention_mask=None, topk_ids=None, topk_logprobs=None,
+                normalizer: float | None = None, position_ids=None) -> dict[str, torch.Tensor]:
+        """A packed batch (batching.build_batch with pack=True) has no attention mask and position ids that
+        restart at every sequence: transformers then keeps attention inside each sequence."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather_index)
         out = distill_loss(flat, self.head.weight, targets, topk_ids, topk_logprobs, self.settings, normalizer)
         if gather_index.numel() == 0:  # keep every parameter in the graph so DDP's reducer stays in step
             out["loss"] = out["loss"] + 0.0 * (hidden.sum() + self.head.weight.sum())
         return out
+
+
+def decoder_layers(model) -> list[nn.Module]:
+    """The student's repeated blocks (the classes its ``_no_split_modules`` names): FSDP's units."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError(f"train.strategy=fsdp: cannot find the decoder layers of {type(base).__name__} "
+                          "(it names no _no_split_modules); use train.strategy=ddp")
+    return layers
+
+
+def place_model(student, settings: KDSettings, strategy: str, dtype: torch.dtype, device: torch.device,
+                world: int) -> nn.Module:
+    """StudentWithLoss on ``device``: DDP replicas, or FSDP2 shards (one unit per decoder layer plus the root).
+
+    Parameters stay in the dtype they were loaded in (fp32: the master weights). Under FSDP, ``dtype`` is the
+    compute dtype of the gathered parameters and gradients are reduced in fp32; under DDP the caller runs
+    the forward under autocast (``compute_context``). Needs torch.distributed initialised when world > 1
+    or strategy is fsdp.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # FSDP's default device mesh and NCCL use the current device
+    module = StudentWithLoss(student, settings).to(device)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for layer in decoder_layers(student):
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(module, mp_policy=policy)
+        return module
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids)
+    return module
+
+
+def compute_context(strategy: str, dtype: torch.dtype, device: torch.device):
+    """Autocast to ``dtype`` over fp32 parameters (DDP); FSDP casts through its MixedPrecisionPolicy instead."""
+    import contextlib
+
+    if strategy == "fsdp" or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def save_hf_folder(model, tokenizer, out_dir: str | Path, merge_lora: bool = True,

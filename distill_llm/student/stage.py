@@ -353,21 +353,13 @@ def shard_fingerprint(manifests: dict[str, dict[str, Any]]) -> str:
 def export_student(cfg: Config, checkpoint, student_path: str, tokenizer, run: dict[str, Any],
                    manifests: dict[str, dict[str, Any]], name: str) -> str:
     """Checkpoint -> a Hugging Face folder at output.student_dir with card, curves and TensorBoard events."""
-    import torch
-
     from ..plots import plot_curves, write_tensorboard
-    from .model import load_student, save_hf_folder
+    from .checkpoint import checkpoint_model
+    from .model import save_hf_folder
 
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(d)
-        if (ckpt / "adapter").is_dir():
-            from peft import PeftModel
-
-            base = load_student(student_path, torch.float32, cfg.student.revision, cfg.student.trust_remote_code,
-                                allow_pickle=cfg.student.allow_pickle_weights)
-            model = PeftModel.from_pretrained(base, str(ckpt / "adapter"))
-        else:
-            model = load_student(str(ckpt / "model"), torch.float32, trust_remote_code=cfg.student.trust_remote_code)
+        model = checkpoint_model(ckpt, student_path, cfg.student)  # sharded checkpoint -> HF model in its dtype
         metrics = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines() if line]
         state = json.loads((ckpt / "trainer_state.json").read_text())
         for r in state.get("resumed", []):

@@ -1,0 +1,239 @@
+"""The training loop's numerics on real Ray Train workers (gloo on CPU): a token-exact loss whatever the layout,
+FSDP against DDP, fp32 master weights under bf16 compute, sharded checkpoints read on another worker count.
+
+The rows are synthetic (random ids of unequal lengths with a random teacher top-k) so each test needs no
+teacher stage; the student is the toy student.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from distill_llm.config import build_config
+from distill_llm.student.batching import build_batch
+from distill_llm.student.losses import KDSettings
+
+pytestmark = pytest.mark.slow
+K = 4
+LENGTHS = [(3, 5), (9, 40), (2, 3), (5, 17), (7, 2), (4, 60), (6, 9), (3, 26)]  # (prompt, completion) per row
+
+
+def rows_table(lengths=LENGTHS, seed: int = 0) -> pa.Table:
+    """Rows with the columns the loop reads, ids inside the toy vocabulary, top-k rows of log-probs < 0."""
+    rng = np.random.default_rng(seed)
+    prompts, completions, ids, lps = [], [], [], []
+    for n_p, n_c in lengths:
+        prompts.append(rng.integers(3, 100, n_p).tolist())
+        completions.append(rng.integers(3, 100, n_c).tolist())
+        ids.append(rng.integers(3, 100, (n_c, K)).tolist())
+        raw = np.sort(rng.normal(size=(n_c, K + 2)), axis=1)[:, ::-1]
+        lps.append((raw - np.log(np.exp(raw).sum(1, keepdims=True)))[:, :K].tolist())
+    return pa.table({"prompt_token_ids": pa.array(prompts, pa.list_(pa.int32())),
+                     "completion_token_ids": pa.array(completions, pa.list_(pa.int32())),
+                     "topk_token_ids": pa.array(ids, pa.list_(pa.list_(pa.int32(), K))),
+                     "topk_logprobs": pa.array(lps, pa.list_(pa.list_(pa.float32(), K)))})
+
+
+def _student_path() -> str:
+    from distill_llm.paths import resolve_model
+
+    return resolve_model("toy-student")
+
+
+def _config(tmp: Path, **train) -> dict:
+    train = {"alpha": 0.5, "temperature": 2.0, "lr": 1e-3, "warmup_steps": 0, "max_seq_len": 96,
+             "storage_path": str(tmp / "train"), "num_workers": 2, "log_every": 1, **train}
+    cfg = build_config({"student": {"model": _student_path(), "lora": None}, "train": train})
+    return cfg.model_dump(mode="json")
+
+
+def _micro(table: pa.Table, batch_size: int) -> list[dict]:
+    return [build_batch(table.slice(i, batch_size), max_seq_len=96, pad_id=0, with_topk=True)[0]
+            for i in range(0, table.num_rows, batch_size)]
+
+
+def _gradients(student) -> dict[str, torch.Tensor]:
+    """Full (unsharded) gradients by parameter name."""
+    out = {}
+    for name, p in student.named_parameters():
+        if p.grad is not None:
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            out[name] = g.detach().clone()
+    return out
+
+
+def _one_step_gradients(strategy: str, micro: list[dict], world: int, lora: bool = False):
+    """The loop's own placement and accumulation for one step; (full gradients, global means, tokens)."""
+    from distill_llm.config import LoraSettings
+    from distill_llm.student.loop import accumulate
+    from distill_llm.student.model import add_lora, compute_context, load_student, place_model
+
+    torch.manual_seed(0)
+    student = load_student(_student_path(), torch.float32)
+    if lora:
+        student = add_lora(student, LoraSettings(r=4, alpha=8))
+        torch.manual_seed(1)
+        for name, p in student.named_parameters():  # LoRA B starts at 0: give it values so A gets gradients
+            if "lora_B" in name:
+                p.data.normal_(0, 0.05)
+    settings = KDSettings(alpha=0.5, temperature=2.0)
+    device = torch.device("cpu")
+    model = place_model(student, settings, strategy, torch.float32, device, world)
+    means, tokens = accumulate(model, micro, device, compute_context(strategy, torch.float32, device))
+    return _gradients(student), means, tokens
+
+
+def _gradient_worker(config: dict) -> None:
+    """On each of 2 workers: its half of the rows, DDP then FSDP (full, then LoRA); rank 0 saves the results."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    table = config["table"]
+    half = table.slice(rank * 4, 4)
+    torch.set_num_threads(1)
+    results = {
+        "ddp_1x4": _one_step_gradients("ddp", _micro(half, 1), 2),
+        "fsdp_2x2": _one_step_gradients("fsdp", _micro(half, 2), 2),
+        "ddp_lora": _one_step_gradients("ddp", _micro(half, 4), 2, lora=True),
+        "fsdp_lora": _one_step_gradients("fsdp", _micro(half, 2), 2, lora=True),
+    }
+    if rank == 0:
+        torch.save(results, config["out"])
+
+
+def _fit(loop, config: dict, workers: int, datasets=None, storage: Path | None = None, name: str = "run"):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    trainer = TorchTrainer(loop, train_loop_config=config,
+                           scaling_config=ray.train.ScalingConfig(num_workers=workers,
+                                                                  resources_per_worker={"CPU": 0.5}),
+                           run_config=ray.train.RunConfig(name=name, storage_path=str(storage)),
+                           datasets=datasets or {}, dataset_config=ray.train.DataConfig(datasets_to_split=[]))
+    return trainer.fit()
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 1e-5) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        scale = a[name].abs().max().item()
+        assert (a[name] - b[name]).abs().max().item() <= rtol * max(scale, 1e-12), name
+
+
+def test_step_gradient_is_the_same_for_every_layout(ray_session, tmp_path):
+    """8 rows of unequal lengths: one batch of 8, 8 batches of 1, and 2 workers (DDP 1 x 4, FSDP 2 x 2) give the
+    same gradient (1e-5 relative) and the same logged loss: each completion token weighs 1 / the step's tokens."""
+    table = rows_table()
+    ref, ref_means, ref_tokens = _one_step_gradients("ddp", _micro(table, 8), 1)
+    one_by_eight, means, tokens = _one_step_gradients("ddp", _micro(table, 1), 1)
+    assert tokens == ref_tokens == sum(c for _, c in LENGTHS)
+    _assert_same(ref, one_by_eight)
+    torch.testing.assert_close(means, ref_means, rtol=1e-6, atol=0)
+
+    out = tmp_path / "grads.pt"
+    _fit(_gradient_worker, {"table": table, "out": str(out)}, 2, storage=tmp_path / "ray")
+    results = torch.load(out, weights_only=False)
+    for layout in ("ddp_1x4", "fsdp_2x2"):
+        grads, means, tokens = results[layout]
+        assert tokens == ref_tokens, layout
+        _assert_same(ref, grads)
+        torch.testing.assert_close(means, ref_means, rtol=1e-6, atol=0)
+
+    lora_ref, _, _ = _one_step_gradients("ddp", _micro(table, 8), 1, lora=True)
+    assert all("lora" in n for n in lora_ref)
+    _assert_same(lora_ref, results["ddp_lora"][0])
+    _assert_same(lora_ref, results["fsdp_lora"][0])
+
+
+def test_per_sequence_mean_would_differ():
+    """The equivalence above can fail: averaging per micro-batch (the old loss) weighs short rows more."""
+    table = rows_table()
+    ref, _, _ = _one_step_gradients("ddp", _micro(table, 8), 1)
+    from distill_llm.student.model import StudentWithLoss, load_student
+
+    torch.manual_seed(0)
+    student = load_student(_student_path(), torch.float32)
+    model = StudentWithLoss(student, KDSettings(alpha=0.5, temperature=2.0))
+    for batch in _micro(table, 1):
+        (model(**batch)["loss"] / 8).backward()
+    old = _gradients(student)
+    with pytest.raises(AssertionError):
+        _assert_same(ref, old, rtol=1e-2)
+
+
+def _train(tmp: Path, strategy: str, workers: int, total: int, tables: list[pa.Table], name: str, **train):
+    """The real train_loop_per_worker on per-worker datasets; returns the run folder."""
+    import ray.data
+
+    from distill_llm.student.loop import LoopInputs
+
+    config = _config(tmp, strategy=strategy, num_workers=workers, batch_size=2, grad_accum=2, checkpoint_every=2,
+                     keep_checkpoints=4, lr_schedule="constant", **train)
+    inputs = LoopInputs(config=config, student_path=_student_path(), retokenize=False, total_steps=total,
+                        batches_per_epoch=tables[0].num_rows // 2, per_worker_datasets=True)
+    datasets = {f"train_{r}": ray.data.from_arrow(t) for r, t in enumerate(tables)}
+    for one in datasets.values():
+        one.context.enable_progress_bars = False
+    result = _fit(_real_loop, {"inputs": inputs}, workers, datasets, tmp / "train", name)
+    assert result.error is None, result.error
+    return tmp / "train" / name
+
+
+def _real_loop(config):
+    from distill_llm.student.loop import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
+def _metrics(run: Path, step: int) -> list[dict]:
+    lines = (run / f"checkpoint_step{step:07d}" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_fsdp_trains_the_same_student_as_ddp_and_resumes_on_one_worker(ray_session, tmp_path, capfd):
+    """2 FSDP workers and 2 DDP workers: equal losses over 4 steps and equal exported weights; the FSDP run's
+    sharded checkpoint then resumes on 1 worker. TensorBoard events are written during the run and each
+    progress line reaches the driver once."""
+    import time
+
+    from distill_llm.student.checkpoint import checkpoint_model
+
+    tables = [rows_table(LENGTHS * 2, seed=r) for r in range(2)]  # 16 rows = 8 batches = 4 steps per worker
+    ddp = _train(tmp_path, "ddp", 2, 4, tables, "ddp")
+    fsdp = _train(tmp_path, "fsdp", 2, 4, tables, "fsdp")
+    a, b = _metrics(ddp, 4), _metrics(fsdp, 4)
+    assert [m["step"] for m in a] == [1, 2, 3, 4]
+    for key in ("loss", "ce", "kd"):
+        np.testing.assert_allclose([m[key] for m in b], [m[key] for m in a], rtol=1e-5)
+    assert a[0]["tokens"] == 2 * sum(c for _, c in LENGTHS[:4]), "the step's tokens over both workers"
+
+    student_cfg = build_config(_config(tmp_path)).student
+    weights = [checkpoint_model(run / "checkpoint_step0000004", _student_path(), student_cfg).state_dict()
+               for run in (ddp, fsdp)]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-5, atol=1e-6)
+
+    events = list((fsdp / "tensorboard").glob("events.out.tfevents.*"))
+    assert events, "TensorBoard events in the run folder"
+    time.sleep(3)  # Ray relays worker output asynchronously
+    out = capfd.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if "train: step 3/4" in line]
+    assert len(lines) == 2, lines  # once per run (ddp, fsdp), not twice each
+
+    # one worker reads both halves: its data position (8 batches) continues into rows it has not seen
+    resumed = _train(tmp_path, "fsdp", 1, 6, [pa.concat_tables(tables)], "fsdp")
+    state = json.loads((resumed / "checkpoint_step0000006" / "trainer_state.json").read_text())
+    assert state["resumed"] == [{"step": 4, "epoch": 0, "batches_in_epoch": 8}]
+    steps = _metrics(resumed, 6)
+    assert [m["step"] for m in steps] == list(range(1, 7)) and steps[:4] == b
+    assert all(np.isfinite(m["loss"]) for m in steps)
