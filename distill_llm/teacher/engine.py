@@ -149,6 +149,7 @@ class TeacherEngine:
             kwargs["max_num_seqs"] = kwargs.get("max_num_seqs", 256)
             kwargs["max_num_batched_tokens"] = kwargs["max_num_seqs"] * (engine.max_model_len or 4096)
         kwargs.update(engine.engine_kwargs)
+        _quiet_engine_monitor()
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
@@ -366,6 +367,29 @@ def _watch_engine(llm, generating: threading.Event) -> None:
         _exit_for_restart("its engine-core process died during a generate call")
 
     threading.Thread(target=watch, name="distill-llm-engine-watchdog", daemon=True).start()
+
+
+class _NoEndOfStageAlarm:
+    """Drops vLLM's "engine core exited unexpectedly" warning: a logging filter.
+
+    vLLM's liveness monitor logs it whenever the engine-core child goes before the client shut down, and
+    when Ray Data releases a finished actor the raylet may reap that child before the actor's own
+    shutdown runs, so a successful stage ended with the warning. A real death needs no such line: during a
+    batch the watchdog reports it (``_watch_engine``), and between batches the next ``generate`` raises
+    EngineDeadError, which exits the actor with its own message (``_exit_for_restart``).
+    """
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "engine core exited unexpectedly" not in record.getMessage()
+
+
+def _quiet_engine_monitor() -> None:
+    import logging
+
+    logger = logging.getLogger("vllm.v1.engine.core_client")
+    if not any(isinstance(f, _NoEndOfStageAlarm) for f in logger.filters):
+        logger.addFilter(_NoEndOfStageAlarm())
 
 
 def _shutdown_at_exit(llm) -> None:
