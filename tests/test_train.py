@@ -221,7 +221,9 @@ def _safetensors_dtypes(folder: Path) -> set[str]:
 
 
 def test_bf16_student_is_exported_in_bf16_by_a_ray_task(generated, tmp_path):
-    """Full fine-tuning of a bf16 base (trained in fp32 on CPU) exports bf16 weights, from a process not the driver."""
+    """Full fine-tuning of a bf16 base (trained in fp32 on CPU) exports bf16 weights, from a process not the driver.
+
+    The corpus streams (train.cache_max_gb=0), so the run also goes through the row-shuffled streaming path."""
     import os
 
     from transformers import AutoConfig
@@ -232,7 +234,7 @@ def test_bf16_student_is_exported_in_bf16_by_a_ray_task(generated, tmp_path):
     base = _bf16_student(tmp_path)
     assert _safetensors_dtypes(Path(base)) == {"BF16"}
     small = small_config(tmp_path, data={"shards": cfg.output.dir}, student={"model": base, "lora": "null"},
-                         train={"max_steps": 2, "num_workers": 1, "batch_size": 8, "log_every": 1})
+                         train={"max_steps": 2, "num_workers": 1, "batch_size": 8, "log_every": 1, "cache_max_gb": 0})
     out = Path(train(small))
     assert _safetensors_dtypes(out) == {"BF16"}, "the student's own dtype, not fp32"
     assert str(AutoConfig.from_pretrained(out).dtype).removeprefix("torch.") == "bfloat16"
