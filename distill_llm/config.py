@@ -184,8 +184,10 @@ class StudentConfig(_Section):
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False  # weights load from safetensors only unless this is on
     lora: LoraSettings | None = Field(default_factory=LoraSettings)  # null: full fine-tuning
-    merge_lora: bool = True
+    merge_lora: bool = True  # false: the export is an adapter folder naming its base (adapter_config.json)
     gradient_checkpointing: bool = False
+    # Ray memory of the export task (load, merge, save); None: twice the student's weights in its dtype + 1 GiB
+    export_memory_gb: float | None = Field(None, gt=0)
 
 
 class TrainConfig(_Section):
@@ -276,6 +278,14 @@ class PlanConfig(_Section):
     student_params_b: float | None = Field(None, gt=0)
 
 
+# Token-level KD over one stored logprob without the tail bucket compares two one-bucket distributions:
+# both are 1 after renormalising, so the KD term and its gradient are exactly zero.
+ONE_BUCKET_KD = ("train.alpha={alpha} with {k} and train.tail_bucket=false trains a KD term that is exactly zero "
+                 "(one renormalised bucket is always 1): set train.tail_bucket=true (the teacher's mass outside "
+                 "the top 1 becomes a second bucket), store more logprobs (generate.top_k_logprobs >= 2), or set "
+                 "train.alpha=0")
+
+
 class Config(_Section):
     """The whole job: sections named like the YAML keys."""
 
@@ -293,6 +303,8 @@ class Config(_Section):
     def _cross_checks(self) -> "Config":
         if self.train.alpha > 0 and self.generate.top_k_logprobs == 0:
             raise ValueError("train.alpha > 0 needs top-k logprobs: set generate.top_k_logprobs >= 1 or train.alpha=0")
+        if self.train.alpha > 0 and self.generate.top_k_logprobs == 1 and not self.train.tail_bucket:
+            raise ValueError(ONE_BUCKET_KD.format(alpha=self.train.alpha, k="generate.top_k_logprobs=1"))
         for key, location in self._locations():
             if has_credentials(location):
                 raise ValueError(f"{key}: {CREDENTIALS_IN_URL}")

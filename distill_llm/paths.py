@@ -42,8 +42,10 @@ def resolve_model(name: str) -> str:
         return fetch_dir(name)
     local = Path(name).expanduser()
     if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise ConfigError(f"model folder {local} has no config.json: is it a Hugging Face model folder?")
+        # an adapter folder (student.merge_lora: false) names its base in adapter_config.json
+        if not any((local / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise ConfigError(f"model folder {local} has no config.json (nor adapter_config.json): is it a Hugging "
+                              "Face model folder?")
         return str(local.resolve())
     if name.startswith((".", "/", "~")) or local.suffix.lower() in _FILE_SUFFIXES or name.count("/") > 1:
         raise ConfigError(f"model path {name} does not exist (and it is not a hub id like 'Qwen/Qwen2.5-1.5B')")
@@ -170,8 +172,10 @@ def fetch_dir(uri: str) -> str:
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)
-    if fs.get_file_info(join(path, "config.json")).type == pafs.FileType.NotFound:
-        raise ConfigError(f"model {uri} has no config.json: is it a Hugging Face model folder?")
+    if all(fs.get_file_info(join(path, f)).type == pafs.FileType.NotFound for f in ("config.json",
+                                                                                  "adapter_config.json")):
+        raise ConfigError(f"model {uri} has no config.json (nor adapter_config.json): is it a Hugging Face model "
+                          "folder?")
     local = cache_dir() / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if local.exists():  # always fresh: the remote folder may have been re-exported since
         shutil.rmtree(local)

@@ -198,3 +198,170 @@ def test_token_level_kd_refuses_a_student_with_other_token_ids(generated, tmp_pa
         check_tokenizers(small_config(tmp_path), manifest["run"], other)
     assert check_tokenizers(small_config(tmp_path, train={"alpha": 0}), manifest["run"], other) is True
     assert check_tokenizers(small_config(tmp_path), manifest["run"], load_tokenizer(resolve_model("toy-student"))) is False
+
+
+def _bf16_student(tmp_path) -> str:
+    """The toy student saved in bfloat16 (its config.json says so), as hub checkpoints of real students are."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "bf16-student"
+    AutoModelForCausalLM.from_pretrained(_base_path(), dtype=torch.bfloat16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(_base_path()).save_pretrained(out)
+    return str(out)
+
+
+def _safetensors_dtypes(folder: Path) -> set[str]:
+    from safetensors import safe_open
+
+    dtypes = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            dtypes |= {str(st.get_slice(k).get_dtype()) for k in st.keys()}
+    return dtypes
+
+
+def test_bf16_student_is_exported_in_bf16_by_a_ray_task(generated, tmp_path):
+    """Full fine-tuning of a bf16 base (trained in fp32 on CPU) exports bf16 weights, from a process not the driver.
+
+    The corpus streams (train.cache_max_gb=0), so the run also goes through the row-shuffled streaming path."""
+    import os
+
+    from transformers import AutoConfig
+
+    from distill_llm.student.stage import train
+
+    cfg, _ = generated
+    base = _bf16_student(tmp_path)
+    assert _safetensors_dtypes(Path(base)) == {"BF16"}
+    small = small_config(tmp_path, data={"shards": cfg.output.dir}, student={"model": base, "lora": "null"},
+                         train={"max_steps": 2, "num_workers": 1, "batch_size": 8, "log_every": 1, "cache_max_gb": 0})
+    out = Path(train(small))
+    assert _safetensors_dtypes(out) == {"BF16"}, "the student's own dtype, not fp32"
+    assert str(AutoConfig.from_pretrained(out).dtype).removeprefix("torch.") == "bfloat16"
+    info = json.loads((out / "distill_llm.json").read_text())
+    assert info["export"]["dtype"] == "bfloat16" and info["export"]["format"] == "merged"
+    assert info["export"]["pid"] != os.getpid(), "the export ran in a Ray worker, not in the driver"
+    assert "merged weights in bfloat16" in (out / "README.md").read_text()
+
+
+def _last_checkpoint(cfg) -> Path:
+    return sorted(Path(cfg.train.storage_path).glob("*/checkpoint_step*"))[-1]
+
+
+def test_unmerged_lora_is_exported_as_an_adapter_folder_that_loads(trained, tmp_path):
+    """student.merge_lora=false: an adapter folder naming its base, which transformers (with peft) loads
+    to the same model as the merged export of the same checkpoint, and which resolve_model accepts."""
+    import ray.train
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from distill_llm.corpus.shards import read_manifest
+    from distill_llm.paths import resolve_model
+    from distill_llm.student.stage import export_student
+
+    cfg, merged = trained
+    unmerged = cfg.model_copy(deep=True)
+    unmerged.student.merge_lora = False
+    unmerged.output.student_dir = str(tmp_path / "adapter-student")
+    manifests = {cfg.output.dir: read_manifest(cfg.output.dir)}
+    ckpt = ray.train.Checkpoint.from_directory(str(_last_checkpoint(cfg)))
+    out = Path(export_student(unmerged, ckpt, _base_path(), manifests[cfg.output.dir]["run"], manifests, "run"))
+
+    assert not (out / "config.json").exists() and (out / "adapter_model.safetensors").is_file()
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == _base_path()
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    info = json.loads((out / "distill_llm.json").read_text())
+    assert info["export"]["format"] == "adapter" and info["steps"] == 6
+    assert "a LoRA adapter (not merged)" in (out / "README.md").read_text()
+    assert resolve_model(str(out)) == str(out), "eval and run accept the adapter folder"
+
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    want = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
+    auto = AutoModelForCausalLM.from_pretrained(out).eval()  # peft installed: base + adapter from the folder
+    assert hasattr(auto, "peft_config"), "transformers attached the adapter"
+    torch.testing.assert_close(auto(ids).logits, want, rtol=1e-4, atol=1e-4)
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(_base_path()), str(out)).eval()
+    torch.testing.assert_close(peft(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def generated_with_system_prompt(ray_session, tmp_path_factory):
+    """A small real shard set whose prompts the teacher stage built with data.system_prompt."""
+    from distill_llm.teacher.stage import generate
+
+    tmp = tmp_path_factory.mktemp("gen-system")
+    cfg = small_config(tmp, data={"num_prompts": 8, "system_prompt": "Add the numbers, column by column."},
+                       generate={"samples_per_prompt": 1, "max_new_tokens": 64})
+    return cfg, generate(cfg)
+
+
+def test_retokenised_prompts_carry_the_system_prompt(generated_with_system_prompt, tmp_path):
+    """A student with another vocabulary (train.alpha=0) rebuilds prompts from messages: with the run's system
+    prompt they are the teacher's prompt ids, so it trains exactly like a student reading the stored ids."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from distill_llm.student.stage import check_tokenizers, train
+    from distill_llm.tokenizers import load_tokenizer
+
+    cfg, manifest = generated_with_system_prompt
+    assert manifest["run"]["prompts"]["system_prompt"] == cfg.data.system_prompt
+    other = tmp_path / "other-vocab-student"
+    shutil.copytree(_base_path(), other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<|extra|>"], special_tokens=True)  # an id only the student has: not the teacher's vocabulary
+    tok.save_pretrained(other)
+    assert check_tokenizers(small_config(tmp_path, train={"alpha": 0}), manifest["run"], load_tokenizer(str(other)))
+
+    row = pq.read_table(sorted(Path(cfg.output.dir).glob("part-*.parquet"))[0]).slice(0, 1).to_pylist()[0]
+    teacher_prompt = tok.apply_chat_template([{"role": "system", "content": cfg.data.system_prompt}, *row["messages"]],
+                                             add_generation_prompt=True, tokenize=False)
+    assert row["prompt_token_ids"] == tok(teacher_prompt, add_special_tokens=False)["input_ids"]
+
+    def losses(student: str, name: str) -> list[float]:
+        run = small_config(tmp_path / name, data={"shards": cfg.output.dir}, student={"model": student, "lora": "null"},
+                           train={"alpha": 0, "max_steps": 2, "num_workers": 1, "batch_size": 4, "log_every": 1})
+        train(run)
+        (metrics,) = Path(run.train.storage_path).glob("*/checkpoint_step0000002/metrics.jsonl")
+        return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+
+    stored = losses(_base_path(), "stored-ids")
+    assert losses(str(other), "retokenised") == stored, "re-tokenised prompts equal the teacher stage's"
+
+
+def test_streamed_corpus_is_shuffled_by_row_and_each_epoch_differs(generated, tmp_path):
+    """train.cache_max_gb=0 streams the shards: the two samples of a prompt (neighbours in their shard) are
+    spread over the epoch, every row comes once per epoch, and the epochs come in different orders."""
+    from ray.data.dataset import MaterializedDataset
+
+    from distill_llm.corpus.shards import read_manifest
+    from distill_llm.student.stage import (cache_small, ordered_data, shuffle_window_rows, streamed_epoch,
+                                           training_dataset, verified_files, worker_datasets)
+
+    gen, _ = generated
+    cfg = small_config(tmp_path, data={"shards": gen.output.dir}, train={"cache_max_gb": 0, "alpha": 0})
+    manifests = {gen.output.dir: read_manifest(gen.output.dir)}
+    files = verified_files([gen.output.dir], "size")
+    stored = [r["sample_id"] for f in files[gen.output.dir] for r in pq.read_table(f, columns=["sample_id"]).to_pylist()]
+    prompt = {s: s.rsplit("-", 1)[0] for s in stored}
+    assert sum(prompt[a] == prompt[b] for a, b in zip(stored, stored[1:])) == 48, "shards keep a prompt's samples together"
+
+    ds = cache_small(training_dataset(cfg, files, False), manifests, cfg.train.cache_max_gb)
+    assert not isinstance(ds, MaterializedDataset), "cache_max_gb=0 streams"
+    window = shuffle_window_rows(manifests)
+    with ordered_data():  # so the union's epochs come one after the other and can be told apart here
+        datasets, _ = worker_datasets(ds, 2, 2, 8, cfg.train.seed,
+                                      epoch_data=lambda e: streamed_epoch(cfg, files, False, cfg.train.seed + e, window))
+        ids = [r["sample_id"] for r in datasets["train"].iter_rows()]
+    epochs = [ids[:96], ids[96:]]
+    for order in epochs:
+        assert sorted(order) == sorted(stored), "every row once per epoch"
+        together = sum(prompt[a] == prompt[b] for a, b in zip(order, order[1:]))
+        assert together <= 8, f"{together} of 48 prompts still have their samples side by side"
+        where = {s: i for i, s in enumerate(order)}
+        gaps = [abs(where[f"{p}-0"] - where[f"{p}-1"]) for p in {prompt[s] for s in stored}]
+        assert sum(gaps) / len(gaps) > 10, "a prompt's samples are spread over the epoch"
+    assert epochs[0] != epochs[1], "each epoch in its own order"

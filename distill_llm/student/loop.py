@@ -43,6 +43,7 @@ class LoopInputs:
     batches_per_epoch: int  # per worker
     per_worker_datasets: bool  # datasets train_<rank> (a cached corpus) rather than one split "train"
     faults: str | None = None  # the driver's DISTILL_LLM_FAULTS, armed on the worker (faults.arm)
+    system_prompt: str | None = None  # the teacher stage's (run.json prompts.system_prompt), for re-tokenised prompts
 
 
 def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -189,7 +190,10 @@ def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
     retokenize = None
     if inputs.retokenize:
         def retokenize(row):
-            return prompt_ids(tokenizer, row["messages"]), completion_ids(tokenizer, row["completion_text"],
+            messages = row["messages"]  # the system prompt goes first unless the row has its own, as in generation
+            if inputs.system_prompt and not any(m["role"] == "system" for m in messages):
+                messages = [{"role": "system", "content": inputs.system_prompt}, *messages]
+            return prompt_ids(tokenizer, messages), completion_ids(tokenizer, row["completion_text"],
                                                                           row["finish_reason"])
 
     total = inputs.total_steps

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, ConfigError
+from ..config import ONE_BUCKET_KD, Config, ConfigError
 from ..faults import ENV as FAULTS_ENV
 from ..paths import absolute, check_location, check_weights_format, filesystem, is_url, join, makedirs, resolve_model
 from ..corpus.shards import read_json, check_compatible, identity_diff, read_manifest, shard_files, write_json
@@ -144,22 +144,71 @@ def check_cluster_fits(cfg: Config) -> None:
                       + (", or raise ray.num_cpus" if "CPU" in "".join(short) else ""))
 
 
-def training_dataset(cfg: Config, files: dict[str, list[str]], with_topk: bool):
+def training_dataset(cfg: Config, files: dict[str, list[str]], with_topk: bool, order_seed: int | None = None):
     """Shard rows streamed from Parquet (never loaded whole into one process), optionally only answer-checked ones.
 
-    Each shard set is read through its own file system (one may be local, another in S3); the file
-    system object travels to the read tasks with its endpoint, credentials are found there.
+    Each file system is read once over all its shard sets' files (one set may be local, another in S3);
+    the file system object travels to the read tasks with its endpoint, credentials are found there.
+    With ``order_seed`` the files come in a seeded order, across shard sets.
     """
+    import random
+
     import pyarrow.compute as pc
     import ray.data
 
+    groups: list[tuple[Any, list[str]]] = []  # (file system, its files), sets on one file system merged
+    for d, paths in files.items():
+        fs = filesystem(d)[0]
+        same = next((g for g in groups if g[0].equals(fs)), None)
+        if same is None:
+            groups.append((fs, list(paths)))
+        else:
+            same[1].extend(paths)
+    if order_seed is not None:
+        for _, paths in groups:
+            random.Random(order_seed).shuffle(paths)
     columns = TRAIN_COLUMNS + (["topk_token_ids", "topk_logprobs"] if with_topk else [])
-    parts = [ray.data.read_parquet(paths, filesystem=filesystem(d)[0]).select_columns(columns)
-             for d, paths in files.items()]
+    parts = [ray.data.read_parquet(paths, filesystem=fs).select_columns(columns) for fs, paths in groups]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if cfg.train.filter_correct:
         ds = ds.map_batches(lambda t: t.filter(pc.fill_null(t["answer_correct"], False)), batch_format="pyarrow")
     return ds
+
+
+# A streamed corpus is shuffled by row inside windows of about this many shard bytes (one Ray Data task
+# holds a window), of at least SHUFFLE_WINDOW_ROWS[0] and at most SHUFFLE_WINDOW_ROWS[1] rows.
+SHUFFLE_WINDOW_BYTES = 512 * 2**20
+SHUFFLE_WINDOW_ROWS = (64, 8192)
+
+
+def shuffle_window_rows(manifests: dict[str, dict[str, Any]]) -> int:
+    """Rows per shuffle window of a streamed corpus, from the shards' mean bytes per row."""
+    rows = sum(m["totals"]["rows"] for m in manifests.values())
+    per_row = sum(m["totals"]["bytes"] for m in manifests.values()) / max(rows, 1)
+    low, high = SHUFFLE_WINDOW_ROWS
+    return int(min(high, max(low, SHUFFLE_WINDOW_BYTES // max(per_row, 1))))
+
+
+def shuffle_window(table, seed: int):
+    """One window's rows in a random order, fixed by the epoch's seed and the window's first sample id."""
+    import numpy as np
+
+    if table.num_rows < 2:
+        return table
+    key = f"{seed}:{table.column('sample_id')[0].as_py()}".encode()
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+    return table.take(rng.permutation(table.num_rows))
+
+
+def streamed_epoch(cfg: Config, files: dict[str, list[str]], with_topk: bool, seed: int, window_rows: int):
+    """One epoch of a corpus too large to cache, shuffled by row without a global shuffle.
+
+    The files come in an order drawn from ``seed`` and rows are permuted inside windows of ``window_rows``
+    consecutive rows, so the samples of one prompt (neighbours in their shard) are spread out, and each
+    epoch (its own seed) differs.
+    """
+    ds = training_dataset(cfg, files, with_topk, order_seed=seed)
+    return ds.map_batches(shuffle_window, batch_size=window_rows, batch_format="pyarrow", fn_kwargs={"seed": seed})
 
 
 def plan_steps(rows: int, cfg: Config) -> tuple[int, int, int]:
@@ -203,18 +252,19 @@ def ordered_data():
         options.preserve_order = before
 
 
-def epochs_dataset(ds, epochs: int, seed: int):
-    """Every epoch in one dataset, each in its own block order, so a worker opens one iterator per run.
+def epochs_dataset(epoch_data, epochs: int):
+    """Every epoch in one dataset (``epoch_data(epoch)`` gives one), so a worker opens one iterator per run.
 
     A new ``iter_batches`` per epoch waits at Ray Data's streaming-split barrier for the slowest worker
     and starts a new executor (bench/RESULTS.md has the cost). Ray Data may interleave the copies at
     their seams; this is the path for corpora too large to cache, where epochs are few.
     """
-    copies = [ds.randomize_block_order(seed=seed + epoch) for epoch in range(epochs)]
+    copies = [epoch_data(epoch) for epoch in range(epochs)]
     return copies[0].union(*copies[1:]) if epochs > 1 else copies[0]
 
 
-def worker_datasets(ds, epochs: int, workers: int, batch_size: int, seed: int) -> tuple[dict[str, Any], Any]:
+def worker_datasets(ds, epochs: int, workers: int, batch_size: int, seed: int,
+                    epoch_data=None) -> tuple[dict[str, Any], Any]:
     """(Ray Train datasets, their DataConfig): one stream of every epoch per worker, fixed by the seed when cached.
 
     Ray Train's streaming split hands each block to whichever worker asks first, so two runs of one
@@ -223,14 +273,14 @@ def worker_datasets(ds, epochs: int, workers: int, batch_size: int, seed: int) -
     about one batch (Ray Data reads a small shard set as a single block, where a block order would
     shuffle nothing), and every epoch takes its own seeded block order and is split evenly into one
     dataset per worker, read in order. A corpus too large to cache streams through Ray Train's split,
-    which is not reproducible.
+    which is not reproducible: ``epoch_data(epoch)`` gives each epoch's rows (``streamed_epoch``).
     """
     import ray.data
     import ray.train
     from ray.data.dataset import MaterializedDataset
 
     if not isinstance(ds, MaterializedDataset):
-        return {"train": epochs_dataset(ds, epochs, seed)}, ray.train.DataConfig()
+        return {"train": epochs_dataset(epoch_data, epochs)}, ray.train.DataConfig()
     # at most 4,096 blocks: a large cached corpus gets larger blocks rather than millions of objects
     ds = ds.repartition(max(1, min(ds.count() // batch_size, 4096))).materialize()
     blocks: list[list] = [[] for _ in range(workers)]
@@ -280,6 +330,9 @@ def train(cfg: Config) -> str:
     if with_topk and not run.get("top_k_logprobs"):
         raise ConfigError(f"train.alpha={cfg.train.alpha} needs top-k logprobs, but the shards were generated "
                           "with generate.top_k_logprobs=0; set train.alpha=0 or regenerate")
+    if with_topk and run.get("top_k_logprobs") == 1 and not cfg.train.tail_bucket:
+        raise ConfigError(ONE_BUCKET_KD.format(alpha=cfg.train.alpha, k="shards of top_k_logprobs=1 "
+                                               f"({', '.join(shard_dirs)})"))
     if cfg.student.lora is not None:
         from .model import check_lora_targets
 
@@ -299,6 +352,7 @@ def train(cfg: Config) -> str:
     claim_run(storage, name, identity)
     init_ray(cfg.ray)
     check_cluster_fits(cfg)
+    check_export_fits(cfg, export_memory(student_path, cfg, student_dtype(student_path, cfg)))
     with ordered_data():  # the cached blocks and their per-worker splits in one order, run after run
         ds = cache_small(training_dataset(cfg, files, with_topk), manifests, cfg.train.cache_max_gb)
     rows = ((sum(m["totals"]["correct"] for m in manifests.values())  # passing rows counted at commit
@@ -309,7 +363,10 @@ def train(cfg: Config) -> str:
                                                          "check passed" if cfg.train.filter_correct else ""))
     total_steps, epochs, batches_per_epoch = plan_steps(rows, cfg)
     with ordered_data():
-        datasets, data_config = worker_datasets(ds, epochs, cfg.train.num_workers, cfg.train.batch_size, cfg.train.seed)
+        window = shuffle_window_rows(manifests)
+        datasets, data_config = worker_datasets(
+            ds, epochs, cfg.train.num_workers, cfg.train.batch_size, cfg.train.seed,
+            epoch_data=lambda epoch: streamed_epoch(cfg, files, with_topk, cfg.train.seed + epoch, window))
     del ds  # a cached corpus now lives in the workers' re-cut blocks; holding this copy too would double it
     # Ray Train gets the same file system as every other stage (endpoint from AWS_ENDPOINT_URL, small
     # checkpoint files as single PUTs) rather than resolving the URL again on its own.
@@ -320,7 +377,7 @@ def train(cfg: Config) -> str:
         train_loop_config={"inputs": LoopInputs(
             config=cfg.model_dump(mode="json"), student_path=student_path, retokenize=retokenize,
             total_steps=total_steps, batches_per_epoch=batches_per_epoch, per_worker_datasets="train" not in datasets,
-            faults=os.environ.get(FAULTS_ENV))},
+            faults=os.environ.get(FAULTS_ENV), system_prompt=run_system_prompt(run))},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker,
                                                                      **t.resources_per_worker}),
@@ -339,7 +396,7 @@ def train(cfg: Config) -> str:
         skipped = {k: v for k, v in metrics.items() if k.startswith("rows_skipped") and v}
         raise ConfigError(f"no training row was usable ({skipped}); check train.max_seq_len and the shards. "
                           f"Nothing was exported")
-    out = export_student(cfg, result.checkpoint, student_path, student_tok, run, manifests, name)
+    out = export_student(cfg, result.checkpoint, student_path, run, manifests, name)
     print(f"train: {metrics.get('step')} steps, final loss {metrics.get('loss'):.4f} (ce {metrics.get('ce'):.4f}, "
           f"kd {metrics.get('kd'):.4f}) in {time.time() - start:.1f}s -> {out}")
     return out
@@ -350,40 +407,165 @@ def shard_fingerprint(manifests: dict[str, dict[str, Any]]) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
 
-def export_student(cfg: Config, checkpoint, student_path: str, tokenizer, run: dict[str, Any],
+# Bytes per parameter of the dtypes a student folder may name in its config.json.
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+def student_dtype(student_path: str, cfg: Config) -> str:
+    """The dtype the student's base is saved in (checkpoint.base_dtype), by name: the export's dtype.
+
+    The export is written in this dtype, whatever the training compute dtype: a bf16 base gives a bf16 folder.
+    """
+    from .checkpoint import base_dtype
+
+    name = str(base_dtype(student_path, cfg.student.revision, cfg.student.trust_remote_code)).removeprefix("torch.")
+    return name if name in DTYPE_BYTES else "float32"
+
+
+def student_parameters(student_path: str, cfg: Config) -> int:
+    """The student's parameter count, from a weightless (meta-device) copy built from its config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.from_pretrained(student_path, revision=cfg.student.revision,
+                                      trust_remote_code=cfg.student.trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(conf, trust_remote_code=cfg.student.trust_remote_code)
+    return sum(p.numel() for p in skeleton.parameters())
+
+
+def export_memory(student_path: str, cfg: Config, dtype: str) -> int:
+    """Bytes of memory the export task asks Ray for: student.export_memory_gb, or twice the weights + 1 GiB.
+
+    The task holds the student in its dtype, the adapter merged in place, while save_pretrained writes it.
+    """
+    if cfg.student.export_memory_gb is not None:
+        return int(cfg.student.export_memory_gb * 2**30)
+    return 2 * student_parameters(student_path, cfg) * DTYPE_BYTES[dtype] + 2**30
+
+
+def export_on_driver_node(cfg: Config) -> bool:
+    """A local output.student_dir or train.storage_path names the driver's disk: the export must run there."""
+    return not (is_url(cfg.output.student_dir) and is_url(cfg.train.storage_path))
+
+
+def export_options(cfg: Config, memory: int) -> dict[str, Any]:
+    """Ray options of the export task: 1 CPU and its memory; pinned to the driver's node when paths are local."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    options: dict[str, Any] = {"num_cpus": 1, "memory": memory, "max_retries": 1}
+    if export_on_driver_node(cfg):
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                        soft=False)
+    return options
+
+
+def check_export_fits(cfg: Config, memory: int) -> None:
+    """An export task no node can hold would wait forever after training: say so before training starts."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if export_on_driver_node(cfg):
+        here = ray.get_runtime_context().get_node_id()
+        nodes = [n for n in nodes if n["NodeID"] == here]
+        where = "the driver's node (output.student_dir or train.storage_path is a local path)"
+    else:
+        where = "any node"
+    most = max((n["Resources"].get("memory", 0) for n in nodes), default=0)
+    if memory <= most:
+        return
+    what = (f"the export needs {memory / 2**30:.1f} GiB of Ray memory on one node (student.export_memory_gb, "
+            f"default twice the student's weights + 1 GiB), but {where} offers {most / 2**30:.1f} GiB")
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        print(f"train: warning: {what}; the export will wait for the cluster to scale up", flush=True)
+        return
+    raise ConfigError(f"{what}; set student.export_memory_gb or give Ray more memory")
+
+
+
+def export_student(cfg: Config, checkpoint, student_path: str, run: dict[str, Any],
                    manifests: dict[str, dict[str, Any]], name: str) -> str:
-    """Checkpoint -> a Hugging Face folder at output.student_dir with card, curves and TensorBoard events."""
+    """Checkpoint -> a Hugging Face folder at output.student_dir, written by a Ray task (see write_export).
+
+    The driver only describes the run; loading, merging and saving the student happen in a task with the
+    memory for it, so a large student never passes through the job's driver.
+    """
+    import ray
+
+    dtype = student_dtype(student_path, cfg)
+    info = {"teacher": run["teacher"], "shards": cfg.shard_dirs, "shard_fingerprint": shard_fingerprint(manifests),
+            "rows": sum(m["totals"]["rows"] for m in manifests.values()), "student_base": cfg.student.model,
+            "student_base_resolved": student_path, "system_prompt": run_system_prompt(run),
+            "train": cfg.train.model_dump(mode="json"), "lora": cfg.student.lora.model_dump() if cfg.student.lora
+            else None, "run": name}
+    out = cfg.output.student_dir if is_url(cfg.output.student_dir) else absolute(cfg.output.student_dir)
+    task = ray.remote(write_export).options(**export_options(cfg, export_memory(student_path, cfg, dtype)))
+    info = ray.get(task.remote(cfg.model_dump(mode="json"), checkpoint, student_path, info, dtype, out))
+    for r in info["resumed"]:
+        print(f"train: run {name} resumed from step {r['step']} (epoch {r['epoch']}, "
+              f"batch {r['batches_in_epoch']})", flush=True)
+    return out
+
+
+def write_export(config: dict[str, Any], checkpoint, student_path: str, info: dict[str, Any], dtype: str,
+                 out: str) -> dict[str, Any]:
+    """The export task: load the checkpoint in the student's dtype, write the folder (local or uploaded).
+
+    ``student.merge_lora: false`` writes an adapter folder (adapter_config.json naming the base) that
+    transformers with peft and vLLM's LoRA support load; otherwise merged weights. Returns the run's info.
+    """
+    import socket
+
+    from ..config import build_config
     from ..plots import plot_curves, write_tensorboard
     from .checkpoint import checkpoint_model
     from .model import save_hf_folder
 
+    cfg = build_config(config)
+    tokenizer = load_tokenizer(student_path, cfg.student.revision, cfg.student.trust_remote_code)
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(d)
-        model = checkpoint_model(ckpt, student_path, cfg.student)  # sharded checkpoint -> HF model in its dtype
+        model = checkpoint_model(ckpt, student_path, cfg.student)  # any strategy's checkpoint, in the base's dtype
+        adapter = hasattr(model, "peft_config") and not cfg.student.merge_lora
+        if adapter:  # loaders find the base here: the resolved folder or hub id, at the configured revision
+            model.peft_config["default"].base_model_name_or_path = student_path
+            model.peft_config["default"].revision = cfg.student.revision
         metrics = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines() if line]
         state = json.loads((ckpt / "trainer_state.json").read_text())
-        for r in state.get("resumed", []):
-            print(f"train: run {name} resumed from step {r['step']} (epoch {r['epoch']}, "
-                  f"batch {r['batches_in_epoch']})", flush=True)
-        local = Path(tmp) / "student" if is_url(cfg.output.student_dir) else Path(absolute(cfg.output.student_dir))
+        info = {**info, "steps": state["step"], "resumed": state.get("resumed", []),
+                "final": {k: metrics[-1][k] for k in ("loss", "ce", "kd")} if metrics else {},
+                "export": {"format": "adapter" if adapter else "merged", "dtype": dtype,
+                           "host": socket.gethostname(), "pid": os.getpid()}}
+        local = Path(tmp) / "student" if is_url(out) else Path(out)
         if local.exists():
             shutil.rmtree(local)
-        info = {"teacher": run["teacher"], "shards": cfg.shard_dirs, "shard_fingerprint": shard_fingerprint(manifests),
-                "rows": sum(m["totals"]["rows"] for m in manifests.values()), "student_base": cfg.student.model,
-                "train": cfg.train.model_dump(mode="json"), "lora": cfg.student.lora.model_dump() if cfg.student.lora
-                else None, "steps": state["step"], "run": name, "resumed": state.get("resumed", []),
-                "final": {k: metrics[-1][k] for k in ("loss", "ce", "kd")} if metrics else {}}
         save_hf_folder(model, tokenizer, local, merge_lora=cfg.student.merge_lora, card=model_card(info),
                        extra_files={"distill_llm.json": info})
         write_tensorboard(metrics, local / "logs")
         plot_curves(metrics, local / "training_curves.png")
-        if is_url(cfg.output.student_dir):
+        if is_url(out):
             import pyarrow.fs as pafs
 
-            fs, dest = filesystem(cfg.output.student_dir)
+            fs, dest = filesystem(out)
             fs.delete_dir_contents(dest, missing_dir_ok=True)  # no stale files of an earlier export stay beside
             pafs.copy_files(str(local), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    return cfg.output.student_dir if is_url(cfg.output.student_dir) else str(local)
+    return info
+
+
+def run_system_prompt(run: dict[str, Any]) -> str | None:
+    """The system prompt the teacher stage put before every prompt (``prompts.system_prompt`` of run.json)."""
+    return (run.get("prompts") or {}).get("system_prompt")
+
+
+def export_format(info: dict[str, Any]) -> str:
+    """The model card's sentence on what the folder holds and how to load it."""
+    export = info.get("export") or {}
+    if export.get("format") == "adapter":
+        return (f"a LoRA adapter (not merged), {export['dtype']} base `{info['student_base_resolved']}` named in "
+                "`adapter_config.json`: `AutoModelForCausalLM.from_pretrained(folder)` with peft installed, "
+                "`PeftModel.from_pretrained(base, folder)`, or vLLM with `enable_lora` and a `LoRARequest`")
+    return f"merged weights in {export.get('dtype', 'float32')}, loadable as is by transformers and vLLM"
 
 
 def model_card(info: dict[str, Any], evaluation: str | None = None) -> str:
@@ -392,8 +574,9 @@ def model_card(info: dict[str, Any], evaluation: str | None = None) -> str:
         "---", "library_name: transformers", "tags: [distill-llm, distillation]", "---", "",
         "# Student distilled with distill-llm", "",
         f"- teacher: `{info['teacher'].get('model')}` (revision {info['teacher'].get('revision')})",
-        f"- student base: `{info['student_base']}`, " + (f"LoRA r={info['lora']['r']} (merged)" if info["lora"]
+        f"- student base: `{info['student_base']}`, " + (f"LoRA r={info['lora']['r']}" if info["lora"]
                                                          else "full fine-tuning"),
+        f"- this folder: {export_format(info)}",
         f"- data: {info['rows']:,} teacher samples from {', '.join(info['shards'])} "
         f"(shard fingerprint `{info['shard_fingerprint']}`)",
         f"- loss: (1 - {t['alpha']}) * CE + {t['alpha']} * T^2 * {t['divergence']} at T={t['temperature']}"
