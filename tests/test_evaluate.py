@@ -90,3 +90,7 @@ def test_a_folder_eval_cannot_serve_is_an_error_naming_it(tmp_path):
         models_to_score(cfg, None)
     (junk / "adapter_config.json").write_text("{}")
     assert models_to_score(cfg, None)[2] == ("student (distilled)", str(junk)), "an adapter export is a row"
+    from distill_llm.evaluation.stage import served_model
+
+    with pytest.raises(ConfigError, match=f"adapter folder {junk}: adapter_config.json names no base"):
+        served_model(cfg, "student (distilled)", str(junk))
