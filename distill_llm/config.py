@@ -233,6 +233,21 @@ class TrainConfig(_Section):
     verify_shards: Literal["sha256", "size"] = "sha256"
 
 
+class EvalEngineConfig(_Section):
+    """Engine settings of evaluation, over every model scored; None keeps each model's own: teacher.* for
+    the teacher, vLLM's defaults (one GPU, the model's dtype and context) for students and eval.models."""
+
+    dtype: str | None = None
+    tensor_parallel_size: int | None = Field(None, ge=1)
+    pipeline_parallel_size: int | None = Field(None, ge=1)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # GPU only
+    cpu_kv_cache_gb: float | None = Field(None, gt=0)  # CPU only; students default to 1 GiB
+    max_model_len: int | None = Field(None, ge=16)
+    max_num_seqs: int | None = Field(None, ge=1)
+    enforce_eager: bool | None = None  # None: eager on CPU, graphs on GPU
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # over the model's own (teacher.engine_kwargs)
+
+
 class EvalConfig(_Section):
     prompts: str = "toy:eval"
     num_prompts: int | None = Field(200, ge=1)
@@ -243,6 +258,15 @@ class EvalConfig(_Section):
     temperature: float = Field(0.0, ge=0)
     max_new_tokens: int | None = Field(None, ge=1)  # None: generate.max_new_tokens
     seed: int = 1234
+    engine: EvalEngineConfig = Field(default_factory=EvalEngineConfig)
+    # engines per model at once (models are served one after another); None: teacher.replicas for the
+    # teacher, 1 for students
+    replicas: int | None = Field(None, ge=1)
+    # custom Ray resources per engine (a node group); empty: teacher.resources for the teacher, none for students
+    resources: dict[str, float] = Field(default_factory=dict)
+    use_gpu: bool | None = None  # None: decided like teacher.use_gpu=null (teacher.stage.use_gpu_for)
+    batch_size: int = Field(256, ge=1)  # rows handed to one engine call
+    max_restarts: int = Field(10, ge=-1)  # engine actor restarts per model, as teacher.max_restarts
 
     @field_validator("models", mode="before")
     @classmethod

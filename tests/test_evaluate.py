@@ -27,3 +27,70 @@ def test_models_compared(tmp_path):
     cfg = build_config({"output": {"student_dir": str(tmp_path / "none")}, "eval": {"models": ["x"]}})
     assert [label for label, _ in models_to_score(cfg, None)] == ["teacher", "student (before)", "x"]
     assert models_to_score(cfg, "/s")[2] == ("student (distilled)", "/s")
+
+
+def _pinned(tmp_path, **eval_section):
+    return build_config({
+        "teacher": {"model": "org/teacher", "revision": "teacher-v1", "tokenizer": "org/teacher-tok",
+                    "trust_remote_code": True, "dtype": "bfloat16", "max_model_len": 32768, "replicas": 3,
+                    "tensor_parallel_size": 8, "engine_kwargs": {"quantization": "fp8"}, "resources": {"teacher": 1},
+                    "cpu_kv_cache_gb": 0.5},
+        "student": {"model": "org/student", "revision": "student-v2", "allow_pickle_weights": True},
+        "output": {"student_dir": str(tmp_path / "none")}, "eval": eval_section})
+
+
+def test_each_model_is_served_with_its_own_settings(tmp_path):
+    from distill_llm.evaluation.stage import eval_engine_spec, eval_replicas, served_model
+
+    cfg = _pinned(tmp_path)
+    teacher, student = (served_model(cfg, label, m) for label, m in models_to_score(cfg, None))
+    t, s = eval_engine_spec(cfg, teacher, False), eval_engine_spec(cfg, student, False)
+    assert (t.revision, t.tokenizer, t.trust_remote_code, t.dtype, t.max_model_len) == (
+        "teacher-v1", "org/teacher-tok", True, "bfloat16", 32768)
+    assert (t.tensor_parallel_size, t.engine_kwargs, t.resources, t.load_format) == (
+        8, {"quantization": "fp8"}, {"teacher": 1}, "safetensors")
+    assert (s.revision, s.tokenizer, s.trust_remote_code, s.dtype, s.max_model_len) == (
+        "student-v2", None, False, "auto", None), "nothing of the teacher's engine reaches the student"
+    assert (s.tensor_parallel_size, s.engine_kwargs, s.resources, s.load_format) == (1, {}, {}, "auto")
+    assert s.kv_cache_memory_bytes == 2**30 and t.kv_cache_memory_bytes == 2**29
+    assert (eval_replicas(cfg, teacher), eval_replicas(cfg, student)) == (3, 1)
+
+
+def test_eval_engine_overrides_every_model(tmp_path):
+    from distill_llm.evaluation.stage import eval_engine_spec, eval_replicas, served_model
+
+    cfg = _pinned(tmp_path, engine={"dtype": "float16", "max_model_len": 4096, "engine_kwargs": {"x": 1},
+                                    "tensor_parallel_size": 2, "gpu_memory_utilization": 0.5},
+                  replicas=2, resources={"eval": 1})
+    for label, model in models_to_score(cfg, None):
+        served = served_model(cfg, label, model)
+        spec = eval_engine_spec(cfg, served, True)
+        assert (spec.dtype, spec.max_model_len, spec.tensor_parallel_size, spec.gpu_memory_utilization) == (
+            "float16", 4096, 2, 0.5)
+        assert spec.resources == {"eval": 1} and spec.kv_cache_memory_bytes is None and not spec.enforce_eager
+        assert spec.engine_kwargs == ({"quantization": "fp8", "x": 1} if served.is_teacher else {"x": 1})
+        assert eval_replicas(cfg, served) == 2
+
+
+def test_eval_use_gpu_is_the_config_not_the_cluster(tmp_path):
+    from distill_llm.evaluation.stage import eval_use_gpu
+
+    assert eval_use_gpu(_pinned(tmp_path, use_gpu=False)) is False
+    assert eval_use_gpu(_pinned(tmp_path, use_gpu=True)) is True
+
+
+def test_a_folder_eval_cannot_serve_is_an_error_naming_it(tmp_path):
+    from distill_llm.config import ConfigError
+
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "model.safetensors").write_bytes(b"")
+    cfg = build_config({"output": {"student_dir": str(junk)}})
+    with pytest.raises(ConfigError, match=f"model folder {junk} holds neither config.json"):
+        models_to_score(cfg, None)
+    (junk / "adapter_config.json").write_text("{}")
+    assert models_to_score(cfg, None)[2] == ("student (distilled)", str(junk)), "an adapter export is a row"
+    from distill_llm.evaluation.stage import served_model
+
+    with pytest.raises(ConfigError, match=f"adapter folder {junk}: adapter_config.json names no base"):
+        served_model(cfg, "student (distilled)", str(junk))

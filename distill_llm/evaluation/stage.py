@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from .checkers import get_checker
 from ..config import Config, ConfigError
-from ..paths import check_weights_format, filesystem, join, makedirs, read_text, resolve_model
-from ..teacher.engine import SamplingSpec
+from ..paths import (absolute, cache_dir, check_weights_format, filesystem, is_url, join, makedirs, read_text,
+                     resolve_model)
+from ..teacher.engine import EngineSpec, SamplingSpec
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -57,33 +59,165 @@ def models_to_score(cfg: Config, student: str | None) -> list[tuple[str, str]]:
     return models
 
 
+ADAPTER_CONFIG = "adapter_config.json"  # a peft LoRA export (student.merge_lora: false): base reference + adapter
+
+
+def folder_kind(location: str) -> str | None:
+    """'model' (a Hugging Face folder), 'adapter' (a peft adapter folder), or None when ``location`` is no
+    folder (a hub id, or a student not exported yet). A folder holding neither is an error naming it."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    if fs.get_file_info(join(path, "config.json")).type != pafs.FileType.NotFound:
+        return "model"
+    if fs.get_file_info(join(path, ADAPTER_CONFIG)).type != pafs.FileType.NotFound:
+        return "adapter"
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(path)):
+        raise ConfigError(f"model folder {location} holds neither config.json (a Hugging Face model) nor "
+                          f"{ADAPTER_CONFIG} (a LoRA adapter): evaluation cannot serve it")
+    return None
+
+
 def _exported(folder: str) -> bool:
-    fs, path = filesystem(folder)
-    return read_text(fs, join(path, "config.json")) is not None
+    return folder_kind(folder) is not None
 
 
-def evaluate_model(cfg: Config, model: str, is_teacher: bool = False) -> tuple[dict[str, Any], pa.Table]:
+@dataclass(frozen=True)
+class Served:
+    """One row of the table and how its engine loads the model: each model with its own settings."""
+
+    label: str
+    model: str  # what vLLM loads: a local folder or a hub id
+    revision: str | None
+    tokenizer: str | None
+    trust_remote_code: bool
+    allow_pickle: bool
+    is_teacher: bool
+
+
+def served_model(cfg: Config, label: str, model: str) -> Served:
+    """The teacher with teacher.*, the base student with student.*, exports and extras as found (an adapter
+    folder merged over its base first); pickled weights refused unless the role's allow_pickle_weights."""
+    t, s = cfg.teacher, cfg.student
+    if label == "teacher":
+        served = Served(label, resolve_model(model), t.revision, t.tokenizer, t.trust_remote_code,
+                        t.allow_pickle_weights, True)
+    elif label == "student (before)":
+        served = Served(label, resolve_model(model), s.revision, None, s.trust_remote_code,
+                        s.allow_pickle_weights, False)
+    else:
+        kind = folder_kind(model) if _looks_like_folder(model) else None
+        path = merge_adapter(cfg, model) if kind == "adapter" else resolve_model(model)
+        served = Served(label, path, None, None, s.trust_remote_code, s.allow_pickle_weights, False)
+    key = "teacher.allow_pickle_weights" if served.is_teacher else "student.allow_pickle_weights"
+    check_weights_format(served.model, served.allow_pickle, key)
+    return served
+
+
+def _looks_like_folder(model: str) -> bool:
+    return is_url(model) or Path(model).expanduser().is_dir()
+
+
+def merge_adapter(cfg: Config, folder: str) -> str:
+    """A LoRA adapter folder merged into its base with peft, saved in the cache: the folder vLLM serves.
+
+    The base is the adapter's ``base_model_name_or_path`` (at its ``revision``), loaded in its own dtype with
+    student.trust_remote_code / student.allow_pickle_weights. Merged again on every call: the adapter may
+    have been re-exported since.
+    """
+    import hashlib
+    import shutil
+
+    import pyarrow.fs as pafs
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    s = cfg.student
+    target = cache_dir() / "merged" / hashlib.sha256(absolute(folder).encode()).hexdigest()[:16]
+    if target.exists():
+        shutil.rmtree(target)
+    adapter = target.parent / f"{target.name}-adapter"
+    if adapter.exists():
+        shutil.rmtree(adapter)
+    adapter.mkdir(parents=True)
+    fs, path = filesystem(folder)  # a local copy: peft loads local folders (and URLs are copied like models)
+    pafs.copy_files(path, str(adapter), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    conf = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    base_name = conf.get("base_model_name_or_path")
+    if not base_name:
+        raise ConfigError(f"adapter folder {folder}: {ADAPTER_CONFIG} names no base_model_name_or_path")
+    base = resolve_model(base_name)
+    check_weights_format(base, s.allow_pickle_weights, "student.allow_pickle_weights")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, revision=conf.get("revision"), dtype="auto",
+                                                     trust_remote_code=s.trust_remote_code,
+                                                     use_safetensors=not s.allow_pickle_weights)
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ConfigError(f"cannot merge adapter folder {folder} into its base {base_name}: {err}") from None
+    merged.save_pretrained(str(target), safe_serialization=True)
+    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
+    AutoTokenizer.from_pretrained(str(adapter) if has_tokenizer else base, revision=None if has_tokenizer
+                                  else conf.get("revision"), trust_remote_code=s.trust_remote_code
+                                  ).save_pretrained(str(target))
+    shutil.rmtree(adapter)
+    print(f"eval: {folder} is a LoRA adapter over {base_name}; serving it merged (peft) from {target}")
+    return str(target)
+
+
+def eval_use_gpu(cfg: Config) -> bool:
+    """Whether evaluation engines use GPUs: eval.use_gpu, or the rule of teacher.use_gpu=null (use_gpu_for),
+    decided from the config and the installed engine, never from the GPUs the cluster has right now."""
+    from ..teacher.stage import use_gpu_for
+
+    return use_gpu_for(cfg.eval.use_gpu)
+
+
+def eval_engine_spec(cfg: Config, served: Served, use_gpu: bool) -> EngineSpec:
+    """The engine of one evaluated model: its own settings, eval.engine over them, eval.resources per engine."""
+    t, o = cfg.teacher, cfg.eval.engine
+    if served.is_teacher:
+        own = dict(dtype=t.dtype, tensor_parallel_size=t.tensor_parallel_size,
+                   pipeline_parallel_size=t.pipeline_parallel_size, gpu_memory_utilization=t.gpu_memory_utilization,
+                   cpu_kv_cache_gb=t.cpu_kv_cache_gb, max_model_len=t.max_model_len, max_num_seqs=t.max_num_seqs,
+                   enforce_eager=t.enforce_eager)
+        kwargs, resources = dict(t.engine_kwargs), t.resources
+    else:  # students have no engine section of their own: vLLM's defaults, one GPU per engine
+        own = dict(dtype="auto", tensor_parallel_size=1, pipeline_parallel_size=1, gpu_memory_utilization=0.9,
+                   cpu_kv_cache_gb=1.0, max_model_len=None, max_num_seqs=None, enforce_eager=None)
+        kwargs, resources = {}, {}
+    own.update({k: v for k, v in o.model_dump(exclude={"engine_kwargs"}).items() if v is not None})
+    eager = own.pop("enforce_eager")
+    kv_gb = own.pop("cpu_kv_cache_gb")
+    return EngineSpec(
+        model=served.model, tokenizer=served.tokenizer, revision=served.revision,
+        trust_remote_code=served.trust_remote_code, **own,
+        kv_cache_memory_bytes=None if use_gpu else int(kv_gb * 2**30),
+        enforce_eager=(not use_gpu) if eager is None else eager, seed=cfg.eval.seed,
+        load_format="auto" if served.allow_pickle else "safetensors",
+        resources=dict(cfg.eval.resources or resources), engine_kwargs={**kwargs, **o.engine_kwargs})
+
+
+def eval_replicas(cfg: Config, served: Served) -> int:
+    """Engines serving one model at once: eval.replicas, else teacher.replicas for the teacher and 1 for students."""
+    if cfg.eval.replicas is not None:
+        return cfg.eval.replicas
+    return cfg.teacher.replicas if served.is_teacher else 1
+
+
+def evaluate_model(cfg: Config, served: Served, use_gpu: bool) -> tuple[dict[str, Any], pa.Table]:
     from ..corpus.prompts import expand_samples, read_prompts
-    from ..teacher.stage import apply_engine, engine_spec, use_gpu_for
+    from ..teacher.stage import apply_engine
 
-    path = resolve_model(model)
-    role = "teacher" if is_teacher else "student"
-    allow_pickle = getattr(cfg, role).allow_pickle_weights
-    check_weights_format(path, allow_pickle, f"{role}.allow_pickle_weights")
     e = cfg.eval
-    use_gpu = use_gpu_for(cfg.teacher.use_gpu)
     prompts = read_prompts(cfg.data, source=e.prompts, num_prompts=e.num_prompts)
     sampling = SamplingSpec(max_new_tokens=e.max_new_tokens or cfg.generate.max_new_tokens,
                             temperature=e.temperature, top_p=1.0 if e.temperature == 0 else cfg.generate.top_p,
                             seed=e.seed, top_k_logprobs=0, checker=cfg.data.checker,
                             system_prompt=cfg.data.system_prompt)
-    spec = engine_spec(cfg, path, use_gpu, e.seed)
-    if not is_teacher:  # students are served one GPU per engine, whatever the teacher's parallelism
-        # ... and not pinned to the teacher's node group, where one student would hold a whole teacher pod.
-        spec = replace(spec, tensor_parallel_size=1, pipeline_parallel_size=1, resources={},
-                       load_format="auto" if allow_pickle else "safetensors")
-    rows = apply_engine(expand_samples(prompts, e.samples, set()), spec, sampling, cfg.teacher.replicas, use_gpu,
-                        cfg.teacher.batch_size, cfg.teacher.max_restarts)
+    rows = apply_engine(expand_samples(prompts, e.samples, set()), eval_engine_spec(cfg, served, use_gpu), sampling,
+                        eval_replicas(cfg, served), use_gpu, e.batch_size, e.max_restarts)
     batches = list(rows.iter_batches(batch_format="pyarrow", batch_size=None))
     if not batches:
         raise ConfigError(f"no evaluation prompts were read from {e.prompts}")
@@ -92,6 +226,43 @@ def evaluate_model(cfg: Config, model: str, is_teacher: bool = False) -> tuple[d
     result = score(good.to_pylist(), e.samples)
     result["skipped"] = table.num_rows - good.num_rows
     return result, good
+
+
+ENGINE_ACTOR = "TeacherEngine"  # in the class name Ray records for apply_engine's actors (MapWorker(MapBatches(...)))
+RELEASE_TIMEOUT_S = 300.0
+
+
+def engine_actors(job_id) -> list[dict[str, Any]]:
+    """Engine actors of this job that Ray's actor table (in the GCS) does not report DEAD.
+
+    Read from the GCS rather than through ray.util.state, which needs the dashboard (a local Ray here
+    runs without one)."""
+    from ray._private import state
+
+    table = state.actors(job_id=job_id)
+    return [a for a in table.values() if ENGINE_ACTOR in a["ActorClassName"] and a["State"] != "DEAD"]
+
+
+def wait_for_release(label: str, timeout_s: float = RELEASE_TIMEOUT_S) -> None:
+    """Block until the engines that served ``label`` are gone, so their GPUs (and GPU memory) are free
+    before the next model's engines start. Ray Data drops its actor handles when a dataset is consumed,
+    and Ray kills the actors only once every handle is collected, which may be later."""
+    import gc
+
+    import ray
+
+    job_id = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    deadline = time.time() + timeout_s
+    while True:
+        gc.collect()
+        alive = engine_actors(job_id)
+        if not alive:
+            return
+        if time.time() > deadline:
+            names = ", ".join(f"{a['ActorID']} ({a['State']}, pid {a['Pid']})" for a in alive)
+            raise RuntimeError(f"eval: the engines that served {label} did not exit within {timeout_s:.0f}s "
+                               f"({names}); the next model's engines would not get their GPUs")
+        time.sleep(0.5)
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
@@ -112,13 +283,18 @@ def evaluate(cfg: Config, student: str | None = None) -> dict[str, dict[str, Any
 
     if get_checker(cfg.data.checker) is None:
         raise ConfigError("evaluation needs an answer checker: set data.checker (toy, math, exact)")
-    models = models_to_score(cfg, student)
+    # every model is resolved (and an adapter merged) before any engine starts: one that cannot be served
+    # stops the stage here, naming it, instead of after the others were scored
+    served = [(model, served_model(cfg, label, model)) for label, model in models_to_score(cfg, student)]
     init_ray(cfg.ray)
+    use_gpu = eval_use_gpu(cfg)
     start = time.time()
     fs, out = filesystem(cfg.eval_dir)  # a local folder or an object-store URL, like every output
     results: dict[str, dict[str, Any]] = {}
-    for label, model in models:
-        result, table = evaluate_model(cfg, model, is_teacher=label == "teacher")
+    for model, one in served:
+        label = one.label
+        result, table = evaluate_model(cfg, one, use_gpu)
+        wait_for_release(label)
         results[label] = {"model": model, **result}
         makedirs(fs, out)
         name = f"samples-{label.replace(' ', '_').replace('(', '').replace(')', '')}.parquet"

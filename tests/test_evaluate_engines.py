@@ -1,0 +1,143 @@
+"""Evaluation's engines for real (Ray Data + vLLM on CPU): each model with its own settings, eval.replicas /
+eval.resources / eval.use_gpu on the engine actors, one model's engines gone before the next model's start,
+and a LoRA adapter export served.
+
+The pinned-revision run loads both models as hub ids from an offline Hugging Face cache built here (the hub
+is not reachable): the teacher's repo has only the revision ``teacher-v1``, the student's only
+``student-v2``, so a model loaded with the other's revision fails for real. That cache reaches the engine
+actors through the environment, so the module runs its own local Ray (with a logical GPU and a custom
+resource) and stops it afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import small_config
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+# On CPU gpu_memory_utilization is only vLLM's start-up check of free memory (the KV cache is
+# cpu_kv_cache_gb): at 0.9 an engine refuses to start while other processes on the machine hold 2 GiB.
+EVAL = {"num_prompts": 4, "max_new_tokens": 48, "batch_size": 2, "engine": "{gpu_memory_utilization: 0.5}"}
+
+
+def hub_repo(cache: Path, repo: str, revision: str, folder: Path) -> None:
+    """``folder`` as the only snapshot of hub repo ``repo`` in a Hugging Face cache, reachable as ``revision``."""
+    commit = hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()
+    root = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, root / "snapshots" / commit)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / revision).write_text(commit)
+
+
+@pytest.fixture(scope="module")
+def offline_ray(tmp_path_factory):
+    """A local Ray whose workers see an offline hub cache; advertises 1 logical GPU and 4 `evalnode`."""
+    import ray
+
+    from distill_llm.config import RayConfig
+    from distill_llm.cluster.runtime import init_ray
+    from distill_llm.paths import resolve_model
+
+    cache = tmp_path_factory.mktemp("hub")
+    hub_repo(cache, "distill-test/teacher", "teacher-v1", ROOT / "distill_llm" / "assets" / "toy-teacher")
+    hub_repo(cache, "distill-test/student", "student-v2", Path(resolve_model("toy-student")))
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    was_running = ray.is_initialized()
+    ray.shutdown()  # a local Ray's workers take the driver's environment when it starts
+    ray.init(num_cpus=4, num_gpus=1, resources={"evalnode": 4}, include_dashboard=True,  # for list_actors
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield ray
+    ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if was_running:
+        init_ray(RayConfig())
+
+
+@pytest.fixture(scope="module")
+def pinned(offline_ray, tmp_path_factory):
+    """Teacher pinned to teacher-v1, base student at student-v2, 2 engines per model with `evalnode`, no GPU."""
+    from distill_llm.evaluation.stage import evaluate
+
+    cfg = small_config(tmp_path_factory.mktemp("pinned"),
+                       teacher={"model": "distill-test/teacher", "revision": "teacher-v1"},
+                       student={"model": "distill-test/student", "revision": "student-v2"},
+                       eval={**EVAL, "replicas": 2, "resources": "{evalnode: 1}", "use_gpu": False})
+    results = evaluate(cfg)
+    return cfg, results, engine_actors(offline_ray)
+
+
+def engine_actors(ray) -> list[dict]:
+    """This job's engine actors from Ray's actor table (start/end times), with their resources from the state
+    API, in the order they started."""
+    from ray._private import state
+    from ray.util.state import list_actors
+
+    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    table = [a for a in state.actors(job_id=job).values() if "TeacherEngine" in a["ActorClassName"]]
+    resources = {a.actor_id: a.required_resources for a in list_actors(filters=[("job_id", "=", job.hex())],
+                                                                          detail=True, limit=10_000)}
+    return sorted(({**a, "resources": resources[a["ActorID"]]} for a in table), key=lambda a: a["StartTime"])
+
+
+def test_pinned_teacher_revision_and_student_revision_each_load_their_model(pinned):
+    cfg, results, _ = pinned
+    assert list(results) == ["teacher", "student (before)"]
+    assert all(r["prompts"] == 4 and r["skipped"] == 0 for r in results.values())
+    assert results["teacher"]["pass@1"] > results["student (before)"]["pass@1"], "trained teacher, random student"
+
+
+def test_eval_replicas_resources_and_use_gpu_shape_the_engine_actors(pinned):
+    _, _, actors = pinned
+    assert len(actors) == 4, "eval.replicas=2 engines for each of 2 models"
+    for a in actors:
+        assert a["resources"].get("evalnode") == 1, "eval.resources on every engine"
+        assert not a["resources"].get("GPU"), "eval.use_gpu=false on a cluster that advertises a GPU"
+
+
+def test_one_models_engines_are_gone_before_the_next_models_start(pinned):
+    _, _, actors = pinned
+    teacher, student = actors[:2], actors[2:]
+    assert all(a["State"] == "DEAD" for a in actors), "evaluate returns with no engine left"
+    assert max(a["EndTime"] for a in teacher) <= min(a["StartTime"] for a in student)
+
+
+def test_a_lora_adapter_export_is_merged_and_served(offline_ray, tmp_path):
+    """student.merge_lora: false exports base reference + adapter: evaluation serves it (merged with peft)."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from distill_llm.evaluation.stage import evaluate, served_model
+    from distill_llm.paths import resolve_model
+
+    base = resolve_model("toy-student")
+    torch.manual_seed(0)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    adapter = tmp_path / "student"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora).save_pretrained(str(adapter))
+    assert not (adapter / "config.json").exists() and (adapter / "adapter_config.json").is_file()
+
+    cfg = small_config(tmp_path, eval={**EVAL, "include_teacher": False, "include_base_student": False})
+    results = evaluate(cfg)  # output.student_dir is the adapter folder: found, not dropped
+    assert list(results) == ["student (distilled)"] and results["student (distilled)"]["prompts"] == 4
+
+    merged = load_file(str(Path(served_model(cfg, "student (distilled)", str(adapter)).model) / "model.safetensors"))
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter)).merge_and_unload()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(merged[name], expected.state_dict()[name])
+    assert not torch.equal(merged[name], AutoModelForCausalLM.from_pretrained(base).state_dict()[name])
