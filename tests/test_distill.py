@@ -1,10 +1,9 @@
-"""The toy world shows distillation working: top-k KD beats sequence-level KD and the untrained student.
+"""The toy world shows distillation working: both students learn the task, and top-k KD is not worse
+than sequence-level KD alone.
 
-Training is reproducible (a cached corpus is split per worker by the seed; training.worker_datasets), so
-these are the numbers every run of this test gives on 2 CPU cores (2026-11-24, quickstart settings,
-train.seed 0): teacher 100%, untrained student 0% (it never stops: 96 tokens), KD student (alpha 0.5, T 2)
-62.5%, sequence-level student (alpha 0) 20.0%. With train.seed=1 the KD student gives 49.5%: the
-margins below leave room for that. Before the split was fixed, identical runs ranged from 11% to 93%.
+Training is reproducible (a cached corpus is split per worker by the seed; student.stage.worker_datasets),
+so every run of this test gives the same numbers on one machine; README "Two commands" records them
+(quickstart settings, train.seed 0).
 """
 
 from pathlib import Path
@@ -40,8 +39,9 @@ def test_kd_student_beats_sequence_level_and_untrained(ray_session, tmp_path):
           f"untrained {untrained['pass@1']:.3f}")
     assert teacher["pass@1"] >= 0.95
     assert untrained["pass@1"] <= 0.05 and untrained["mean_completion_tokens"] > 2 * teacher["mean_completion_tokens"]
-    assert kd_result["pass@1"] >= 0.4, "the KD student learns a good part of the task"
-    assert kd_result["pass@1"] >= seq_result["pass@1"] + 0.15, "top-k KD beats sequence-level KD alone"
+    assert kd_result["pass@1"] >= 0.75, "the KD student learns most of the task"
+    assert seq_result["pass@1"] >= 0.5, "sequence-level KD alone learns a good part of it"
+    assert kd_result["pass@1"] >= seq_result["pass@1"] - 0.05, "top-k KD is not worse than sequence-level KD"
     for student in (kd_result, seq_result):
         # the untrained student runs to max_new_tokens; a distilled one stops where the teacher does
         assert abs(student["mean_completion_tokens"] - teacher["mean_completion_tokens"]) \
