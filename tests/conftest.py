@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,72 @@ def generated(ray_session, tmp_path_factory):
     cfg = small_config(tmp)
     manifest = generate(cfg)
     return cfg, manifest
+
+
+@contextmanager
+def ray_restarted_with(env: dict[str, str]):
+    """Set ``env`` and shut the local Ray down, so the next one's workers take it (a local Ray's workers
+    inherit the driver's environment when Ray starts); afterwards restore both."""
+    import ray
+
+    from distill_llm.cluster.runtime import init_ray
+    from distill_llm.config import RayConfig
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    was_running = ray.is_initialized()
+    ray.shutdown()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if was_running:
+            init_ray(RayConfig())
+
+
+def marked_pids(marker: str, ident: str, path: str) -> list[int]:
+    """Processes a test started: ``marker=ident`` is in their environment (every Ray process and what it
+    spawns inherits it) or ``path`` (their unique temp dir) is on their command line."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid != os.getpid() and (path in " ".join(proc.info["cmdline"] or [])
+                                            or proc.environ().get(marker) == ident):
+                found.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def stop_marked(marker: str, ident: str, path: str) -> None:
+    """SIGTERM, then SIGKILL, the processes ``marked_pids`` finds, rescanning until none is left; then
+    remove ``path``. Fails if any survives."""
+    import psutil
+
+    for _ in range(5):
+        procs = []
+        for pid in marked_pids(marker, ident, path):
+            try:
+                proc = psutil.Process(pid)
+                proc.send_signal(signal.SIGTERM)
+                procs.append(proc)
+            except psutil.NoSuchProcess:
+                continue
+        if not procs:
+            break
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                continue
+        psutil.wait_procs(alive, timeout=10)
+    assert not marked_pids(marker, ident, path), "processes survived SIGKILL"
+    shutil.rmtree(path, ignore_errors=True)

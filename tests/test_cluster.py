@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +22,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
+from conftest import marked_pids, stop_marked
 
 pytestmark = pytest.mark.slow
 
@@ -114,45 +114,10 @@ class LoopbackCluster:
                               text=True, timeout=timeout, cwd=ROOT)
 
     def pids(self) -> list[int]:
-        """This cluster's processes: the marker is in their environment (every Ray process and what it spawns
-        inherits it) or the unique temp dir is on their command line."""
-        import psutil
-
-        found = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if proc.pid == os.getpid():
-                    continue
-                if self.temp_dir in " ".join(proc.info["cmdline"] or []) or proc.environ().get(MARKER) == self.id:
-                    found.append(proc.pid)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return found
+        return marked_pids(MARKER, self.id, self.temp_dir)
 
     def stop(self) -> None:
-        """SIGTERM then SIGKILL this cluster's processes, rescanning until none is left."""
-        import psutil
-
-        for _ in range(5):
-            procs = []
-            for pid in self.pids():
-                try:
-                    proc = psutil.Process(pid)
-                    proc.send_signal(signal.SIGTERM)
-                    procs.append(proc)
-                except psutil.NoSuchProcess:
-                    continue
-            if not procs:
-                break
-            _, alive = psutil.wait_procs(procs, timeout=10)
-            for proc in alive:
-                try:
-                    proc.kill()
-                except psutil.NoSuchProcess:
-                    continue
-            psutil.wait_procs(alive, timeout=10)
-        assert not self.pids(), "cluster processes survived SIGKILL"
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        stop_marked(MARKER, self.id, self.temp_dir)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +19,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from conftest import marked_pids, stop_marked
 
 pytestmark = pytest.mark.slow
 
@@ -83,40 +83,11 @@ class Machine:
         return json.loads(proc.stdout.strip().splitlines()[-1])["gcs"], proc.stderr
 
     def pids(self) -> list[int]:
-        import psutil
-
-        found = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if proc.pid != os.getpid() and (self.root in " ".join(proc.info["cmdline"] or [])
-                                                or proc.environ().get(MARKER) == self.id):
-                    found.append(proc.pid)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return found
+        return marked_pids(MARKER, self.id, self.root)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL, the processes started here, rescanning until none is left."""
-        import psutil
-
-        for _ in range(5):
-            procs = []
-            for pid in self.pids():
-                try:
-                    proc = psutil.Process(pid)
-                    proc.send_signal(signal.SIGTERM)
-                    procs.append(proc)
-                except psutil.NoSuchProcess:
-                    continue
-            if not procs:
-                break
-            _, alive = psutil.wait_procs(procs, timeout=10)
-            for proc in alive:
-                try:
-                    proc.kill()
-                except psutil.NoSuchProcess:
-                    continue
-        shutil.rmtree(self.root, ignore_errors=True)
+        stop_marked(MARKER, self.id, self.root)
 
 
 @pytest.fixture(scope="module")

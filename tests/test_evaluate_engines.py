@@ -12,13 +12,12 @@ resource) and stops it afterwards.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import small_config
+from conftest import ray_restarted_with, small_config
 
 pytestmark = pytest.mark.slow
 
@@ -42,29 +41,16 @@ def offline_ray(tmp_path_factory):
     """A local Ray whose workers see an offline hub cache; advertises 1 logical GPU and 4 `evalnode`."""
     import ray
 
-    from distill_llm.config import RayConfig
-    from distill_llm.cluster.runtime import init_ray
     from distill_llm.paths import resolve_model
 
     cache = tmp_path_factory.mktemp("hub")
     hub_repo(cache, "distill-test/teacher", "teacher-v1", ROOT / "distill_llm" / "assets" / "toy-teacher")
     hub_repo(cache, "distill-test/student", "student-v2", Path(resolve_model("toy-student")))
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    was_running = ray.is_initialized()
-    ray.shutdown()  # a local Ray's workers take the driver's environment when it starts
-    ray.init(num_cpus=4, num_gpus=1, resources={"evalnode": 4}, include_dashboard=True,  # for list_actors
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield ray
-    ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    if was_running:
-        init_ray(RayConfig())
+    with ray_restarted_with(env):  # a local Ray's workers take the driver's environment when it starts
+        ray.init(num_cpus=4, num_gpus=1, resources={"evalnode": 4}, include_dashboard=True,  # for list_actors
+                 _temp_dir=str(tmp_path_factory.mktemp("ray")))
+        yield ray
 
 
 @pytest.fixture(scope="module")

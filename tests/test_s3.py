@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import small_config
+from conftest import ray_restarted_with, small_config
 from distill_llm.config import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -25,11 +25,7 @@ PLANTED = {"AWS_SECRET_ACCESS_KEY": "planted-aws-secret-7f3a9c", "HF_TOKEN": "hf
 def s3():
     """A moto S3 server on 127.0.0.1 (free port) with one bucket; stages find it through AWS_ENDPOINT_URL."""
     import boto3
-    import ray
     from moto.server import ThreadedMotoServer
-
-    from distill_llm.config import RayConfig
-    from distill_llm.cluster.runtime import init_ray
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -37,24 +33,13 @@ def s3():
     host, port = server.get_host_and_port()
     env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "planted-access-id",
            "AWS_DEFAULT_REGION": "us-east-1", **PLANTED}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     # A local Ray's workers take the driver's environment when Ray starts: restart it so they see the
     # endpoint and the credentials (secrets are not in the runtime_env, see distill_llm/cluster/runtime.py).
-    was_running = ray.is_initialized()
-    ray.shutdown()
-    client = boto3.client("s3")  # endpoint from AWS_ENDPOINT_URL, like every stage
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with ray_restarted_with(env):
+        client = boto3.client("s3")  # endpoint from AWS_ENDPOINT_URL, like every stage
+        client.create_bucket(Bucket=BUCKET)
+        yield client
     server.stop()
-    if was_running:
-        init_ray(RayConfig())
 
 
 def _objects(client, prefix: str = "") -> dict[str, dict]:
