@@ -228,6 +228,18 @@ def test_storage_errors_say_what_is_safe(tmp_path):
     with pytest.raises(ValueError, match="not storage"), storage_errors(str(tmp_path)):
         raise ValueError("not storage")
     assert issubclass(WriteFailed, OSError)
+    # A write that fails inside an engine actor (its attempt record) reaches the driver as Ray Data's
+    # UserCodeException, caused by the WriteFailed, wrapped in a RayTaskError: still a storage error.
+    from ray.data.exceptions import UserCodeException
+    from ray.exceptions import RayTaskError
+
+    try:
+        raise UserCodeException("UDF failed to process a data block.") from WriteFailed("[Errno 28] No space left")
+    except UserCodeException as udf_error:
+        wrapped = RayTaskError("submit", "traceback", udf_error).as_instanceof_cause()
+    with pytest.raises(ShardError, match=r"failed: \[Errno 28\] No space left\. The shards committed so far"), \
+            storage_errors(str(tmp_path)):
+        raise wrapped
 
 
 def test_a_write_whose_rows_were_all_rejected_leaves_no_shard_file(tmp_path):

@@ -99,16 +99,21 @@ def _base(path: str) -> str:
 
 def _write_error(err: BaseException) -> OSError | None:
     """The storage error behind ``err``: an OSError raised on the driver, or a WriteFailed raised in a
-    Ray task (the driver sees RayTaskError, which keeps the original as ``cause``)."""
+    Ray task or actor. The driver sees it wrapped (RayTaskError keeps the original as ``cause``; an actor's
+    UDF error arrives as a UserCodeException caused by it), so every link of the chain is searched."""
     seen: set[int] = set()
-    while err is not None and id(err) not in seen:
+    todo: list[BaseException | None] = [err]
+    while todo:
+        err = todo.pop(0)
+        if err is None or id(err) in seen:
+            continue
         seen.add(id(err))
         cause = getattr(err, "cause", None)
         if isinstance(cause, WriteFailed):
             return cause
         if isinstance(err, OSError) and cause is None:
             return err
-        err = err.__cause__ or err.__context__
+        todo += [cause if isinstance(cause, BaseException) else None, err.__cause__, err.__context__]
     return None
 
 
