@@ -201,6 +201,11 @@ def generate(cfg: Config) -> dict[str, Any]:
     with storage_errors(out_dir):
         resume = prepare_output(out_dir, run, cfg.output.resume, cfg.output.overwrite)
     init_ray(cfg.ray)
+    # A write failure inside an engine actor (its attempt record on a full disk) must reach storage_errors as
+    # itself: Ray Data would wrap it in a UserCodeException whose cause does not survive pickling.
+    from ray.data import DataContext
+
+    DataContext.get_current().raise_original_map_exception = True
     use_gpu = use_gpu_for(cfg.teacher.use_gpu)
     if resume.committed:
         print(f"generate: resuming {out_dir}: {len(resume.done_sample_ids):,} samples already committed")
