@@ -173,8 +173,10 @@ class Resume:
     committed: int  # shard files already committed
 
 
-def prepare_output(out_dir: str, run: dict[str, Any], resume: bool, overwrite: bool) -> Resume:
-    """Claim ``out_dir`` for this run: start fresh, resume the same run, or refuse another run's shards."""
+def prepare_output(out_dir: str, run: dict[str, Any], resume: bool, overwrite: bool,
+                   identity_keys: Iterable[str] = IDENTITY_KEYS) -> Resume:
+    """Claim ``out_dir`` for this run: start fresh, resume the same run, or refuse another run's shards
+    (runs whose ``identity_keys`` differ)."""
     fs, root = filesystem(out_dir)
     old = read_json(fs, join(root, RUN_NAME))
     existing = _list(fs, root, ".parquet")
@@ -185,7 +187,7 @@ def prepare_output(out_dir: str, run: dict[str, Any], resume: bool, overwrite: b
             raise ShardError(f"{out_dir} holds Parquet files but no {RUN_NAME}: not a distill-llm shard set; "
                              "choose another output.dir or set output.overwrite=true")
     if old is not None:
-        diffs = identity_diff(old, run)
+        diffs = identity_diff(old, run, identity_keys)
         if diffs and not overwrite:
             raise ShardError(
                 f"{out_dir} holds shards of a different run:\n  " + "\n  ".join(diffs)
