@@ -397,6 +397,9 @@ class Config(_Section):
                  ("output.eval_dir", self.output.eval_dir or ""), ("student.model", self.student.model),
                  ("train.storage_path", self.train.storage_path), ("eval.prompts", self.eval.prompts)]
         pairs += [("data.shards", d) for d in self.data.shards or []]
+        if self.curate is not None:
+            pairs += [("curate.output", self.curate.output)] + [("curate.inputs", i.dir) for i in self.curate.inputs]
+            pairs += [("curate.decontaminate", f) for f in self.curate.decontaminate]
         return pairs + [("eval.models", m) for m in self.eval.models]
 
     @property

@@ -42,9 +42,10 @@ def row(prompt: str, index: int, completion: str, correct: bool | None = True, f
             "skip_detail": None}
 
 
-def write_set(out, rows, checker="toy", teacher="t"):
-    """A complete shard set of ``rows`` through the teacher stage's writer and manifest."""
-    run = {"schema_version": SCHEMA_VERSION, "teacher": {"model": teacher, "revision": None},
+def write_set(out, rows, checker="toy", teacher="t", version=SCHEMA_VERSION):
+    """A complete shard set of ``rows`` through the teacher stage's writer and manifest; ``version=1``: as
+    a v1 writer left it (the same files, no teacher column, v1 in run.json and the manifest)."""
+    run = {"schema_version": version, "teacher": {"model": teacher, "revision": None},
            "tokenizer_fingerprint": "abc", "prompts": {"source": "x.jsonl", "checker": checker},
            "sampling": {"temperature": 1.0, "seed": 0}, "top_k_logprobs": K, "logprobs_dtype": "float16"}
     prepare_output(str(out), run, resume=True, overwrite=False)
@@ -52,7 +53,11 @@ def write_set(out, rows, checker="toy", teacher="t"):
     schema = engine_output_schema(K, "float16")
     for start in range(0, len(rows), 7):  # several shards
         writer.write([pa.Table.from_pylist(rows[start:start + 7], schema=schema)])
-    return write_manifest(str(out))
+    manifest = write_manifest(str(out))
+    if version != SCHEMA_VERSION:
+        manifest["schema_version"] = version
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
 
 
 def planted(tmp_path):
@@ -119,9 +124,10 @@ def test_curate_removes_planted_rows_by_reason(ray_session, tmp_path):
     assert manifest["rejected"] == wanted
     out = read_shards(str(tmp_path / "out"))
     assert sorted(out["sample_id"].to_pylist()) == sorted(s for s, r in expect.items() if r is None)
-    # the same schema as the input, top-k columns included
+    # the input's schema, top-k columns included, plus the v2 teacher column
     assert pq.read_schema(shard_files(str(tmp_path / "out"))[0]).remove_metadata() == \
-        pq.read_schema(shard_files(str(inp))[0]).remove_metadata()
+        pq.read_schema(shard_files(str(inp))[0]).remove_metadata().append(pa.field("teacher", pa.string()))
+    assert set(out["teacher"].to_pylist()) == {"t"}
     rejects = pa.concat_tables([pq.read_table(p) for p in (tmp_path / "out" / "rejects").glob("*.parquet")])
     assert dict(zip(rejects["sample_id"].to_pylist(), rejects["reason"].to_pylist())) == \
         {s: r for s, r in expect.items() if r is not None}
@@ -130,10 +136,12 @@ def test_curate_removes_planted_rows_by_reason(ray_session, tmp_path):
 
 
 def test_curate_merges_two_teachers_and_weights_them(ray_session, tmp_path):
+    """Two teachers' sets of the same prompts: a teacher column, distinct sample ids, identical completions
+    across teachers removed, the second input kept at weight 0.5; a v1 input (no teacher column) reads."""
     from distill_llm.curation.stage import curate
 
     prompts = [sentence(100 + i) for i in range(6)]
-    write_set(tmp_path / "a", [row(p, 0, trace("7", f"a{i}")) for i, p in enumerate(prompts)], teacher="ta")
+    write_set(tmp_path / "a", [row(p, 0, trace("7", f"a{i}")) for i, p in enumerate(prompts)], teacher="ta", version=1)
     write_set(tmp_path / "b", [row(p, 0, trace("7", f"b{i}")) for i, p in enumerate(prompts)]
               + [row(prompts[0], 1, trace("7", "a0"))], teacher="tb")  # the same completion as teacher a's
     cfg = build_config({"curate": {"inputs": [str(tmp_path / "a"), {"dir": str(tmp_path / "b"), "weight": 0.5}],
@@ -141,7 +149,9 @@ def test_curate_merges_two_teachers_and_weights_them(ray_session, tmp_path):
     manifest = curate(cfg)
     removed = manifest["curate"]["removed"]
     assert removed["duplicate_completion"] == 1
-    ids = read_shards(str(tmp_path / "out"))["sample_id"].to_pylist()
+    out = read_shards(str(tmp_path / "out"))
+    ids = out["sample_id"].to_pylist()
+    assert {i[:3]: t for i, t in zip(ids, out["teacher"].to_pylist())} == {"t0:": "ta", "t1:": "tb"}
     assert len([i for i in ids if i.startswith("t0:")]) == 6  # weight 1: every surviving row
     kept_b = len([i for i in ids if i.startswith("t1:")])
     assert kept_b + removed.get("mixing_weight", 0) == 6 and 0 < kept_b < 6
@@ -229,3 +239,14 @@ def test_plan_counts_curate_rows(tmp_path):
     write_manifest(str(tmp_path / "out"), extra={"curate": {"removed": {"incorrect": 204}}})
     numbers = make_plan(build_config(overrides), qwen, qwen).numbers
     assert numbers["curate output rows"] == 1
+
+
+def test_curate_config_names_bad_keys():
+    with pytest.raises(ConfigError, match=r"curate.verify.corect_only: unknown key \(did you mean curate.verify.correct_only"):
+        build_config({"curate": {"inputs": ["a"], "output": "o", "verify": {"corect_only": True}}})
+    with pytest.raises(ConfigError, match="curate.near_dup.threshold"):
+        build_config({"curate": {"inputs": ["a"], "output": "o", "near_dup": {"threshold": 1.5}}})
+    with pytest.raises(ConfigError, match="curate.inputs"):
+        build_config({"curate": {"inputs": [], "output": "o"}})
+    with pytest.raises(ConfigError, match="curate.output: the URL carries credentials"):
+        build_config({"curate": {"inputs": ["a"], "output": "s3://user:secret@bucket/x"}})

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import Config, ConfigError, CurateConfig, DataConfig
-from ..corpus.schema import SCHEMA_VERSION, SKIP_DETAIL, SKIP_REASON
+from ..corpus.schema import SCHEMA_VERSION, SKIP_DETAIL, SKIP_REASON, TEACHER_COLUMN
 from ..corpus.shards import (IDENTITY_KEYS, ShardWriter, check_compatible, prepare_output, read_manifest,
                              shard_files, storage_errors, write_manifest)
 from ..paths import absolute, check_location, filesystem, join, read_text
@@ -150,10 +150,16 @@ def _fetch(ref):
     return _cache[ref.hex()]
 
 
-def mark(batch: pa.Table, decisions_ref, prefix: str) -> pa.Table:
-    """A shard batch as the writer takes it: output sample ids, rows committed before (a resumed run)
-    left out, and the removal reason (null: kept)."""
+def mark(batch: pa.Table, decisions_ref, prefix: str, teacher: str) -> pa.Table:
+    """A shard batch as the writer takes it: output sample ids, the teacher column (a curated input's own
+    values kept), rows committed before (a resumed run) left out, and the removal reason (null: kept)."""
     removed, done = _fetch(decisions_ref)
+    label = pa.array([teacher] * batch.num_rows, pa.string())
+    if TEACHER_COLUMN in batch.schema.names:
+        where = batch.schema.get_field_index(TEACHER_COLUMN)
+        batch = batch.set_column(where, TEACHER_COLUMN, pc.coalesce(batch[TEACHER_COLUMN], label))
+    else:
+        batch = batch.append_column(TEACHER_COLUMN, label)
     sample_ids = pc.binary_join_element_wise(pa.scalar(prefix), batch["sample_id"], "") if prefix else batch["sample_id"]
     batch = batch.set_column(batch.schema.get_field_index("sample_id"), "sample_id", sample_ids)
     if len(done):
@@ -184,16 +190,17 @@ def write_pass(cfg: Config, dirs: list[str], removed: pa.Table, done: set[str], 
     c = cfg.curate
     done_ids = pa.array(sorted(done), pa.string())
     parts = []
+    labels = [t["teacher"] for t in run["curate"]["inputs"]]
     for i, (d, prefix) in enumerate(zip(dirs, prefixes(dirs))):
         mine = removed.filter(pc.equal(removed["input"], i))
         mine = mine.set_column(1, "sample_id", pc.binary_join_element_wise(pa.scalar(prefix), mine["sample_id"], "")
                                if prefix else mine["sample_id"])
         ref = ray.put((mine.drop_columns(["input"]), done_ids))
         parts.append(read_input(d).map_batches(mark, batch_format="pyarrow",
-                                               fn_kwargs={"decisions_ref": ref, "prefix": prefix}))
+                                               fn_kwargs={"decisions_ref": ref, "prefix": prefix, "teacher": labels[i]}))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     writer = ShardWriter(absolute(c.output), run.get("top_k_logprobs") or 0, run.get("logprobs_dtype") or "float16",
-                         metadata=run)
+                         metadata=run, teacher_column=True)
     ds.write_datasink(ShardSink(writer, c.rows_per_shard))
 
 
