@@ -2,6 +2,7 @@
 counted by reason, on small real shard sets written through the corpus code and curated on Ray Data."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -250,3 +251,41 @@ def test_curate_config_names_bad_keys():
         build_config({"curate": {"inputs": [], "output": "o"}})
     with pytest.raises(ConfigError, match="curate.output: the URL carries credentials"):
         build_config({"curate": {"inputs": ["a"], "output": "s3://user:secret@bucket/x"}})
+
+
+def test_mark_keeps_a_curated_teacher_and_skips_committed_rows():
+    """The write pass's batch function alone: a resumed run leaves committed rows out, a curated input's own
+    teacher values stay, and each removed row carries its reason."""
+    from distill_llm.curation.stage import mark
+
+    schema = engine_output_schema(K, "float16")
+    batch = pa.Table.from_pylist([row(sentence(i), 0, trace("7")) for i in range(3)], schema=schema)
+    batch = batch.drop_columns(["skip_reason", "skip_detail"]).append_column("teacher", pa.array(["old", None, None], pa.string()))
+    ids = ["t1:" + s for s in batch["sample_id"].to_pylist()]
+    removed = pa.table({"sample_id": [ids[2]], "reason": ["incorrect"], "detail": ["the answer check failed"]})
+    out = mark(batch, (removed, pa.array([ids[0]])), "t1:", "new")
+    assert out["sample_id"].to_pylist() == ids[1:]
+    assert out["teacher"].to_pylist() == ["new", "new"]
+    assert out["skip_reason"].to_pylist() == [None, "incorrect"]
+    assert mark(batch, (removed, pa.array([], pa.string())), "t1:", "new")["teacher"].to_pylist()[0] == "old"
+
+
+@pytest.mark.slow
+def test_curated_generated_set_trains(generated, tmp_path):
+    """The session's real shard set curated (verified, shortest correct, no truncated trace) trains a student."""
+    from conftest import small_config
+    from distill_llm.curation.stage import curate
+    from distill_llm.student.stage import train
+
+    gen, manifest = generated
+    cfg = small_config(tmp_path, data={"shards": str(tmp_path / "curated")},
+                       train={"max_steps": 2, "num_workers": 1, "batch_size": 8, "log_every": 1})
+    cfg.curate = {"inputs": [gen.output.dir], "output": str(tmp_path / "curated"),
+                  "verify": {"correct_only": True, "prefer_shortest": True, "drop_truncated": True}}
+    curated = curate(cfg)
+    rows = read_shards(str(tmp_path / "curated"), columns=["prompt_id", "answer_correct", "finish_reason"])
+    assert curated["totals"]["rows"] + sum(curated["curate"]["removed"].values()) == manifest["totals"]["rows"]
+    assert rows.num_rows == curated["totals"]["rows"] > 0
+    assert all(rows["answer_correct"].to_pylist()) and "length" not in rows["finish_reason"].to_pylist()
+    assert len(set(rows["prompt_id"].to_pylist())) == rows.num_rows, "one (the shortest) correct sample per prompt"
+    assert (Path(train(cfg)) / "config.json").is_file()

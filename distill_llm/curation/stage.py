@@ -141,9 +141,12 @@ _cache: dict[Any, Any] = {}
 
 
 def _fetch(ref):
-    """An object-store value, fetched once per worker process (each write task would refetch it)."""
+    """An object-store value, fetched once per worker process (each write task would refetch it); a value
+    that is not an ObjectRef is itself."""
     import ray
 
+    if not isinstance(ref, ray.ObjectRef):
+        return ref
     if ref.hex() not in _cache:
         _cache.clear()
         _cache[ref.hex()] = ray.get(ref)
