@@ -134,6 +134,14 @@ def test_curate_removes_planted_rows_by_reason(ray_session, tmp_path):
         {s: r for s, r in expect.items() if r is not None}
     saved = read_manifest(str(tmp_path / "out"))["curate"]["inputs"][0]
     assert saved["manifest_sha256"] == __import__("hashlib").sha256((inp / "manifest.json").read_bytes()).hexdigest()
+    # A rerun resumes: nothing is committed twice and the set is the same; other settings are refused.
+    files = sorted(p.name for p in (tmp_path / "out").rglob("*.parquet"))
+    again = curate(cfg)
+    assert again["shards"] == manifest["shards"] and again["rejected"] == wanted
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.parquet")) == files
+    cfg.curate.verify.correct_only = False
+    with pytest.raises(ConfigError, match=r"curate.verify.correct_only: True -> False(.|\n)*curate.overwrite=true"):
+        curate(cfg)
 
 
 def test_curate_merges_two_teachers_and_weights_them(ray_session, tmp_path):

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from ..config import Config, ConfigError, CurateConfig, DataConfig
 from ..corpus.schema import SCHEMA_VERSION, SKIP_DETAIL, SKIP_REASON, TEACHER_COLUMN
-from ..corpus.shards import (IDENTITY_KEYS, ShardWriter, check_compatible, prepare_output, read_manifest,
+from ..corpus.shards import (IDENTITY_KEYS, ShardError, ShardWriter, check_compatible, prepare_output, read_manifest,
                              shard_files, storage_errors, write_manifest)
 from ..paths import absolute, check_location, filesystem, join, read_text
 from . import filters
@@ -84,7 +84,7 @@ def run_record(cfg: Config, dirs: list[str], manifests: dict[str, dict[str, Any]
               for i, d in enumerate(dirs)]
     settings = c.model_dump(mode="json", exclude={"inputs", "output", "resume", "overwrite", "rows_per_shard"})
     settings["eval_prompts"] = cfg.eval.prompts
-    return {**base, "schema_version": SCHEMA_VERSION, "curate": {"inputs": inputs, "settings": settings}}
+    return {**base, "schema_version": SCHEMA_VERSION, "curate": {"inputs": inputs, **settings}}
 
 
 def eval_ngrams(cfg: Config) -> frozenset:
@@ -224,7 +224,7 @@ def curate(cfg: Config) -> dict[str, Any]:
     table = features(dirs, feature_spec(c, grams))
     removed = decide_or_refuse(table, policy(c))
     with storage_errors(out_dir):
-        resume = prepare_output(out_dir, run, c.resume, c.overwrite, identity_keys=CURATE_IDENTITY)
+        resume = claim_output(out_dir, run, c)
         if resume.committed:
             print(f"curate: resuming {out_dir}: {len(resume.done_sample_ids):,} rows already committed")
         write_pass(cfg, dirs, removed, resume.done_sample_ids, run)
@@ -236,6 +236,17 @@ def curate(cfg: Config) -> dict[str, Any]:
           f"{t['rejected']:,} removed ({manifest['curate']['removed'] or 'none'}) in {time.time() - start:.1f}s "
           f"-> {out_dir}")
     return manifest
+
+
+def claim_output(out_dir: str, run: dict[str, Any], c: CurateConfig):
+    """prepare_output for curate.output: its refusals name the curate.* keys, not output.*."""
+    try:
+        return prepare_output(out_dir, run, c.resume, c.overwrite, identity_keys=CURATE_IDENTITY)
+    except ShardError as err:
+        text = str(err)
+        for key in ("output.dir", "output.overwrite", "output.resume"):
+            text = text.replace(key, "curate." + key.split(".")[1].replace("dir", "output"))
+        raise ShardError(text) from None
 
 
 def decide_or_refuse(table: pa.Table, pol: filters.Policy) -> pa.Table:
