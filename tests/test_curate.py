@@ -297,3 +297,19 @@ def test_curated_generated_set_trains(generated, tmp_path):
     assert all(rows["answer_correct"].to_pylist()) and "length" not in rows["finish_reason"].to_pylist()
     assert len(set(rows["prompt_id"].to_pylist())) == rows.num_rows, "one (the shortest) correct sample per prompt"
     assert (Path(train(cfg)) / "config.json").is_file()
+
+
+def test_curate_command_and_job_entrypoint_refuse_a_config_without_curate(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {alpha: 0.5}\n")
+    for cmd in (["-m", "distill_llm.cli", "curate"], ["-m", "pipelines.curate"]):
+        proc = subprocess.run([sys.executable, *cmd, str(config)], capture_output=True, text=True, env=env, cwd=root,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "distill-llm curate: error: curate: the config has no curate section" in proc.stderr
