@@ -231,7 +231,7 @@ def test_decontamination_needs_a_whole_ngram():
 
 
 def test_plan_counts_curate_rows(tmp_path):
-    from distill_llm.cluster.plan import MODEL_TABLE, ModelShape, make_plan
+    from distill_llm.cluster.plan import CURATE_DRIVER_BYTES_PER_ROW, MODEL_TABLE, ModelShape, make_plan
 
     qwen = ModelShape(**MODEL_TABLE["Qwen/Qwen2.5-7B"], source="table")
     write_set(tmp_path / "other", [row(sentence(i), 0, trace("7")) for i in range(5)])
@@ -240,7 +240,7 @@ def test_plan_counts_curate_rows(tmp_path):
                  "curate": {"inputs": [str(tmp_path / "gen"), str(tmp_path / "other")], "output": str(tmp_path / "out")}}
     numbers = make_plan(build_config(overrides), qwen, qwen).numbers
     assert numbers["curate input rows"] == 200 + 5 and numbers["curate output rows"] == 205
-    assert numbers["curate driver memory"] == 205 * 200
+    assert numbers["curate driver memory"] == 205 * CURATE_DRIVER_BYTES_PER_ROW
     run = {"schema_version": SCHEMA_VERSION, "top_k_logprobs": K}
     prepare_output(str(tmp_path / "out"), run, resume=True, overwrite=False)
     ShardWriter(str(tmp_path / "out"), K, "float16", metadata=run).write(
@@ -287,7 +287,7 @@ def test_curated_generated_set_trains(generated, tmp_path):
 
     gen, manifest = generated
     cfg = small_config(tmp_path, data={"shards": str(tmp_path / "curated")},
-                       train={"max_steps": 2, "num_workers": 1, "batch_size": 8, "log_every": 1})
+                       train={"max_steps": 1, "num_workers": 1, "batch_size": 4, "log_every": 1})
     cfg.curate = {"inputs": [gen.output.dir], "output": str(tmp_path / "curated"),
                   "verify": {"correct_only": True, "prefer_shortest": True, "drop_truncated": True}}
     curated = curate(cfg)

@@ -447,8 +447,9 @@ def teacher_section(plan: Plan, cfg: Config, teacher: ModelShape | None, gpu: Gp
     teacher_fit(plan, cfg, teacher, gpu)
 
 
-# Bytes the curation driver holds per input row (its feature table and decisions; bench/curate.py).
-CURATE_DRIVER_BYTES_PER_ROW = 200
+# Bytes of driver memory per input row of curation (its feature table and decisions), from the driver's
+# peak RSS as rows grow in bench/curate.py (bench/RESULTS.md).
+CURATE_DRIVER_BYTES_PER_ROW = 700
 
 
 def curate_section(plan: Plan, cfg: Config) -> None:

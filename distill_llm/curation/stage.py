@@ -132,7 +132,8 @@ def features(dirs: list[str], spec: filters.FeatureSpec) -> pa.Table:
     parts = [read_input(d, filters.FEATURE_COLUMNS).map_batches(
         filters.row_features, batch_format="pyarrow", fn_kwargs={"spec": spec, "input_index": i})
         for i, d in enumerate(dirs)]
-    tables = [ray.get(ref) for part in parts for ref in part.to_arrow_refs()]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    tables = [ray.get(ref) for ref in ds.to_arrow_refs()]
     tables = [t for t in tables if t.num_rows]
     return pa.concat_tables(tables).cast(filters.FEATURE_SCHEMA) if tables else filters.FEATURE_SCHEMA.empty_table()
 
@@ -219,12 +220,13 @@ def curate(cfg: Config) -> dict[str, Any]:
     check_location(out_dir, "curate.output")
     dirs, manifests = check_inputs(cfg)
     run = run_record(cfg, dirs, manifests)
+    with storage_errors(out_dir):  # another run's set in curate.output is refused before any work
+        resume = claim_output(out_dir, run, c)
     init_ray(cfg.ray)
     grams = eval_ngrams(cfg)
     table = features(dirs, feature_spec(c, grams))
     removed = decide_or_refuse(table, policy(c))
     with storage_errors(out_dir):
-        resume = claim_output(out_dir, run, c)
         if resume.committed:
             print(f"curate: resuming {out_dir}: {len(resume.done_sample_ids):,} rows already committed")
         write_pass(cfg, dirs, removed, resume.done_sample_ids, run)
