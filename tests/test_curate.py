@@ -313,3 +313,30 @@ def test_curate_command_and_job_entrypoint_refuse_a_config_without_curate(tmp_pa
                               timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert "distill-llm curate: error: curate: the config has no curate section" in proc.stderr
+
+
+def test_decide_length_verdict_and_cap_policies():
+    """The decision step alone over a hand-made feature table: each reason, and the first reason wins."""
+    def feat(sid, pid, tokens, correct=True, think=True, completion=None, input_index=0):
+        return {"input": input_index, "sample_id": sid, "prompt_id": pid, "key": filters.stable_hash(pid),
+                "completion": completion if completion is not None else filters.stable_hash(sid), "tokens": tokens,
+                "truncated": False, "think": think, "correct": correct, "contaminated": False, "bands": None}
+
+    rows = [feat("a-0", "a", 5), feat("a-1", "a", 50), feat("a-2", "a", 500), feat("a-3", "a", 20, correct=None),
+            feat("b-0", "b", 1), feat("b-1", "b", 30, think=False), feat("b-2", "b", 40, correct=False),
+            feat("b-3", "b", 45)]
+    table = pa.Table.from_pylist(rows, schema=filters.FEATURE_SCHEMA)
+    policy = filters.Policy(near_duplicates=False, min_tokens=2, max_tokens=100, require_think=True,
+                            correct_only=True, prefer_shortest=True)
+    removed = filters.decide(table, policy)
+    got = dict(zip(removed["sample_id"].to_pylist(), removed["reason"].to_pylist()))
+    assert got == {"a-2": "too_long", "a-3": "no_verdict", "b-0": "too_short", "b-1": "bad_format",
+                   "b-2": "incorrect", "a-1": "over_max_correct"}  # a-0 and b-3: the shortest correct of each
+    assert dict(zip(removed["sample_id"].to_pylist(), removed["detail"].to_pylist()))["a-2"] == \
+        "500 completion tokens > 100"
+    # Mixing weights draw by sample id: the same rows every time, about the weight's share of them.
+    many = pa.Table.from_pylist([feat(f"m-{i}", f"m{i}", 10) for i in range(2000)], schema=filters.FEATURE_SCHEMA)
+    half = filters.Policy(near_duplicates=False, weights=(0.5,))
+    first, again = filters.decide(many, half), filters.decide(many, half)
+    assert first.equals(again) and 900 < first.num_rows < 1100
+    assert set(first["reason"].to_pylist()) == {"mixing_weight"}
