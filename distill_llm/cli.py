@@ -4,6 +4,7 @@
     distill-llm train    CONFIG.yaml [key=value ...]   shards -> student checkpoint
     distill-llm eval     CONFIG.yaml [model=PATH ...]  teacher and students scored side by side
     distill-llm run      CONFIG.yaml [key=value ...]   generate -> train -> eval
+    distill-llm curate   CONFIG.yaml [key=value ...]   shard sets -> filtered shard set in curate.output
     distill-llm inspect  DIR                           what a shard set holds
     distill-llm config   CONFIG.yaml [key=value ...]   print the validated config
     distill-llm plan     CONFIG.yaml [key=value ...]   tokens, bytes, GPU-hours and fit, before anything runs
@@ -42,6 +43,10 @@ COMMANDS = {
     "run": ("generate -> train -> eval",
             "The three stages one after the other, with one config.",
             "distill-llm run configs/quickstart.yaml"),
+    "curate": ("shard sets -> filtered shard set in curate.output",
+               "Deduplicate, decontaminate, verify and filter the shard sets of curate.inputs into a new shard set "
+               "(resumable; removed rows are kept in rejects/ with their reason).",
+               "distill-llm curate configs/curate.yaml curate.verify.correct_only=true"),
     "inspect": ("what a shard set holds",
                 "Rows, prompts, completion tokens, k, bytes per token, finish reasons and the answer pass rate of "
                 "a shard set, computed from its files.",
@@ -97,6 +102,10 @@ def run_stage(stage: str, cfg: Config) -> None:
         from .evaluation.stage import evaluate
 
         evaluate(cfg)
+    elif stage == "curate":
+        from .curation.stage import curate
+
+        curate(cfg)
     elif stage == "run":
         from .teacher.stage import generate
         from .student.stage import train

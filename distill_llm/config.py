@@ -302,6 +302,61 @@ class PlanConfig(_Section):
     student_params_b: float | None = Field(None, gt=0)
 
 
+class CurateInput(_Section):
+    """One shard set curation reads."""
+
+    dir: str
+    weight: float = Field(1.0, gt=0, le=1)  # fraction of this input's surviving rows kept (a mixing weight)
+    teacher: str | None = None  # the teacher column's value for its rows; None: the set's teacher.model
+
+
+class CurateNearDup(_Section):
+    enabled: bool = True
+    threshold: float = Field(0.8, gt=0, lt=1)  # Jaccard similarity of word shingles
+    shingle_words: int = Field(3, ge=1)
+    num_perm: int = Field(128, ge=8, le=1024)  # MinHash functions per prompt
+
+
+class CurateVerify(_Section):
+    """Policies over the answer checker's verdict."""
+
+    checker: str | None = None  # None: the shards' answer_correct; a checker name or pkg.module:function
+    correct_only: bool = False
+    max_correct_per_prompt: int | None = Field(None, ge=1)
+    prefer_shortest: bool = False  # with a cap, keep the shortest correct samples (alone: the shortest one)
+    drop_truncated: bool = False  # finish_reason == length
+
+
+class CurateLength(_Section):
+    min_completion_tokens: int = Field(0, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    require_think: bool = False  # <think>...</think>answer
+
+
+class CurateConfig(_Section):
+    """`distill-llm curate`: shard sets in, one filtered shard set out (distill_llm/curation/)."""
+
+    inputs: list[CurateInput] = Field(min_length=1)
+    output: str
+    resume: bool = True
+    overwrite: bool = False
+    dedup_prompts: bool = True  # identical normalised prompts: one prompt_id kept
+    dedup_completions: bool = True  # identical completions of one prompt: one kept
+    near_dup: CurateNearDup = Field(default_factory=CurateNearDup)
+    decontaminate: list[str] = Field(default_factory=list)  # eval files; eval.prompts is always included
+    decontaminate_ngram: int = Field(8, ge=1)
+    decontaminate_completions: bool = False
+    verify: CurateVerify = Field(default_factory=CurateVerify)
+    length: CurateLength = Field(default_factory=CurateLength)
+    rows_per_shard: int = Field(4096, ge=1)
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _dirs_or_tables(cls, v: Any) -> Any:
+        items = [v] if isinstance(v, str) else v
+        return [{"dir": i} if isinstance(i, str) else i for i in items] if isinstance(items, list) else items
+
+
 # Token-level KD over one stored logprob without the tail bucket compares two one-bucket distributions:
 # both are 1 after renormalising, so the KD term and its gradient are exactly zero.
 ONE_BUCKET_KD = ("train.alpha={alpha} with {k} and train.tail_bucket=false trains a KD term that is exactly zero "
@@ -322,6 +377,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)  # only `distill-llm plan` reads it
+    curate: CurateConfig | None = None  # only `distill-llm curate` runs it; `plan` counts its output
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -341,6 +397,9 @@ class Config(_Section):
                  ("output.eval_dir", self.output.eval_dir or ""), ("student.model", self.student.model),
                  ("train.storage_path", self.train.storage_path), ("eval.prompts", self.eval.prompts)]
         pairs += [("data.shards", d) for d in self.data.shards or []]
+        if self.curate is not None:
+            pairs += [("curate.output", self.curate.output)] + [("curate.inputs", i.dir) for i in self.curate.inputs]
+            pairs += [("curate.decontaminate", f) for f in self.curate.decontaminate]
         return pairs + [("eval.models", m) for m in self.eval.models]
 
     @property

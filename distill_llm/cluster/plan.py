@@ -447,6 +447,42 @@ def teacher_section(plan: Plan, cfg: Config, teacher: ModelShape | None, gpu: Gp
     teacher_fit(plan, cfg, teacher, gpu)
 
 
+# Bytes of driver memory per input row of curation (its feature table and decisions), from the driver's
+# peak RSS as rows grow in bench/curate.py (bench/RESULTS.md).
+CURATE_DRIVER_BYTES_PER_ROW = 700
+
+
+def curate_section(plan: Plan, cfg: Config) -> None:
+    """Rows into and out of `distill-llm curate`: from the inputs' manifests (else this config's own
+    completions, when an input is output.dir), and the output's manifest once it is complete."""
+    from ..corpus.shards import ShardError, read_manifest
+    from ..paths import absolute
+
+    c, rows, hows = cfg.curate, 0, []
+    for i, source in enumerate(c.inputs):
+        try:
+            rows += read_manifest(absolute(source.dir))["totals"]["rows"]
+            hows.append("manifest")
+        except ShardError:
+            if absolute(source.dir) != absolute(cfg.output.dir) or "completions" not in plan.numbers:
+                plan.flag("warning", f"curate.inputs[{i}].dir", f"{source.dir} is not a complete shard set yet; "
+                          "its rows are not counted")
+                continue
+            rows += int(plan.numbers["completions"])
+            hows.append("completions above")
+    plan.add("curate input rows", rows, f"{rows:,}", f"{len(c.inputs)} shard sets ({', '.join(hows) or 'none counted'})")
+    try:
+        out = read_manifest(absolute(c.output))
+        kept, how = out["totals"]["rows"], "curate.output's manifest: " + (
+            ", ".join(f"{k} {v:,}" for k, v in out.get("curate", {}).get("removed", {}).items()) or "none removed")
+    except ShardError:
+        kept, how = rows, "at most the input rows: what the filters remove is known after the run"
+    plan.add("curate output rows", kept, f"{kept:,}", how)
+    memory = rows * CURATE_DRIVER_BYTES_PER_ROW
+    plan.add("curate driver memory", memory, _bytes(memory), f"input rows x {CURATE_DRIVER_BYTES_PER_ROW} B "
+             "(the feature table of every row; the rows themselves stream)")
+
+
 def teacher_fit(plan: Plan, cfg: Config, s: ModelShape, gpu: GpuSpec) -> None:
     t, g = cfg.teacher, cfg.generate
     tp, pp = t.tensor_parallel_size, t.pipeline_parallel_size
@@ -581,6 +617,8 @@ def make_plan(cfg: Config, teacher: ModelShape | None, student: ModelShape | Non
             active = f" ({_n(shape.active)} active)" if shape.active != shape.total else ""
             plan.add(f"{role} params", shape.total, f"{_n(shape.total)}{active}", shape.source)
     teacher_section(plan, cfg, teacher, gpu)
+    if cfg.curate is not None:
+        curate_section(plan, cfg)
     if student is not None:
         student_section(plan, cfg, student, gpu)
     price = cfg.plan.price_per_gpu_hour

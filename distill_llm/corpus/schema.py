@@ -6,6 +6,9 @@ columns below; the file metadata (key ``distill_llm``) and the manifest carry th
 
 Bump ``SCHEMA_VERSION`` on any change a reader could notice, and say what changed here:
   1: first version.
+  2: an optional ``teacher`` column (string, last): the model that wrote the row, carried by curated sets
+     (``distill-llm curate``) that merge several teachers; absent, every row is the run's ``teacher.model``.
+     v1 sets are read as they are.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # what read_manifest accepts: v2 only adds an optional column
+TEACHER_COLUMN = "teacher"
 METADATA_KEY = b"distill_llm"
 MANIFEST_NAME = "manifest.json"
 SHARD_PREFIX = "part-"
@@ -30,8 +35,10 @@ LOGPROB_SEMANTICS = (
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
 
-def shard_schema(k: int, logprobs_dtype: str = "float16", metadata: dict[str, Any] | None = None) -> pa.Schema:
-    """Arrow schema of a shard file for top-k size ``k`` (k = 0: no logprob columns)."""
+def shard_schema(k: int, logprobs_dtype: str = "float16", metadata: dict[str, Any] | None = None,
+                 teacher: bool = False) -> pa.Schema:
+    """Arrow schema of a shard file for top-k size ``k`` (k = 0: no logprob columns), with the optional
+    ``teacher`` column last when asked."""
     fields = [
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("prompt_id", pa.string(), nullable=False),
@@ -49,6 +56,8 @@ def shard_schema(k: int, logprobs_dtype: str = "float16", metadata: dict[str, An
             pa.field("topk_token_ids", pa.list_(pa.list_(pa.int32(), k))),
             pa.field("topk_logprobs", pa.list_(pa.list_(pa.from_numpy_dtype(logprobs_dtype), k))),
         ]
+    if teacher:
+        fields.append(pa.field(TEACHER_COLUMN, pa.string()))
     schema = pa.schema(fields)
     if metadata is not None:
         schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})

@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 from .. import faults
 from ..config import ConfigError
 from ..paths import WriteFailed, check_location, filesystem, is_object_store, join, makedirs, read_text, writing
-from .schema import (ATTEMPTS_DIR, MANIFEST_NAME, REJECT_SCHEMA, SCHEMA_VERSION, SHARD_PREFIX, SKIP_DETAIL, SKIP_REASON,
-                     shard_schema)
+from .schema import (ATTEMPTS_DIR, MANIFEST_NAME, READABLE_VERSIONS, REJECT_SCHEMA, SCHEMA_VERSION, SHARD_PREFIX,
+                     SKIP_DETAIL, SKIP_REASON, shard_schema)
 
 RUN_NAME = "run.json"
 COMMITS = "_commits"
@@ -173,8 +173,10 @@ class Resume:
     committed: int  # shard files already committed
 
 
-def prepare_output(out_dir: str, run: dict[str, Any], resume: bool, overwrite: bool) -> Resume:
-    """Claim ``out_dir`` for this run: start fresh, resume the same run, or refuse another run's shards."""
+def prepare_output(out_dir: str, run: dict[str, Any], resume: bool, overwrite: bool,
+                   identity_keys: Iterable[str] = IDENTITY_KEYS) -> Resume:
+    """Claim ``out_dir`` for this run: start fresh, resume the same run, or refuse another run's shards
+    (runs whose ``identity_keys`` differ)."""
     fs, root = filesystem(out_dir)
     old = read_json(fs, join(root, RUN_NAME))
     existing = _list(fs, root, ".parquet")
@@ -185,7 +187,7 @@ def prepare_output(out_dir: str, run: dict[str, Any], resume: bool, overwrite: b
             raise ShardError(f"{out_dir} holds Parquet files but no {RUN_NAME}: not a distill-llm shard set; "
                              "choose another output.dir or set output.overwrite=true")
     if old is not None:
-        diffs = identity_diff(old, run)
+        diffs = identity_diff(old, run, identity_keys)
         if diffs and not overwrite:
             raise ShardError(
                 f"{out_dir} holds shards of a different run:\n  " + "\n  ".join(diffs)
@@ -228,8 +230,8 @@ class ShardWriter:
     """Writes one batch of engine output as a committed shard plus its rejects; picklable."""
 
     def __init__(self, out_dir: str, k: int, logprobs_dtype: str, metadata: dict[str, Any],
-                 compression: str = "zstd", compression_level: int = 3):
-        self.out_dir, self.k, self.dtype = out_dir, k, logprobs_dtype
+                 compression: str = "zstd", compression_level: int = 3, teacher_column: bool = False):
+        self.out_dir, self.k, self.dtype, self.teacher_column = out_dir, k, logprobs_dtype, teacher_column
         self.metadata, self.compression, self.level = metadata, compression, compression_level
         self.commits = 0  # by this copy (each write task unpickles its own); fault injection counts them
 
@@ -251,7 +253,7 @@ class ShardWriter:
         fs, root = filesystem(self.out_dir)
         if table.num_rows == 0:
             return None
-        schema = shard_schema(self.k, self.dtype, self.metadata)
+        schema = shard_schema(self.k, self.dtype, self.metadata, teacher=self.teacher_column)
         rejected = pa.compute.invert(pa.compute.is_null(table.column(SKIP_REASON)))
         good, bad = table.filter(pa.compute.invert(rejected)), table.filter(rejected)
         name = shard_name(table.column("sample_id").to_pylist())
@@ -391,9 +393,9 @@ def read_manifest(shard_dir: str) -> dict[str, Any]:
         hint = " (a run was started there but did not finish: rerun `distill-llm generate` to resume it)" \
             if read_json(fs, join(root, RUN_NAME)) else ""
         raise ShardError(f"{shard_dir} has no {MANIFEST_NAME}: not a complete shard set{hint}")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    if manifest.get("schema_version") not in READABLE_VERSIONS:
         raise ShardError(f"{shard_dir} has shard schema v{manifest.get('schema_version')}, this distill-llm "
-                         f"reads v{SCHEMA_VERSION}: regenerate it with this version")
+                         f"reads v{READABLE_VERSIONS[0]} to v{SCHEMA_VERSION}: regenerate it with this version")
     return manifest
 
 

@@ -1,0 +1,260 @@
+"""The curation stage: shard sets in (``curate.inputs``) -> filters -> one shard set out (``curate.output``).
+
+Two passes over the inputs on Ray Data. The first reads a few light columns and computes each row's
+features in parallel (filters.row_features); the driver decides over the slim feature table which rows
+go (filters.decide). The second streams every column of every row through the shard writer of the
+teacher stage: kept rows become shards, removed rows go to rejects/ with their reason, under the same
+commit protocol (a rerun resumes; a killed run never commits a row twice) and a manifest listing the
+inputs, their manifests' sha256 and the rows each filter removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..config import Config, ConfigError, CurateConfig, DataConfig
+from ..corpus.schema import SCHEMA_VERSION, SKIP_DETAIL, SKIP_REASON, TEACHER_COLUMN
+from ..corpus.shards import (IDENTITY_KEYS, ShardError, ShardWriter, check_compatible, prepare_output, read_manifest,
+                             shard_files, storage_errors, write_manifest)
+from ..paths import absolute, check_location, filesystem, join, read_text
+from . import filters
+
+CURATE_IDENTITY = (*IDENTITY_KEYS, "curate")
+VERDICT_KEYS = ("correct_only", "max_correct_per_prompt", "prefer_shortest")
+
+
+def policy(c: CurateConfig) -> filters.Policy:
+    v, length = c.verify, c.length
+    return filters.Policy(
+        dedup_prompts=c.dedup_prompts, dedup_completions=c.dedup_completions, near_duplicates=c.near_dup.enabled,
+        decontaminate=True, drop_truncated=v.drop_truncated, min_tokens=length.min_completion_tokens,
+        max_tokens=length.max_completion_tokens, require_think=length.require_think, correct_only=v.correct_only,
+        max_correct=v.max_correct_per_prompt, prefer_shortest=v.prefer_shortest,
+        weights=tuple(i.weight for i in c.inputs))
+
+
+def manifest_sha256(shard_dir: str) -> str:
+    fs, root = filesystem(shard_dir)
+    return hashlib.sha256((read_text(fs, join(root, "manifest.json")) or "").encode()).hexdigest()
+
+
+def check_inputs(cfg: Config) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Input dirs and their manifests, refused before any work when they cannot be curated as asked."""
+    c = cfg.curate
+    out_dir = absolute(c.output)
+    dirs = [absolute(i.dir) for i in c.inputs]
+    for index, d in enumerate(dirs):
+        if d.rstrip("/") == out_dir.rstrip("/"):
+            raise ConfigError(f"curate.inputs[{index}].dir and curate.output are both {d}: write the curated set to "
+                              "another folder (curation never rewrites its input)")
+        if dirs.index(d) != index:
+            raise ConfigError(f"curate.inputs[{index}].dir={d} is listed twice")
+    manifests = {d: read_manifest(d) for d in dirs}
+    check_compatible(manifests)
+    asked = [k for k in VERDICT_KEYS if getattr(c.verify, k) not in (False, None)]
+    if asked and c.verify.checker is None:
+        blind = [d for d, m in manifests.items() if (m["run"].get("prompts") or {}).get("checker", "none") == "none"]
+        if blind:
+            raise ConfigError(f"curate.verify.{asked[0]} needs an answer verdict, but {blind[0]} was generated with "
+                              "data.checker=none (its rows carry no answer_correct): set curate.verify.checker "
+                              "(math, exact, toy or pkg.module:function) to check the answers now")
+    if c.verify.checker is not None:
+        try:
+            filters.resolve_checker(c.verify.checker)
+        except (ImportError, AttributeError, ConfigError) as err:
+            raise ConfigError(f"curate.verify.checker={c.verify.checker}: {err}") from None
+    return dirs, manifests
+
+
+def teacher_label(c: CurateConfig, index: int, manifest: dict[str, Any]) -> str:
+    return c.inputs[index].teacher or (manifest["run"].get("teacher") or {}).get("model") or f"input-{index}"
+
+
+def run_record(cfg: Config, dirs: list[str], manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The curated set's run.json: the inputs' shared run description plus what curation did to them."""
+    c = cfg.curate
+    base = dict(manifests[dirs[0]]["run"])
+    inputs = [{"dir": d, "manifest_sha256": manifest_sha256(d), "rows": manifests[d]["totals"]["rows"],
+               "teacher": teacher_label(c, i, manifests[d]), "weight": c.inputs[i].weight}
+              for i, d in enumerate(dirs)]
+    settings = c.model_dump(mode="json", exclude={"inputs", "output", "resume", "overwrite", "rows_per_shard"})
+    settings["eval_prompts"] = cfg.eval.prompts
+    return {**base, "schema_version": SCHEMA_VERSION, "curate": {"inputs": inputs, **settings}}
+
+
+def eval_ngrams(cfg: Config) -> frozenset:
+    """Every n-gram of the evaluation prompts: eval.prompts (all of its rows) and curate.decontaminate."""
+    from ..corpus.prompts import read_prompts
+
+    c = cfg.curate
+    grams: set[str] = set()
+    for key, source in [("eval.prompts", cfg.eval.prompts)] + [(f"curate.decontaminate[{i}]", s)
+                                                               for i, s in enumerate(c.decontaminate)]:
+        try:
+            ds = read_prompts(DataConfig(prompts=source), source, None)
+        except ConfigError as err:
+            raise ConfigError(f"{key}: {err}") from None
+        for batch in ds.select_columns(["messages", SKIP_REASON]).iter_batches(batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                if row[SKIP_REASON] is None:
+                    grams |= filters.word_ngrams(filters.prompt_text(row["messages"]), c.decontaminate_ngram)
+    return frozenset(grams)
+
+
+def feature_spec(c: CurateConfig, grams: frozenset) -> filters.FeatureSpec:
+    spec = filters.FeatureSpec(eval_ngrams=grams, ngram=c.decontaminate_ngram,
+                               decontaminate_completions=c.decontaminate_completions, checker=c.verify.checker)
+    if c.near_dup.enabled:
+        spec.minhash = filters.MinHasher(c.near_dup.num_perm, c.near_dup.shingle_words)
+        spec.bands, spec.rows = filters.lsh_params(c.near_dup.threshold, c.near_dup.num_perm)
+    return spec
+
+
+def read_input(shard_dir: str, columns: list[str] | None = None):
+    """A Ray Dataset of a complete shard set's rows (files checked against its manifest)."""
+    import ray.data
+
+    paths = shard_files(shard_dir)
+    fs, _ = filesystem(shard_dir)
+    ds = ray.data.read_parquet(paths, filesystem=fs)
+    return ds.select_columns(columns) if columns else ds
+
+
+def features(dirs: list[str], spec: filters.FeatureSpec) -> pa.Table:
+    """The first pass: the slim feature table of every input row, gathered on the driver."""
+    import ray
+
+    parts = [read_input(d, filters.FEATURE_COLUMNS).map_batches(
+        filters.row_features, batch_format="pyarrow", fn_kwargs={"spec": spec, "input_index": i})
+        for i, d in enumerate(dirs)]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    tables = [ray.get(ref) for ref in ds.to_arrow_refs()]
+    tables = [t for t in tables if t.num_rows]
+    return pa.concat_tables(tables).cast(filters.FEATURE_SCHEMA) if tables else filters.FEATURE_SCHEMA.empty_table()
+
+
+_cache: dict[Any, Any] = {}
+
+
+def _fetch(ref):
+    """An object-store value, fetched once per worker process (each write task would refetch it); a value
+    that is not an ObjectRef is itself."""
+    import ray
+
+    if not isinstance(ref, ray.ObjectRef):
+        return ref
+    if ref.hex() not in _cache:
+        _cache.clear()
+        _cache[ref.hex()] = ray.get(ref)
+    return _cache[ref.hex()]
+
+
+def mark(batch: pa.Table, decisions_ref, prefix: str, teacher: str) -> pa.Table:
+    """A shard batch as the writer takes it: output sample ids, the teacher column (a curated input's own
+    values kept), rows committed before (a resumed run) left out, and the removal reason (null: kept)."""
+    removed, done = _fetch(decisions_ref)
+    label = pa.array([teacher] * batch.num_rows, pa.string())
+    if TEACHER_COLUMN in batch.schema.names:
+        where = batch.schema.get_field_index(TEACHER_COLUMN)
+        batch = batch.set_column(where, TEACHER_COLUMN, pc.coalesce(batch[TEACHER_COLUMN], label))
+    else:
+        batch = batch.append_column(TEACHER_COLUMN, label)
+    sample_ids = pc.binary_join_element_wise(pa.scalar(prefix), batch["sample_id"], "") if prefix else batch["sample_id"]
+    batch = batch.set_column(batch.schema.get_field_index("sample_id"), "sample_id", sample_ids)
+    if len(done):
+        batch = batch.filter(pc.invert(pc.is_in(batch["sample_id"], value_set=done)))
+    where = pc.index_in(batch["sample_id"], value_set=removed["sample_id"])
+    return (batch.append_column(SKIP_REASON, pc.take(removed["reason"], where))
+            .append_column(SKIP_DETAIL, pc.take(removed["detail"], where)))
+
+
+def prefixes(dirs: list[str]) -> list[str]:
+    """Sample id prefixes: none for one input; ``t<i>:`` per input otherwise, since teachers run on the same
+    prompts give the same sample ids."""
+    return [""] if len(dirs) == 1 else [f"t{i}:" for i in range(len(dirs))]
+
+
+def removed_counts(removed: pa.Table) -> dict[str, int]:
+    counts = pc.value_counts(removed["reason"]).to_pylist() if removed.num_rows else []
+    found = {c["values"]: c["counts"] for c in counts}
+    return {reason: found[reason] for reason in filters.REASONS if reason in found}
+
+
+def write_pass(cfg: Config, dirs: list[str], removed: pa.Table, done: set[str], run: dict[str, Any]) -> None:
+    """The second pass: every input row through the teacher stage's writer (shards + rejects, committed)."""
+    import ray
+
+    from ..corpus.sink import ShardSink
+
+    c = cfg.curate
+    done_ids = pa.array(sorted(done), pa.string())
+    parts = []
+    labels = [t["teacher"] for t in run["curate"]["inputs"]]
+    for i, (d, prefix) in enumerate(zip(dirs, prefixes(dirs))):
+        mine = removed.filter(pc.equal(removed["input"], i))
+        mine = mine.set_column(1, "sample_id", pc.binary_join_element_wise(pa.scalar(prefix), mine["sample_id"], "")
+                               if prefix else mine["sample_id"])
+        ref = ray.put((mine.drop_columns(["input"]), done_ids))
+        parts.append(read_input(d).map_batches(mark, batch_format="pyarrow",
+                                               fn_kwargs={"decisions_ref": ref, "prefix": prefix, "teacher": labels[i]}))
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    writer = ShardWriter(absolute(c.output), run.get("top_k_logprobs") or 0, run.get("logprobs_dtype") or "float16",
+                         metadata=run, teacher_column=True)
+    ds.write_datasink(ShardSink(writer, c.rows_per_shard))
+
+
+def curate(cfg: Config) -> dict[str, Any]:
+    """Run the curation stage; returns the manifest of the curated set. Resumes a matching run."""
+    from ..cluster.runtime import init_ray
+
+    if cfg.curate is None:
+        raise ConfigError("curate: the config has no curate section; add curate.inputs (shard sets) and "
+                          "curate.output (a new folder)")
+    start, c = time.time(), cfg.curate
+    out_dir = absolute(c.output)
+    check_location(out_dir, "curate.output")
+    dirs, manifests = check_inputs(cfg)
+    run = run_record(cfg, dirs, manifests)
+    with storage_errors(out_dir):  # another run's set in curate.output is refused before any work
+        resume = claim_output(out_dir, run, c)
+    init_ray(cfg.ray)
+    grams = eval_ngrams(cfg)
+    table = features(dirs, feature_spec(c, grams))
+    removed = decide_or_refuse(table, policy(c))
+    with storage_errors(out_dir):
+        if resume.committed:
+            print(f"curate: resuming {out_dir}: {len(resume.done_sample_ids):,} rows already committed")
+        write_pass(cfg, dirs, removed, resume.done_sample_ids, run)
+        extra = {"curate": {**run["curate"], "removed": removed_counts(removed), "eval_ngrams": len(grams)},
+                 "config": cfg.model_dump(mode="json")}
+        manifest = write_manifest(out_dir, extra=extra, expected=table.num_rows)
+    t = manifest["totals"]
+    print(f"curate: {table.num_rows:,} rows from {len(dirs)} shard sets -> {t['rows']:,} kept, "
+          f"{t['rejected']:,} removed ({manifest['curate']['removed'] or 'none'}) in {time.time() - start:.1f}s "
+          f"-> {out_dir}")
+    return manifest
+
+
+def claim_output(out_dir: str, run: dict[str, Any], c: CurateConfig):
+    """prepare_output for curate.output: its refusals name the curate.* keys, not output.*."""
+    try:
+        return prepare_output(out_dir, run, c.resume, c.overwrite, identity_keys=CURATE_IDENTITY)
+    except ShardError as err:
+        text = str(err)
+        for key in ("output.dir", "output.overwrite", "output.resume"):
+            text = text.replace(key, "curate." + key.split(".")[1].replace("dir", "output"))
+        raise ShardError(text) from None
+
+
+def decide_or_refuse(table: pa.Table, pol: filters.Policy) -> pa.Table:
+    """The removed rows; refuses a curation that keeps nothing (it would train nothing), before writing."""
+    removed = filters.decide(table, pol)
+    if table.num_rows and removed.num_rows == table.num_rows:
+        raise ConfigError(f"curate: every one of the {table.num_rows:,} input rows would be removed "
+                          f"({removed_counts(removed)}); loosen the filters that removed the most")
+    return removed

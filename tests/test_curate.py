@@ -1,0 +1,342 @@
+"""The curation stage: planted duplicates, near-duplicates, contamination and failing traces are removed and
+counted by reason, on small real shard sets written through the corpus code and curated on Ray Data."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distill_llm.config import ConfigError, build_config
+from distill_llm.corpus.prompts import prompt_id
+from distill_llm.corpus.schema import SCHEMA_VERSION, engine_output_schema
+from distill_llm.corpus.shards import (ShardWriter, prepare_output, read_manifest, read_shards, shard_files,
+                                       write_manifest)
+from distill_llm.curation import filters
+
+K = 2
+WORDS = ("apple river stone cloud seven paper window silver garden orange number circle yellow bridge "
+         "market forest candle summer winter engine planet rocket pencil marble spider violin tomato "
+         "dragon castle island jungle meadow thunder shadow crystal harbor lantern mirror needle ocean").split()
+
+
+def sentence(seed: int, n: int = 80) -> str:
+    rng = np.random.default_rng(seed)
+    return " ".join(rng.choice(WORDS, n))
+
+
+def trace(answer: str, steps: str = "think") -> str:
+    return f"<think>{steps}</think>{answer}"
+
+
+def row(prompt: str, index: int, completion: str, correct: bool | None = True, finish: str = "stop",
+        system: str | None = None) -> dict:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    pid = prompt_id(messages)
+    n = len(completion.split())
+    return {"sample_id": f"{pid}-{index}", "prompt_id": pid, "sample_index": index, "messages": messages,
+            "prompt_token_ids": [1, 2, 3], "completion_token_ids": list(range(n)), "completion_text": completion,
+            "finish_reason": finish, "answer": "7", "answer_correct": correct,
+            "topk_token_ids": [[1, 2]] * n, "topk_logprobs": [[-0.1, -2.0]] * n, "skip_reason": None,
+            "skip_detail": None}
+
+
+def write_set(out, rows, checker="toy", teacher="t", version=SCHEMA_VERSION):
+    """A complete shard set of ``rows`` through the teacher stage's writer and manifest; ``version=1``: as
+    a v1 writer left it (the same files, no teacher column, v1 in run.json and the manifest)."""
+    run = {"schema_version": version, "teacher": {"model": teacher, "revision": None},
+           "tokenizer_fingerprint": "abc", "prompts": {"source": "x.jsonl", "checker": checker},
+           "sampling": {"temperature": 1.0, "seed": 0}, "top_k_logprobs": K, "logprobs_dtype": "float16"}
+    prepare_output(str(out), run, resume=True, overwrite=False)
+    writer = ShardWriter(str(out), K, "float16", metadata=run)
+    schema = engine_output_schema(K, "float16")
+    for start in range(0, len(rows), 7):  # several shards
+        writer.write([pa.Table.from_pylist(rows[start:start + 7], schema=schema)])
+    manifest = write_manifest(str(out))
+    if version != SCHEMA_VERSION:
+        manifest["schema_version"] = version
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def planted(tmp_path):
+    """A shard set with one of each kind of bad row, and the eval file one prompt is contaminated by.
+
+    Returns (input dir, eval file, {sample_id: expected reason}, ids expected kept)."""
+    eval_problem = sentence(900)
+    base = [sentence(i) for i in range(8)]
+    near = base[1].split()
+    near[40] = "zebra"  # one word edited: Jaccard of 3-word shingles 75/81
+    words = sentence(901, 12).split()
+    contaminated = " ".join(words[:6] + eval_problem.split()[10:18] + words[6:])  # an 8-gram of the eval problem
+    rows, expect = [], {}
+
+    def add(r, reason=None):
+        rows.append(r)
+        expect[r["sample_id"]] = reason
+
+    for i, p in enumerate(base):
+        add(row(p, 0, trace("7", f"steps {i} a")))
+        add(row(p, 1, trace("7", f"steps {i} a b")))
+    # Of two duplicate prompts the first by prompt_id stays: here the planted copy or the original.
+    for copy, base_index, reason in ((row("  " + base[0].upper().replace(" ", "   ") + " ", 0, trace("7", "other")),
+                                      0, "duplicate_prompt"),
+                                     (row(" ".join(near), 0, trace("7", "near")), 1, "near_duplicate_prompt")):
+        original = [r for r in rows if r["prompt_id"] == row(base[base_index], 0, "")["prompt_id"]]
+        add(copy, reason if original[0]["prompt_id"] < copy["prompt_id"] else None)
+        for r in original if expect[copy["sample_id"]] is None else []:
+            expect[r["sample_id"]] = reason
+    add(row(contaminated, 0, trace("7", "leak")), "contaminated")
+    add(row(base[2], 2, trace("7", "cut off"), finish="length"), "truncated")
+    add(row(base[3], 2, trace("8", "wrong"), correct=False), "incorrect")
+    add(row(base[4], 2, trace("7", "steps 4 a")), "duplicate_completion")
+    add(row(base[5], 2, "7 without a think block"), "bad_format")
+    add(row(base[6], 2, trace("7", "a much longer and correct trace than the others")), "over_max_correct")
+    inp = tmp_path / "in"
+    write_set(inp, rows)
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(json.dumps({"prompt": eval_problem, "answer": "1"}) + "\n")
+    return inp, eval_file, expect
+
+
+def curate_config(tmp_path, inputs, **curate):
+    tree = {"curate": {"inputs": [str(i) for i in inputs], "output": str(tmp_path / "out"), **curate}}
+    return build_config(tree)
+
+
+ALL_FILTERS = {"verify": {"correct_only": True, "max_correct_per_prompt": 2, "prefer_shortest": True,
+                          "drop_truncated": True},
+               "length": {"require_think": True}}
+
+
+# ---------------------------------------------------------------- the stage on Ray Data
+
+
+def test_curate_removes_planted_rows_by_reason(ray_session, tmp_path):
+    from distill_llm.curation.stage import curate
+
+    inp, eval_file, expect = planted(tmp_path)
+    cfg = curate_config(tmp_path, [inp], decontaminate=[str(eval_file)], **ALL_FILTERS)
+    manifest = curate(cfg)
+    wanted = {reason: sum(1 for r in expect.values() if r == reason) for reason in set(expect.values()) - {None}}
+    assert manifest["curate"]["removed"] == wanted
+    assert manifest["rejected"] == wanted
+    out = read_shards(str(tmp_path / "out"))
+    assert sorted(out["sample_id"].to_pylist()) == sorted(s for s, r in expect.items() if r is None)
+    # the input's schema, top-k columns included, plus the v2 teacher column
+    assert pq.read_schema(shard_files(str(tmp_path / "out"))[0]).remove_metadata() == \
+        pq.read_schema(shard_files(str(inp))[0]).remove_metadata().append(pa.field("teacher", pa.string()))
+    assert set(out["teacher"].to_pylist()) == {"t"}
+    rejects = pa.concat_tables([pq.read_table(p) for p in (tmp_path / "out" / "rejects").glob("*.parquet")])
+    assert dict(zip(rejects["sample_id"].to_pylist(), rejects["reason"].to_pylist())) == \
+        {s: r for s, r in expect.items() if r is not None}
+    saved = read_manifest(str(tmp_path / "out"))["curate"]["inputs"][0]
+    assert saved["manifest_sha256"] == __import__("hashlib").sha256((inp / "manifest.json").read_bytes()).hexdigest()
+    # A rerun resumes: nothing is committed twice and the set is the same; other settings are refused.
+    files = sorted(p.name for p in (tmp_path / "out").rglob("*.parquet"))
+    again = curate(cfg)
+    assert again["shards"] == manifest["shards"] and again["rejected"] == wanted
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.parquet")) == files
+    cfg.curate.verify.correct_only = False
+    with pytest.raises(ConfigError, match=r"curate.verify.correct_only: True -> False(.|\n)*curate.overwrite=true"):
+        curate(cfg)
+
+
+def test_curate_merges_two_teachers_and_weights_them(ray_session, tmp_path):
+    """Two teachers' sets of the same prompts: a teacher column, distinct sample ids, identical completions
+    across teachers removed, the second input kept at weight 0.5; a v1 input (no teacher column) reads."""
+    from distill_llm.curation.stage import curate
+
+    prompts = [sentence(100 + i) for i in range(6)]
+    write_set(tmp_path / "a", [row(p, 0, trace("7", f"a{i}")) for i, p in enumerate(prompts)], teacher="ta", version=1)
+    write_set(tmp_path / "b", [row(p, 0, trace("7", f"b{i}")) for i, p in enumerate(prompts)]
+              + [row(prompts[0], 1, trace("7", "a0"))], teacher="tb")  # the same completion as teacher a's
+    cfg = build_config({"curate": {"inputs": [str(tmp_path / "a"), {"dir": str(tmp_path / "b"), "weight": 0.5}],
+                                   "output": str(tmp_path / "out")}})
+    manifest = curate(cfg)
+    removed = manifest["curate"]["removed"]
+    assert removed["duplicate_completion"] == 1
+    out = read_shards(str(tmp_path / "out"))
+    ids = out["sample_id"].to_pylist()
+    assert {i[:3]: t for i, t in zip(ids, out["teacher"].to_pylist())} == {"t0:": "ta", "t1:": "tb"}
+    assert len([i for i in ids if i.startswith("t0:")]) == 6  # weight 1: every surviving row
+    kept_b = len([i for i in ids if i.startswith("t1:")])
+    assert kept_b + removed.get("mixing_weight", 0) == 6 and 0 < kept_b < 6
+
+
+def test_curate_refuses_before_work(tmp_path):
+    from distill_llm.curation.stage import curate
+
+    inp = tmp_path / "in"
+    write_set(inp, [row(sentence(1), 0, trace("7"), correct=None)], checker="none")
+    with pytest.raises(ConfigError, match="curate.verify.correct_only needs an answer verdict"):
+        curate(curate_config(tmp_path, [inp], verify={"correct_only": True}))
+    with pytest.raises(ConfigError, match="curate.output are both"):
+        curate(build_config({"curate": {"inputs": [str(inp)], "output": str(inp)}}))
+    with pytest.raises(ConfigError, match="no manifest.json"):
+        curate(curate_config(tmp_path, [tmp_path / "missing"]))
+    with pytest.raises(ConfigError, match="curate: the config has no curate section"):
+        curate(build_config({}))
+
+
+def test_curate_refuses_to_keep_nothing(ray_session, tmp_path):
+    from distill_llm.curation.stage import curate
+
+    inp = tmp_path / "in"
+    write_set(inp, [row(sentence(i), 0, trace("8"), correct=False) for i in range(3)])
+    with pytest.raises(ConfigError, match=r"every one of the 3 input rows would be removed \(\{'incorrect': 3\}\)"):
+        curate(curate_config(tmp_path, [inp], verify={"correct_only": True}))
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------- the filters alone
+
+
+def test_minhash_estimates_jaccard():
+    hasher = filters.MinHasher(num_perm=256)
+    a = sentence(5, 60)
+    words = a.split()
+    for edits in (1, 5, 20):
+        b = words.copy()
+        for j in range(edits):
+            b[3 * j] = f"w{j}"
+        b = " ".join(b)
+        exact = len(hasher.shingles(a) & hasher.shingles(b)) / len(hasher.shingles(a) | hasher.shingles(b))
+        estimate = filters.estimated_jaccard(hasher.signature(a), hasher.signature(b))
+        assert abs(estimate - exact) < 0.1, (edits, exact, estimate)
+    assert filters.estimated_jaccard(hasher.signature(a), hasher.signature(a.upper())) == 1.0
+
+
+def test_lsh_bands_put_the_threshold_where_asked():
+    bands, rows = filters.lsh_params(0.8, 128)
+    assert bands * rows <= 128
+    collide = lambda s: 1 - (1 - s ** rows) ** bands  # noqa: E731
+    assert collide(0.9) > 0.9 and collide(0.5) < 0.1
+
+
+def test_think_format():
+    assert filters.has_think_block("<think>a</think>7")
+    assert not filters.has_think_block("7")
+    assert not filters.has_think_block("<think>a</think>")
+    assert not filters.has_think_block("<think>a<think>b</think>7")
+
+
+def test_decontamination_needs_a_whole_ngram():
+    grams = frozenset(filters.word_ngrams("one two three four five six seven eight nine", 8))
+    spec = filters.FeatureSpec(eval_ngrams=grams, ngram=8)
+    assert filters.contaminated("zero ONE two three  four five six seven eight ten", spec)
+    assert not filters.contaminated("one two three four five six seven nine", spec)
+
+
+def test_plan_counts_curate_rows(tmp_path):
+    from distill_llm.cluster.plan import CURATE_DRIVER_BYTES_PER_ROW, MODEL_TABLE, ModelShape, make_plan
+
+    qwen = ModelShape(**MODEL_TABLE["Qwen/Qwen2.5-7B"], source="table")
+    write_set(tmp_path / "other", [row(sentence(i), 0, trace("7")) for i in range(5)])
+    overrides = {"data": {"num_prompts": 100}, "generate": {"samples_per_prompt": 2},
+                 "output": {"dir": str(tmp_path / "gen")},
+                 "curate": {"inputs": [str(tmp_path / "gen"), str(tmp_path / "other")], "output": str(tmp_path / "out")}}
+    numbers = make_plan(build_config(overrides), qwen, qwen).numbers
+    assert numbers["curate input rows"] == 200 + 5 and numbers["curate output rows"] == 205
+    assert numbers["curate driver memory"] == 205 * CURATE_DRIVER_BYTES_PER_ROW
+    run = {"schema_version": SCHEMA_VERSION, "top_k_logprobs": K}
+    prepare_output(str(tmp_path / "out"), run, resume=True, overwrite=False)
+    ShardWriter(str(tmp_path / "out"), K, "float16", metadata=run).write(
+        [pa.Table.from_pylist([row(sentence(1), 0, trace("7"))], schema=engine_output_schema(K, "float16"))])
+    write_manifest(str(tmp_path / "out"), extra={"curate": {"removed": {"incorrect": 204}}})
+    numbers = make_plan(build_config(overrides), qwen, qwen).numbers
+    assert numbers["curate output rows"] == 1
+
+
+def test_curate_config_names_bad_keys():
+    with pytest.raises(ConfigError, match=r"curate.verify.corect_only: unknown key \(did you mean curate.verify.correct_only"):
+        build_config({"curate": {"inputs": ["a"], "output": "o", "verify": {"corect_only": True}}})
+    with pytest.raises(ConfigError, match="curate.near_dup.threshold"):
+        build_config({"curate": {"inputs": ["a"], "output": "o", "near_dup": {"threshold": 1.5}}})
+    with pytest.raises(ConfigError, match="curate.inputs"):
+        build_config({"curate": {"inputs": [], "output": "o"}})
+    with pytest.raises(ConfigError, match="curate.output: the URL carries credentials"):
+        build_config({"curate": {"inputs": ["a"], "output": "s3://user:secret@bucket/x"}})
+
+
+def test_mark_keeps_a_curated_teacher_and_skips_committed_rows():
+    """The write pass's batch function alone: a resumed run leaves committed rows out, a curated input's own
+    teacher values stay, and each removed row carries its reason."""
+    from distill_llm.curation.stage import mark
+
+    schema = engine_output_schema(K, "float16")
+    batch = pa.Table.from_pylist([row(sentence(i), 0, trace("7")) for i in range(3)], schema=schema)
+    batch = batch.drop_columns(["skip_reason", "skip_detail"]).append_column("teacher", pa.array(["old", None, None], pa.string()))
+    ids = ["t1:" + s for s in batch["sample_id"].to_pylist()]
+    removed = pa.table({"sample_id": [ids[2]], "reason": ["incorrect"], "detail": ["the answer check failed"]})
+    out = mark(batch, (removed, pa.array([ids[0]])), "t1:", "new")
+    assert out["sample_id"].to_pylist() == ids[1:]
+    assert out["teacher"].to_pylist() == ["new", "new"]
+    assert out["skip_reason"].to_pylist() == [None, "incorrect"]
+    assert mark(batch, (removed, pa.array([], pa.string())), "t1:", "new")["teacher"].to_pylist()[0] == "old"
+
+
+@pytest.mark.slow
+def test_curated_generated_set_trains(generated, tmp_path):
+    """The session's real shard set curated (verified, shortest correct, no truncated trace) trains a student."""
+    from conftest import small_config
+    from distill_llm.curation.stage import curate
+    from distill_llm.student.stage import train
+
+    gen, manifest = generated
+    cfg = small_config(tmp_path, data={"shards": str(tmp_path / "curated")},
+                       train={"max_steps": 1, "num_workers": 1, "batch_size": 4, "log_every": 1})
+    cfg.curate = {"inputs": [gen.output.dir], "output": str(tmp_path / "curated"),
+                  "verify": {"correct_only": True, "prefer_shortest": True, "drop_truncated": True}}
+    curated = curate(cfg)
+    rows = read_shards(str(tmp_path / "curated"), columns=["prompt_id", "answer_correct", "finish_reason"])
+    assert curated["totals"]["rows"] + sum(curated["curate"]["removed"].values()) == manifest["totals"]["rows"]
+    assert rows.num_rows == curated["totals"]["rows"] > 0
+    assert all(rows["answer_correct"].to_pylist()) and "length" not in rows["finish_reason"].to_pylist()
+    assert len(set(rows["prompt_id"].to_pylist())) == rows.num_rows, "one (the shortest) correct sample per prompt"
+    assert (Path(train(cfg)) / "config.json").is_file()
+
+
+def test_curate_command_and_job_entrypoint_refuse_a_config_without_curate(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {alpha: 0.5}\n")
+    for cmd in (["-m", "distill_llm.cli", "curate"], ["-m", "pipelines.curate"]):
+        proc = subprocess.run([sys.executable, *cmd, str(config)], capture_output=True, text=True, env=env, cwd=root,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "distill-llm curate: error: curate: the config has no curate section" in proc.stderr
+
+
+def test_decide_length_verdict_and_cap_policies():
+    """The decision step alone over a hand-made feature table: each reason, and the first reason wins."""
+    def feat(sid, pid, tokens, correct=True, think=True, completion=None, input_index=0):
+        return {"input": input_index, "sample_id": sid, "prompt_id": pid, "key": filters.stable_hash(pid),
+                "completion": completion if completion is not None else filters.stable_hash(sid), "tokens": tokens,
+                "truncated": False, "think": think, "correct": correct, "contaminated": False, "bands": None}
+
+    rows = [feat("a-0", "a", 5), feat("a-1", "a", 50), feat("a-2", "a", 500), feat("a-3", "a", 20, correct=None),
+            feat("b-0", "b", 1), feat("b-1", "b", 30, think=False), feat("b-2", "b", 40, correct=False),
+            feat("b-3", "b", 45)]
+    table = pa.Table.from_pylist(rows, schema=filters.FEATURE_SCHEMA)
+    policy = filters.Policy(near_duplicates=False, min_tokens=2, max_tokens=100, require_think=True,
+                            correct_only=True, prefer_shortest=True)
+    removed = filters.decide(table, policy)
+    got = dict(zip(removed["sample_id"].to_pylist(), removed["reason"].to_pylist()))
+    assert got == {"a-2": "too_long", "a-3": "no_verdict", "b-0": "too_short", "b-1": "bad_format",
+                   "b-2": "incorrect", "a-1": "over_max_correct"}  # a-0 and b-3: the shortest correct of each
+    assert dict(zip(removed["sample_id"].to_pylist(), removed["detail"].to_pylist()))["a-2"] == \
+        "500 completion tokens > 100"
+    # Mixing weights draw by sample id: the same rows every time, about the weight's share of them.
+    many = pa.Table.from_pylist([feat(f"m-{i}", f"m{i}", 10) for i in range(2000)], schema=filters.FEATURE_SCHEMA)
+    half = filters.Policy(near_duplicates=False, weights=(0.5,))
+    first, again = filters.decide(many, half), filters.decide(many, half)
+    assert first.equals(again) and 900 < first.num_rows < 1100
+    assert set(first["reason"].to_pylist()) == {"mixing_weight"}
