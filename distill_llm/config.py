@@ -186,6 +186,9 @@ class StudentConfig(_Section):
     lora: LoraSettings | None = Field(default_factory=LoraSettings)  # null: full fine-tuning
     merge_lora: bool = True  # false: the export is an adapter folder naming its base (adapter_config.json)
     gradient_checkpointing: bool = False
+    # overrides the base's config.json at load, kept in the export: R1-Distill-Qwen-1.5B is Qwen2.5-Math-1.5B
+    # (4,096) raised to 131,072 for 16k-token traces (RoPE positions are computed, not learned). None: the base's
+    max_position_embeddings: int | None = Field(None, ge=16)
     # Ray memory of the export task (load, merge, save); None: twice the student's weights in its dtype + 1 GiB
     export_memory_gb: float | None = Field(None, gt=0)
 

@@ -165,7 +165,8 @@ def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
     tokenizer = load_tokenizer(inputs.student_path, cfg.student.revision, cfg.student.trust_remote_code)
     # fp32 master weights whatever the compute dtype: a bf16 update of ~1e-5 rounds away on most weights
     student = load_student(inputs.student_path, torch.float32, cfg.student.revision, cfg.student.trust_remote_code,
-                           cfg.student.gradient_checkpointing, cfg.student.allow_pickle_weights)
+                           cfg.student.gradient_checkpointing, cfg.student.allow_pickle_weights,
+                           cfg.student.max_position_embeddings)
     if cfg.student.lora is not None:
         student = add_lora(student, cfg.student.lora)
     settings = KDSettings(alpha=t.alpha, temperature=t.temperature, divergence=t.divergence, jsd_beta=t.jsd_beta,

@@ -14,13 +14,18 @@ from .losses import KDSettings, distill_loss
 
 
 def load_student(path: str, dtype: torch.dtype, revision: str | None = None, trust_remote_code: bool = False,
-                 gradient_checkpointing: bool = False, allow_pickle: bool = False):
-    """A causal LM from a local folder or hub id; safetensors only unless ``allow_pickle`` (pickle runs code)."""
+                 gradient_checkpointing: bool = False, allow_pickle: bool = False,
+                 max_position_embeddings: int | None = None):
+    """A causal LM from a local folder or hub id; safetensors only unless ``allow_pickle`` (pickle runs code).
+
+    ``max_position_embeddings`` replaces the config's (student.max_position_embeddings); the saved config keeps it.
+    """
     from transformers import AutoModelForCausalLM
 
+    extra = {} if max_position_embeddings is None else {"max_position_embeddings": max_position_embeddings}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
-                                                     dtype=dtype, use_safetensors=not allow_pickle)
+                                                     dtype=dtype, use_safetensors=not allow_pickle, **extra)
     except OSError as err:
         raise ConfigError(f"cannot load student model {path}: {err}") from None
     if gradient_checkpointing:
