@@ -209,7 +209,9 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     max_seq_len: int = Field(1024, ge=8)
-    loss_chunk_size: int = Field(1024, ge=1)  # tokens per chunk of the loss; bounds logits memory
+    # positions per chunk of the loss; bounds logits memory. None: sized from the student's vocabulary
+    # (student.losses.default_chunk_size: 512 for a 152k vocabulary)
+    loss_chunk_size: int | None = Field(None, ge=1)
     # ddp: every worker holds the whole model, its gradients and AdamW state; fsdp: FSDP2 shards them per
     # decoder layer over the workers (what a full fine-tune of a 7B+ student needs)
     strategy: Literal["ddp", "fsdp"] = "ddp"

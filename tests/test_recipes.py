@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,77 @@ def test_max_position_embeddings_is_applied_at_load_and_saved(tmp_path):
     model = load_student(str(tmp_path / "base"), torch.float32, max_position_embeddings=131072)
     model.save_pretrained(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["max_position_embeddings"] == 131072
+
+
+# ---------------------------------------------------------------- every recipe runs, shrunk
+
+# What a shrunk recipe changes; every other key stays as the recipe has it. The models become the toy
+# teacher and student, the prompts a local Parquet file with the recipes' `prompt`/`answer` columns,
+# and the GPU and cluster settings a CPU's.
+SHRINK = [
+    "teacher.model=toy-teacher", "teacher.use_gpu=false", "teacher.dtype=float32", "teacher.tensor_parallel_size=1",
+    "teacher.pipeline_parallel_size=1", "teacher.replicas=1", "teacher.max_model_len=320",
+    "teacher.cpu_kv_cache_gb=0.5", "teacher.resources={}",
+    "data.num_prompts=12", "generate.max_new_tokens=96",
+    "student.model=toy-student",
+    "train.max_steps=2", "train.max_seq_len=512", "train.use_gpu=false", "train.cpus_per_worker=1",
+    "train.resources_per_worker={}", "train.log_every=1",
+]
+# Shard sets are shared where the shrunk teacher settings agree except these, which only the teacher
+# stage reads (the train stage takes the system prompt from the shards' run record).
+SHARED_ACROSS = ("system_prompt", "rows_per_shard", "logprobs_dtype")
+
+
+def shrink(path: Path, tmp: Path, prompts: Path):
+    """The recipe at ``path`` with the SHRINK overrides, CPU workers (2 only where FSDP shards) and ``tmp`` outputs."""
+    workers = 2 if load_config(path).train.strategy == "fsdp" else 1
+    out = tmp / path.stem
+    return load_config(path, SHRINK + [
+        f"data.prompts={prompts}", f"train.num_workers={workers}", f"output.dir={out}/shards",
+        f"output.student_dir={out}/student", f"output.eval_dir={out}/eval", f"train.storage_path={out}/train"])
+
+
+def teacher_key(cfg) -> str:
+    """What decides the shards a shrunk recipe trains on (SHARED_ACROSS left out)."""
+    data = cfg.data.model_dump(exclude={"system_prompt"})
+    return json.dumps([cfg.teacher.model_dump(), data, cfg.generate.model_dump(exclude=set(SHARED_ACROSS))],
+                      sort_keys=True, default=str)
+
+
+@pytest.mark.slow
+def test_every_recipe_runs_shrunk(ray_session, tmp_path):
+    """generate -> train for real for every recipe in configs/, shrunk; one shard set per distinct teacher
+    setting. Checks the export is the recipe's kind (merged or adapter, full or LoRA) in its dtype."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distill_llm.student.stage import train
+    from distill_llm.teacher.stage import generate
+    from distill_llm.toy import make_problems
+
+    rows = make_problems("train", 12)
+    prompts = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"prompt": [r["prompt"] for r in rows], "answer": [r["answer"] for r in rows]}), prompts)
+    shards: dict[str, str] = {}
+    timings = {}
+    for path in RECIPES:
+        start = time.monotonic()
+        cfg = shrink(path, tmp_path, prompts)
+        key = teacher_key(cfg)
+        if key not in shards:
+            manifest = generate(cfg)
+            assert manifest["totals"]["rows"] > 0
+            shards[key] = cfg.output.dir
+        cfg.data.shards = [shards[key]]
+        out = Path(train(cfg))
+        info = json.loads((out / "distill_llm.json").read_text())
+        assert info["steps"] == 2, path.name
+        adapter_only = cfg.student.lora is not None and not cfg.student.merge_lora
+        assert (out / "adapter_config.json").is_file() == adapter_only, path.name
+        if not adapter_only:
+            assert (out / "model.safetensors").is_file(), path.name
+        conf = json.loads((out / "config.json").read_text()) if not adapter_only else {}
+        if cfg.student.max_position_embeddings:
+            assert conf["max_position_embeddings"] == cfg.student.max_position_embeddings, path.name
+        timings[path.name] = round(time.monotonic() - start, 1)
+    print(f"recipes shrunk: {len(shards)} shard sets for {len(RECIPES)} recipes; seconds {timings}")
