@@ -22,7 +22,7 @@ from .. import faults
 from ..config import build_config
 from .losses import KDSettings, default_chunk_size
 from .checkpoint import restore_state, save_state
-from .model import add_lora, compute_context, count_parameters, load_student, place_model
+from .model import add_lora, compute_context, count_parameters, load_student, place_model, use_packed_attention
 from ..tokenizers import completion_ids, load_tokenizer, prompt_ids
 from .batching import build_batch
 
@@ -176,6 +176,8 @@ def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
                            cfg.student.max_position_embeddings)
     if cfg.student.lora is not None:
         student = add_lora(student, cfg.student.lora)
+    if t.packing:
+        use_packed_attention(student)
     settings = kd_settings(t, student.get_output_embeddings().weight.shape[0])
     model = place_model(student, settings, t.strategy, dtype, device, world)
     context = compute_context(t.strategy, dtype, device)
