@@ -96,30 +96,34 @@ def test_max_position_embeddings_is_applied_at_load_and_saved(tmp_path):
 SHRINK = [
     "teacher.model=toy-teacher", "teacher.use_gpu=false", "teacher.dtype=float32", "teacher.tensor_parallel_size=1",
     "teacher.pipeline_parallel_size=1", "teacher.replicas=1", "teacher.max_model_len=320",
-    "teacher.cpu_kv_cache_gb=0.5", "teacher.resources={}",
+    "teacher.cpu_kv_cache_gb=0.5",
     "data.num_prompts=12", "generate.max_new_tokens=96",
     "student.model=toy-student",
     "train.max_steps=2", "train.max_seq_len=512", "train.use_gpu=false", "train.cpus_per_worker=1",
-    "train.resources_per_worker={}", "train.log_every=1",
-]
+    "train.log_every=1",
+]  # and no custom Ray resources (teacher.resources, train.resources_per_worker), set in shrink()
 # Shard sets are shared where the shrunk teacher settings agree except these, which only the teacher
-# stage reads (the train stage takes the system prompt from the shards' run record).
+# stage reads (the train stage takes the system prompt from the shards' run record), and the engine's
+# capacity settings.
 SHARED_ACROSS = ("system_prompt", "rows_per_shard", "logprobs_dtype")
+ENGINE_CAPACITY = {"gpu_memory_utilization", "max_num_seqs", "batch_size"}
 
 
 def shrink(path: Path, tmp: Path, prompts: Path):
     """The recipe at ``path`` with the SHRINK overrides, CPU workers (2 only where FSDP shards) and ``tmp`` outputs."""
     workers = 2 if load_config(path).train.strategy == "fsdp" else 1
     out = tmp / path.stem
-    return load_config(path, SHRINK + [
+    cfg = load_config(path, SHRINK + [
         f"data.prompts={prompts}", f"train.num_workers={workers}", f"output.dir={out}/shards",
         f"output.student_dir={out}/student", f"output.eval_dir={out}/eval", f"train.storage_path={out}/train"])
+    cfg.teacher.resources, cfg.train.resources_per_worker = {}, {}  # an override merges into a mapping
+    return cfg
 
 
 def teacher_key(cfg) -> str:
     """What decides the shards a shrunk recipe trains on (SHARED_ACROSS left out)."""
     data = cfg.data.model_dump(exclude={"system_prompt"})
-    return json.dumps([cfg.teacher.model_dump(), data, cfg.generate.model_dump(exclude=set(SHARED_ACROSS))],
+    return json.dumps([cfg.teacher.model_dump(exclude=ENGINE_CAPACITY), data, cfg.generate.model_dump(exclude=set(SHARED_ACROSS))],
                       sort_keys=True, default=str)
 
 
