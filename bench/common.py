@@ -25,6 +25,9 @@ QWEN_VOCAB = 151_936
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny-qwen": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, head_dim=64, tie_word_embeddings=True),
+    # >= 50M parameters, most of them the two untied 152k-row embeddings (the FSDP vs DDP memory bench)
+    "qwen-82m": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64, tie_word_embeddings=False),
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, tie_word_embeddings=True),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,

@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD python bench/train.py                               # CPU: steps, loss grid, data wait
     PYTHONPATH=$PWD python bench/train.py --packing --batch 8 --seq 1024   # packing vs padding tokens/s
+    PYTHONPATH=$PWD python bench/train.py --sharding                    # FSDP vs DDP memory per worker
     PYTHONPATH=$PWD python bench/train.py --device cuda --shape qwen2.5-1.5b --batch 8 --seq 2048 \
         --grad-ckpt --no-data-wait                                      # a GPU host
 
@@ -166,6 +167,10 @@ def case_pack(c: dict) -> dict:
     table = pa.table({"prompt_token_ids": prompts,
                       "completion_token_ids": [rng.integers(0, vocab, n - len(p)).tolist()
                                                for n, p in zip(lengths, prompts)]})
+    if c["packing"] and c.get("attention") == "per-sequence":
+        from distill_llm.student.model import use_packed_attention
+
+        assert use_packed_attention(model)
     wrapped = StudentWithLoss(model, KDSettings(alpha=0.0, chunk_size=512))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     batches = [build_batch(table.slice(i, c["batch"]), max_seq_len=c["max_seq_len"], pad_id=0, with_topk=False,
@@ -179,6 +184,70 @@ def case_pack(c: dict) -> dict:
     cells = sum(b["input_ids"].numel() for b in batches)
     return {**c, "tok_s": int(lengths.sum()) / sec, "padding_frac": 1 - int(lengths.sum()) / cells,
             "max_over_median": float(lengths.max() / np.median(lengths)), "seconds": sec}
+
+
+def _state_bytes(model, optimizer) -> dict[str, int]:
+    """Bytes this worker holds of parameters, gradients and optimizer state (its shards under FSDP)."""
+    def local(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = [p for p in model.parameters()]
+    opt = sum(local(v) for st in optimizer.state.values() for v in st.values() if hasattr(v, "numel") and v.dim())
+    return {"params": sum(local(p) for p in params), "grads": sum(local(p.grad) for p in params if p.grad is not None),
+            "optimizer": opt}
+
+
+def _shard_worker(rank: int, c: dict, init: str, out: str) -> None:
+    """One of 2 gloo workers: place the model with the project's place_model, take steps, write figures."""
+    import torch
+    import torch.distributed as dist
+
+    from distill_llm.student.losses import KDSettings
+    from distill_llm.student.model import place_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=c["workers"])
+    peak = Peak("cpu")  # baseline: the interpreter, torch and the process group, before the model
+    model, vocab = make_model(c["shape"], "cpu", torch.float32, "full", False)
+    placed = place_model(model, KDSettings(alpha=0.0, chunk_size=512), c["strategy"], torch.float32,
+                         torch.device("cpu"), c["workers"])
+    opt = torch.optim.AdamW([p for p in placed.parameters() if p.requires_grad], lr=1e-5)
+    batch = make_batch(c["batch"], c["seq"], c["prompt_len"], vocab, 1, "cpu")
+    batch = {k: batch[k] for k in ("input_ids", "attention_mask", "gather_index", "targets")}
+    for _ in range(c["steps"]):
+        placed(**batch)["loss"].backward()
+        opt.step()
+        state = _state_bytes(placed, opt)  # before zero_grad, when gradients exist
+        opt.zero_grad(set_to_none=True)
+    total, above = peak.stop()
+    Path(out).write_text(json.dumps({"rank": rank, **state, "rss_peak_above_start": above,
+                                     "params_total": sum(p.numel() for p in model.parameters())}))
+    dist.destroy_process_group()
+
+
+def case_shard(c: dict) -> dict:
+    """DDP or FSDP2 on 2 gloo worker processes: per-worker state bytes and peak RSS (rank 0 and the max)."""
+    import torch.multiprocessing as mp
+
+    work = Path(tempfile.mkdtemp(prefix="bench-shard-"))
+    try:
+        outs = [str(work / f"rank{r}.json") for r in range(c["workers"])]
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_shard_worker, args=(r, c, f"file://{work / 'rendezvous'}", outs[r]))
+                 for r in range(c["workers"])]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join()
+        ranks = [json.loads(Path(o).read_text()) for o in outs]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    worst = max(ranks, key=lambda r: r["rss_peak_above_start"])
+    state = max(r["params"] + r["grads"] + r["optimizer"] for r in ranks)
+    return {**c, "params_total": ranks[0]["params_total"], "state_gib": state / GIB,
+            **{f"{k}_gib": max(r[k] for r in ranks) / GIB for k in ("params", "grads", "optimizer")},
+            "rss_peak_gib": worst["rss_peak_above_start"] / GIB}
 
 
 def case_train(c: dict) -> dict:
@@ -306,7 +375,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--shape", default="tiny-qwen",
-                   choices=["toy-student", "tiny-qwen", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"])
+                   choices=["toy-student", "tiny-qwen", "qwen-82m", "qwen2.5-0.5b", "qwen2.5-1.5b",
+                            "qwen2.5-7b"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
@@ -321,8 +391,11 @@ def main() -> None:
     p.add_argument("--loss-chunk", type=int, default=256)
     p.add_argument("--naive-limit-gb", type=float, default=4.0, help="skip naive loss points needing more")
     p.add_argument("--packing", action="store_true", help="only: packing vs padding tok/s (uses --batch, --seq)")
-    p.add_argument("--pack-rows", type=int, default=256)
-    p.add_argument("--pack-median", type=int, default=96)
+    p.add_argument("--sharding", action="store_true", help="only: FSDP vs DDP memory per worker (2 workers)")
+    p.add_argument("--shard-shape", default="qwen-82m")
+    p.add_argument("--pack-rows", type=int, default=128)
+    p.add_argument("--pack-median", type=int, default=64)
+    p.add_argument("--pack-sigma", type=float, default=1.15, help="lognormal sigma (max/median about 8 over 128 rows)")
     p.add_argument("--no-steps", action="store_true")
     p.add_argument("--no-loss-grid", action="store_true")
     p.add_argument("--no-data-wait", action="store_true")
@@ -333,21 +406,41 @@ def main() -> None:
     args = p.parse_args()
     if args.case:
         c = json.loads(args.case)
-        emit({"train": case_train, "loss": case_loss, "pack": case_pack}[c["kind"]](c))
+        emit({"train": case_train, "loss": case_loss, "pack": case_pack, "shard": case_shard}[c["kind"]](c))
+        return
+    if args.sharding:
+        info = machine()
+        rows = [run_case("train.py", dict(kind="shard", strategy=strategy, shape=args.shard_shape, workers=2,
+                                          batch=2, seq=128, prompt_len=32, steps=2)) for strategy in ("ddp", "fsdp")]
+        if all("error" not in r for r in rows):
+            for key in ("state_gib", "rss_peak_gib"):
+                rows[1][f"{key.removesuffix('_gib')} vs ddp"] = rows[1][key] / rows[0][key]
+        append_results(args.results, header(f"Training: FSDP vs DDP memory per worker, {args.shard_shape}, cpu", info)
+                       + "\n2 gloo workers (processes), full fine-tuning, fp32, AdamW, 2 steps of batch 2 x 128 "
+                       "through place_model. state: bytes of this worker's parameters + gradients + AdamW state "
+                       "(local shards under FSDP), the larger worker; rss_peak: process RSS high-water mark above "
+                       "the interpreter + torch + process group, the larger worker (gathered layers and "
+                       f"activations included); load average now {load_average()}.\n\n"
+                       + table(rows, ["strategy", "params_total", "params_gib", "grads_gib", "optimizer_gib",
+                                      "state_gib", "rss_peak_gib", "state vs ddp", "rss_peak vs ddp", "error"]) + "\n")
         return
     if args.packing:
         info = machine()
-        rows = [run_case("train.py", dict(kind="pack", packing=packing, shape=args.shape, rows=args.pack_rows,
-                                          batch=args.batch, median=args.pack_median, sigma=0.8,
-                                          max_seq_len=args.seq)) for packing in (False, True)]
-        if all("error" not in r for r in rows):
-            rows[1]["tok/s vs padded"] = rows[1]["tok_s"] / rows[0]["tok_s"]
+        rows = [run_case("train.py", dict(kind="pack", packing=packing, attention=attention, shape=args.shape,
+                                          rows=args.pack_rows, batch=args.batch, median=args.pack_median, sigma=args.pack_sigma,
+                                          max_seq_len=args.seq))
+                for packing, attention in ((False, "sdpa"), (True, "dense-mask"), (True, "per-sequence"))]
+        for r in rows[1:]:
+            if "error" not in r and "error" not in rows[0]:
+                r["tok/s vs padded"] = r["tok_s"] / rows[0]["tok_s"]
         append_results(args.results, header(f"Training: packing vs padding, {args.shape}, cpu", info) + "\n"
                        f"Full fine-tuning, sequence-level loss, batch {args.batch} rows, {args.pack_rows} rows of "
-                       f"lognormal length (median {args.pack_median}, sigma 0.8) capped at {args.seq}; load "
-                       f"average now {load_average()}.\n\n" + table(rows, ["packing", "tok_s", "padding_frac",
-                                                                       "max_over_median", "seconds",
-                                                                       "tok/s vs padded", "error"]) + "\n")
+                       f"lognormal length (median {args.pack_median}, sigma {args.pack_sigma}) capped at {args.seq}; attention: "
+                       "padded rows use SDPA with the padding mask; packed rows either a dense block-diagonal mask "
+                       "(transformers' SDPA, before) or causal SDPA per sequence (use_packed_attention, what "
+                       f"train.packing uses); load average now {load_average()}.\n\n"
+                       + table(rows, ["packing", "attention", "tok_s", "padding_frac", "max_over_median", "seconds",
+                                      "tok/s vs padded", "error"]) + "\n")
         return
 
     info = machine()

@@ -186,6 +186,9 @@ class StudentConfig(_Section):
     lora: LoraSettings | None = Field(default_factory=LoraSettings)  # null: full fine-tuning
     merge_lora: bool = True  # false: the export is an adapter folder naming its base (adapter_config.json)
     gradient_checkpointing: bool = False
+    # overrides the base's config.json at load, kept in the export: R1-Distill-Qwen-1.5B is Qwen2.5-Math-1.5B
+    # (4,096) raised to 131,072 for 16k-token traces (RoPE positions are computed, not learned). None: the base's
+    max_position_embeddings: int | None = Field(None, ge=16)
     # Ray memory of the export task (load, merge, save); None: twice the student's weights in its dtype + 1 GiB
     export_memory_gb: float | None = Field(None, gt=0)
 
@@ -206,7 +209,9 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     max_seq_len: int = Field(1024, ge=8)
-    loss_chunk_size: int = Field(1024, ge=1)  # tokens per chunk of the loss; bounds logits memory
+    # positions per chunk of the loss; bounds logits memory. None: sized from the student's vocabulary
+    # (student.losses.default_chunk_size: 512 for a 152k vocabulary)
+    loss_chunk_size: int | None = Field(None, ge=1)
     # ddp: every worker holds the whole model, its gradients and AdamW state; fsdp: FSDP2 shards them per
     # decoder layer over the workers (what a full fine-tune of a 7B+ student needs)
     strategy: Literal["ddp", "fsdp"] = "ddp"

@@ -109,3 +109,36 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients():
         torch.testing.assert_close(grads_b[name], g, rtol=1e-4, atol=1e-6, msg=name)
     crossing = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
     assert not torch.allclose(loss_and_grads(crossing)[0], loss_a, rtol=1e-4)
+
+
+def test_packed_attention_equals_a_block_diagonal_mask_and_trains_the_same():
+    """packed_sdpa_attention (causal SDPA per packed sequence, used with train.packing) gives what one SDPA
+    call with the dense block-diagonal causal mask gives, with grouped KV heads; a student switched to it
+    gives the padded batch's loss and gradients."""
+    from distill_llm.paths import resolve_model
+    from distill_llm.student.losses import KDSettings
+    from distill_llm.student.model import (PACKED_ATTENTION, StudentWithLoss, load_student, packed_sdpa_attention,
+                                           use_packed_attention)
+
+    g = torch.Generator().manual_seed(0)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1, 0], [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]])
+    q, k, v = (torch.randn(2, h, 10, 8, generator=g) for h in (4, 2, 2))
+    seg = positions.eq(0).cumsum(-1)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & torch.ones(10, 10, dtype=torch.bool).tril()
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                           attn_mask=allowed[:, None])
+    module = torch.nn.Module()
+    out, _ = packed_sdpa_attention(module, q, k, v, None, position_ids=positions)
+    torch.testing.assert_close(out, dense.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+    rng = np.random.default_rng(1)
+    t = table([row(rng.integers(3, 90, p).tolist(), rng.integers(3, 27, c).tolist()) for p, c in [(3, 20), (8, 4),
+                                                                                                  (2, 33)]])
+    student = load_student(resolve_model("toy-student"), torch.float32)
+    model = StudentWithLoss(student, KDSettings(alpha=0.0))
+    padded, _ = build_batch(t, max_seq_len=64, pad_id=0, with_topk=False)
+    packed, _ = build_batch(t, max_seq_len=64, pad_id=0, with_topk=False, pack=True)
+    reference = model(**padded)["loss"]
+    assert use_packed_attention(student) and student.config._attn_implementation == PACKED_ATTENTION
+    torch.testing.assert_close(model(**packed)["loss"], reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(**padded)["loss"], reference, rtol=1e-5, atol=1e-6)

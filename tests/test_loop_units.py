@@ -140,3 +140,16 @@ def test_export_reads_a_lora_checkpoint_into_a_peft_model(tmp_path):
     lora = [(n, p) for n, p in model.named_parameters() if "lora_B" in n]
     assert lora and all(torch.equal(p, trained[n]) and p.abs().sum() > 0 for n, p in lora)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the toy student is stored in fp32
+
+
+@pytest.mark.parametrize("vocab, chunk", [(151936, 512), (152064, 512), (129280, 512), (32000, 2048),
+                                          (262144, 256), (128, 8192), (10**7, 64)])
+def test_loss_chunk_is_sized_from_the_vocabulary(vocab, chunk):
+    """An unset train.loss_chunk_size holds about 2^26 logits per chunk (the bench found 256-512 right for a
+    152k vocabulary), within 64..8192 positions; an explicit value is kept."""
+    from distill_llm.student.loop import kd_settings
+    from distill_llm.student.losses import default_chunk_size
+
+    assert default_chunk_size(vocab) == chunk
+    assert kd_settings(build_config({}).train, vocab).chunk_size == chunk
+    assert kd_settings(build_config({"train": {"loss_chunk_size": 2048}}).train, vocab).chunk_size == 2048

@@ -171,8 +171,10 @@ def test_per_sequence_mean_would_differ():
         _assert_same(ref, old, rtol=1e-2)
 
 
-def _train(tmp: Path, strategy: str, workers: int, total: int, tables: list[pa.Table], name: str, **train):
-    """The real train_loop_per_worker on per-worker datasets; returns the run folder."""
+def _train(tmp: Path, strategy: str, workers: int, total: int, tables: list[pa.Table], name: str,
+           faults: str | None = None, **train):
+    """The real train_loop_per_worker on per-worker datasets; returns the run folder. With ``faults`` (a
+    DISTILL_LLM_FAULTS spec armed on the workers) the run is expected to fail."""
     import ray.data
 
     from distill_llm.student.loop import LoopInputs
@@ -180,12 +182,15 @@ def _train(tmp: Path, strategy: str, workers: int, total: int, tables: list[pa.T
     config = _config(tmp, strategy=strategy, num_workers=workers, batch_size=2, grad_accum=2, checkpoint_every=2,
                      keep_checkpoints=4, lr_schedule="constant", **train)
     inputs = LoopInputs(config=config, student_path=_student_path(), retokenize=False, total_steps=total,
-                        batches_per_epoch=tables[0].num_rows // 2, per_worker_datasets=True)
+                        batches_per_epoch=tables[0].num_rows // 2, per_worker_datasets=True, faults=faults)
     datasets = {f"train_{r}": ray.data.from_arrow(t) for r, t in enumerate(tables)}
     for one in datasets.values():
         one.context.enable_progress_bars = False
-    result = _fit(_real_loop, {"inputs": inputs}, workers, datasets, tmp / "train", name)
-    assert result.error is None, result.error
+    try:
+        error = _fit(_real_loop, {"inputs": inputs}, workers, datasets, tmp / "train", name).error
+    except Exception as err:  # noqa: BLE001 - a failed run raises or returns its error, depending on Ray Train
+        error = err
+    assert (error is not None) == (faults is not None), error
     return tmp / "train" / name
 
 
@@ -236,4 +241,26 @@ def test_fsdp_trains_the_same_student_as_ddp_and_resumes_on_one_worker(ray_sessi
     assert state["resumed"] == [{"step": 4, "epoch": 0, "batches_in_epoch": 8}]
     steps = _metrics(resumed, 6)
     assert [m["step"] for m in steps] == list(range(1, 7)) and steps[:4] == b
+    assert all(np.isfinite(m["loss"]) for m in steps)
+
+
+def test_fsdp_worker_killed_mid_run_resumes_on_one_worker(ray_session, tmp_path):
+    """FSDP on 2 workers; rank 1 is SIGKILLed after step 3 and Ray Train may not restart it, so the run fails
+    with the step-2 checkpoint (sharded by 2 workers) its last. The same run on 1 worker resumes from it:
+    steps 1-2 are kept as logged, steps 3-6 train, the losses stay finite."""
+    tables = [rows_table(LENGTHS * 2, seed=r) for r in range(2)]  # 8 batches = 4 steps per worker
+    marker = tmp_path / "killed"
+    run = _train(tmp_path, "fsdp", 2, 4, tables, "killed",
+                 faults=f"kill_train_worker:step=3,rank=1,delay=3,marker={marker}")
+    assert marker.exists(), "rank 1 was SIGKILLed after step 3"
+    assert sorted(p.name for p in run.glob("checkpoint_step*")) == ["checkpoint_step0000002"]
+    before = _metrics(run, 2)
+    shards = list((run / "checkpoint_step0000002").rglob("*.distcp"))
+    assert len(shards) == 2, "each of the 2 workers wrote its shard"
+
+    resumed = _train(tmp_path, "fsdp", 1, 6, [pa.concat_tables(tables)], "killed")
+    state = json.loads((resumed / "checkpoint_step0000006" / "trainer_state.json").read_text())
+    assert state["resumed"] == [{"step": 2, "epoch": 0, "batches_in_epoch": 4}]
+    steps = _metrics(resumed, 6)
+    assert [m["step"] for m in steps] == list(range(1, 7)) and steps[:2] == before
     assert all(np.isfinite(m["loss"]) for m in steps)

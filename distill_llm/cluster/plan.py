@@ -149,6 +149,8 @@ _Q32 = _qwen25(5120, 27648, 64, 40, 8, 152064, False, 131072)
 MODEL_TABLE: dict[str, dict[str, Any]] = {
     "Qwen/Qwen2.5-0.5B": _Q05, "Qwen/Qwen2.5-0.5B-Instruct": _Q05,
     "Qwen/Qwen2.5-1.5B": _Q15, "Qwen/Qwen2.5-1.5B-Instruct": {**_Q15, "max_positions": 32768},
+    "Qwen/Qwen2.5-Math-1.5B": {**_Q15, "max_positions": 4096},
+    "Qwen/Qwen2.5-Math-7B": {**_Q7, "max_positions": 4096},
     "Qwen/Qwen2.5-7B": _Q7, "Qwen/Qwen2.5-7B-Instruct": {**_Q7, "max_positions": 32768},
     "Qwen/Qwen2.5-32B": _Q32, "Qwen/Qwen2.5-32B-Instruct": {**_Q32, "max_positions": 32768},
     "Qwen/QwQ-32B": {**_Q32, "max_positions": 40960},
@@ -636,6 +638,8 @@ def plan(cfg: Config) -> Plan:
                               ("student", cfg.student, cfg.plan.student_params_b)):
         shape, sources[role] = model_shape(m.model, m.revision, m.trust_remote_code)
         shapes[role] = with_params(shape, params_b, role)
+    if shapes["student"] is not None and cfg.student.max_position_embeddings:
+        shapes["student"] = replace(shapes["student"], max_positions=cfg.student.max_position_embeddings)
     result = make_plan(cfg, shapes["teacher"], shapes["student"], sources)
     offline = [m for m in (cfg.teacher.model, cfg.student.model) if _is_hub_id(m)] and hub_offline()
     if offline:  # said once, here, rather than as retries per model

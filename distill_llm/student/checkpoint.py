@@ -105,7 +105,8 @@ def checkpoint_model(directory: Path, student_path: str, student_cfg):
     from .model import add_lora, load_student
 
     student = load_student(student_path, torch.float32, student_cfg.revision, student_cfg.trust_remote_code,
-                           allow_pickle=student_cfg.allow_pickle_weights)
+                           allow_pickle=student_cfg.allow_pickle_weights,
+                           max_position_embeddings=student_cfg.max_position_embeddings)
     if student_cfg.lora is not None:
         student = add_lora(student, student_cfg.lora)
     with warnings.catch_warnings():  # one process, no process group: what DCP warns about is intended here

@@ -20,15 +20,22 @@ import torch
 
 from .. import faults
 from ..config import build_config
-from .losses import KDSettings
+from .losses import KDSettings, default_chunk_size
 from .checkpoint import restore_state, save_state
-from .model import add_lora, compute_context, count_parameters, load_student, place_model
+from .model import add_lora, compute_context, count_parameters, load_student, place_model, use_packed_attention
 from ..tokenizers import completion_ids, load_tokenizer, prompt_ids
 from .batching import build_batch
 
 STATE = "trainer_state.json"
 METRICS = "metrics.jsonl"
 EVENTS = "tensorboard"  # beside the checkpoints, in <storage_path>/<run>/
+
+
+def kd_settings(t, vocab_size: int) -> KDSettings:
+    """The loss settings of TrainConfig ``t`` for a student whose output layer has ``vocab_size`` rows;
+    an unset train.loss_chunk_size is sized from it."""
+    return KDSettings(alpha=t.alpha, temperature=t.temperature, divergence=t.divergence, jsd_beta=t.jsd_beta,
+                      tail_bucket=t.tail_bucket, chunk_size=t.loss_chunk_size or default_chunk_size(vocab_size))
 
 
 @dataclass(frozen=True)
@@ -165,11 +172,13 @@ def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
     tokenizer = load_tokenizer(inputs.student_path, cfg.student.revision, cfg.student.trust_remote_code)
     # fp32 master weights whatever the compute dtype: a bf16 update of ~1e-5 rounds away on most weights
     student = load_student(inputs.student_path, torch.float32, cfg.student.revision, cfg.student.trust_remote_code,
-                           cfg.student.gradient_checkpointing, cfg.student.allow_pickle_weights)
+                           cfg.student.gradient_checkpointing, cfg.student.allow_pickle_weights,
+                           cfg.student.max_position_embeddings)
     if cfg.student.lora is not None:
         student = add_lora(student, cfg.student.lora)
-    settings = KDSettings(alpha=t.alpha, temperature=t.temperature, divergence=t.divergence, jsd_beta=t.jsd_beta,
-                          tail_bucket=t.tail_bucket, chunk_size=t.loss_chunk_size)
+    if t.packing:
+        use_packed_attention(student)
+    settings = kd_settings(t, student.get_output_embeddings().weight.shape[0])
     model = place_model(student, settings, t.strategy, dtype, device, world)
     context = compute_context(t.strategy, dtype, device)
     params = [p for p in student.parameters() if p.requires_grad]

@@ -17,6 +17,7 @@ Shapes: N completion positions, H hidden size, V vocabulary, k top-k size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,20 @@ class KDSettings:
     jsd_beta: float = 0.5
     tail_bucket: bool = False
     chunk_size: int = 1024
+
+
+# Logit elements one loss chunk may hold (chunk x vocabulary): 256 MiB of fp32. Its gradient, the
+# log-softmax and the recompute in backward keep a few such tensors alive at once.
+CHUNK_LOGITS_BUDGET = 2**26
+CHUNK_SIZE_RANGE = (64, 8192)
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """train.loss_chunk_size when unset: the power of two nearest CHUNK_LOGITS_BUDGET / vocabulary, in
+    CHUNK_SIZE_RANGE (512 for Qwen's 152k vocabulary, 2048 for a 32k one)."""
+    ideal = CHUNK_LOGITS_BUDGET / max(vocab_size, 1)
+    low, high = CHUNK_SIZE_RANGE
+    return int(min(high, max(low, 2 ** round(math.log2(ideal)))))
 
 
 def _log_tail(logp_top: torch.Tensor) -> torch.Tensor:

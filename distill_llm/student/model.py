@@ -14,13 +14,18 @@ from .losses import KDSettings, distill_loss
 
 
 def load_student(path: str, dtype: torch.dtype, revision: str | None = None, trust_remote_code: bool = False,
-                 gradient_checkpointing: bool = False, allow_pickle: bool = False):
-    """A causal LM from a local folder or hub id; safetensors only unless ``allow_pickle`` (pickle runs code)."""
+                 gradient_checkpointing: bool = False, allow_pickle: bool = False,
+                 max_position_embeddings: int | None = None):
+    """A causal LM from a local folder or hub id; safetensors only unless ``allow_pickle`` (pickle runs code).
+
+    ``max_position_embeddings`` replaces the config's (student.max_position_embeddings); the saved config keeps it.
+    """
     from transformers import AutoModelForCausalLM
 
+    extra = {} if max_position_embeddings is None else {"max_position_embeddings": max_position_embeddings}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
-                                                     dtype=dtype, use_safetensors=not allow_pickle)
+                                                     dtype=dtype, use_safetensors=not allow_pickle, **extra)
     except OSError as err:
         raise ConfigError(f"cannot load student model {path}: {err}") from None
     if gradient_checkpointing:
@@ -85,6 +90,62 @@ class StudentWithLoss(nn.Module):
         if gather_index.numel() == 0:  # keep every parameter in the graph so DDP's reducer stays in step
             out["loss"] = out["loss"] + 0.0 * (hidden.sum() + self.head.weight.sum())
         return out
+
+
+PACKED_ATTENTION = "distill_llm_packed_sdpa"
+
+
+def _packed_mask(*args, attention_mask=None, **kwargs):
+    """No dense mask for a packed batch (no padding mask: packed_sdpa_attention splits it by position ids);
+    SDPA's own mask otherwise."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                          is_causal=None, **kwargs):
+    """transformers attention over a packed batch: causal SDPA on each sequence of each row on its own.
+
+    A packed row's sequences start where its position ids restart at 0. Attending within each segment costs
+    the sum of the squared lengths, where a block-diagonal mask over the row costs the row length squared
+    (and builds the dense mask). Batches with a padding mask or no position ids go to transformers' SDPA.
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    positions = kwargs.get("position_ids")
+    if attention_mask is not None or positions is None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    length = query.shape[2]
+    rows = []
+    for r in range(query.shape[0]):
+        starts = sorted({0, *(positions[r] == 0).nonzero().flatten().tolist()})
+        bounds = list(zip(starts, starts[1:] + [length]))
+        rows.append(torch.cat([nn.functional.scaled_dot_product_attention(
+            query[r:r + 1, :, a:b], key[r:r + 1, :, a:b], value[r:r + 1, :, a:b], dropout_p=dropout,
+            is_causal=True, scale=scaling) for a, b in bounds], dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def use_packed_attention(model) -> bool:
+    """train.packing: a student on transformers' SDPA attends per packed sequence (packed_sdpa_attention)
+    instead of through a dense block-diagonal mask; True when switched. flash-attention and other
+    implementations are kept (flash-attention's varlen path already works per sequence)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, _packed_mask)
+    base.set_attn_implementation(PACKED_ATTENTION)
+    return True
 
 
 def decoder_layers(model) -> list[nn.Module]:

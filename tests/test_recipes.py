@@ -1,0 +1,166 @@
+"""The recipes in configs/: their headers state what `distill-llm plan` computes, and each one runs.
+
+The unit tests compare each recipe's header with an offline plan. The slow test runs every recipe for
+real in a shrunken form: same keys and code paths (checker, filters, strategy, LoRA or full fine-tuning,
+packing, dtype, system prompt), with the toy teacher and student, a handful of prompts from a local
+Parquet file, a few steps and CPU workers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from distill_llm.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "quickstart.yaml")
+
+
+def _header(path: Path) -> str:
+    return " ".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))
+
+
+def _offline_plan(monkeypatch, path: Path, overrides: list[str] | None = None):
+    from distill_llm.cluster.plan import plan
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return plan(load_config(path, overrides or []))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_header_states_plans_figures(monkeypatch, path):
+    """The figures a recipe opens with are the ones `distill-llm plan` prints for it offline."""
+    cfg = load_config(path)
+    header = _header(path)
+    assert re.search(r"\bplan \(offline, [^)]+\):", header), f"{path.name} states no plan figures"
+    shown = {name: value for name, value, _ in _offline_plan(monkeypatch, path).rows}
+    strategy = cfg.train.strategy
+    assert f"train memory/GPU {strategy} {shown['train memory/GPU']}" in header
+    assert f"{shown['train GPU-hours']} train GPU-hours" in header
+    assert f"teacher {shown['teacher GPU-hours']} GPU-hours" in header
+    assert f"shards {shown['shard bytes']}" in header and f"student {shown['student params']} params" in header
+    assert f"{cfg.train.num_workers} GPUs" in header
+
+
+FULL_FT = [p for p in RECIPES if load_config(p).student.lora is None and load_config(p).train.strategy == "fsdp"]
+
+
+def test_full_fine_tuning_recipes_are_the_r1_distill_shapes():
+    """Qwen2.5-Math-1.5B and Qwen2.5-7B on 8 GPUs, a 32B on 16 over two nodes: FSDP, sequence-level KD on
+    verified traces, bf16 compute and packing."""
+    shapes = {}
+    for path in FULL_FT:
+        cfg = load_config(path)
+        assert cfg.train.alpha == 0 and cfg.generate.top_k_logprobs == 0 and cfg.train.filter_correct
+        assert cfg.data.checker == "math" and cfg.train.packing and cfg.train.dtype == "bfloat16"
+        assert cfg.train.use_gpu and cfg.train.resources_per_worker == {"student": 1}
+        shapes[cfg.student.model] = (cfg.train.num_workers, cfg.plan.gpus_per_node)
+    assert shapes == {"Qwen/Qwen2.5-Math-1.5B": (8, 8), "Qwen/Qwen2.5-7B": (8, 8), "Qwen/Qwen2.5-32B": (16, 8)}
+
+
+def test_math_base_needs_its_context_raised(monkeypatch):
+    """Qwen2.5-Math-1.5B's own context is 4,096: the plan refuses 16k-token rows unless
+    student.max_position_embeddings raises it, as the recipe does."""
+    path = ROOT / "configs" / "r1distill-math1.5b-fsdp.yaml"
+    assert _offline_plan(monkeypatch, path).fits
+    refused = _offline_plan(monkeypatch, path, ["student.max_position_embeddings=null"])
+    assert [f.key for f in refused.flags if f.level == "error"] == ["train.max_seq_len"]
+
+
+def test_max_position_embeddings_is_applied_at_load_and_saved(tmp_path):
+    """student.max_position_embeddings replaces the base's value in the loaded model and its saved config."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from distill_llm.student.model import load_student
+
+    conf = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(tmp_path / "base")
+    assert load_student(str(tmp_path / "base"), torch.float32).config.max_position_embeddings == 4096
+    model = load_student(str(tmp_path / "base"), torch.float32, max_position_embeddings=131072)
+    model.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["max_position_embeddings"] == 131072
+
+
+# ---------------------------------------------------------------- every recipe runs, shrunk
+
+# What a shrunk recipe changes; every other key stays as the recipe has it. The models become the toy
+# teacher and student, the prompts a local Parquet file with the recipes' `prompt`/`answer` columns,
+# and the GPU and cluster settings a CPU's.
+SHRINK = [
+    "teacher.model=toy-teacher", "teacher.use_gpu=false", "teacher.dtype=float32", "teacher.tensor_parallel_size=1",
+    "teacher.pipeline_parallel_size=1", "teacher.replicas=1", "teacher.max_model_len=320",
+    "teacher.cpu_kv_cache_gb=0.5",
+    "data.num_prompts=12", "generate.max_new_tokens=96",
+    "student.model=toy-student",
+    "train.max_steps=2", "train.max_seq_len=512", "train.use_gpu=false", "train.cpus_per_worker=1",
+    "train.log_every=1",
+]  # and no custom Ray resources (teacher.resources, train.resources_per_worker), set in shrink()
+# Shard sets are shared where the shrunk teacher settings agree except these, which only the teacher
+# stage reads (the train stage takes the system prompt from the shards' run record), and the engine's
+# capacity settings.
+SHARED_ACROSS = ("system_prompt", "rows_per_shard", "logprobs_dtype")
+ENGINE_CAPACITY = {"gpu_memory_utilization", "max_num_seqs", "batch_size"}
+
+
+def shrink(path: Path, tmp: Path, prompts: Path):
+    """The recipe at ``path`` with the SHRINK overrides, CPU workers (2 only where FSDP shards) and ``tmp`` outputs."""
+    workers = 2 if load_config(path).train.strategy == "fsdp" else 1
+    out = tmp / path.stem
+    cfg = load_config(path, SHRINK + [
+        f"data.prompts={prompts}", f"train.num_workers={workers}", f"output.dir={out}/shards",
+        f"output.student_dir={out}/student", f"output.eval_dir={out}/eval", f"train.storage_path={out}/train"])
+    cfg.teacher.resources, cfg.train.resources_per_worker = {}, {}  # an override merges into a mapping
+    return cfg
+
+
+def teacher_key(cfg) -> str:
+    """What decides the shards a shrunk recipe trains on (SHARED_ACROSS left out)."""
+    data = cfg.data.model_dump(exclude={"system_prompt"})
+    return json.dumps([cfg.teacher.model_dump(exclude=ENGINE_CAPACITY), data, cfg.generate.model_dump(exclude=set(SHARED_ACROSS))],
+                      sort_keys=True, default=str)
+
+
+@pytest.mark.slow
+def test_every_recipe_runs_shrunk(ray_session, tmp_path):
+    """generate -> train for real for every recipe in configs/, shrunk; one shard set per distinct teacher
+    setting. Checks the export is the recipe's kind (merged or adapter, full or LoRA) in its dtype."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distill_llm.student.stage import train
+    from distill_llm.teacher.stage import generate
+    from distill_llm.toy import make_problems
+
+    rows = make_problems("train", 12)
+    prompts = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"prompt": [r["prompt"] for r in rows], "answer": [r["answer"] for r in rows]}), prompts)
+    shards: dict[str, str] = {}
+    timings = {}
+    for path in RECIPES:
+        start = time.monotonic()
+        cfg = shrink(path, tmp_path, prompts)
+        key = teacher_key(cfg)
+        if key not in shards:
+            manifest = generate(cfg)
+            assert manifest["totals"]["rows"] > 0
+            shards[key] = cfg.output.dir
+        cfg.data.shards = [shards[key]]
+        out = Path(train(cfg))
+        info = json.loads((out / "distill_llm.json").read_text())
+        assert info["steps"] == 2, path.name
+        adapter_only = cfg.student.lora is not None and not cfg.student.merge_lora
+        assert (out / "adapter_config.json").is_file() == adapter_only, path.name
+        if not adapter_only:
+            assert (out / "model.safetensors").is_file(), path.name
+        conf = json.loads((out / "config.json").read_text()) if not adapter_only else {}
+        if cfg.student.max_position_embeddings:
+            assert conf["max_position_embeddings"] == cfg.student.max_position_embeddings, path.name
+        timings[path.name] = round(time.monotonic() - start, 1)
+    print(f"recipes shrunk: {len(shards)} shard sets for {len(RECIPES)} recipes; seconds {timings}")
