@@ -127,10 +127,34 @@ def teacher_key(cfg) -> str:
                       sort_keys=True, default=str)
 
 
+# Training settings that are sizes, not code paths: recipes that differ only in these (after shrinking)
+# train the same way, so one of them is trained for all.
+TRAIN_SIZES = {"lr", "warmup_steps", "epochs", "max_steps", "batch_size", "grad_accum", "storage_path",
+               "checkpoint_every", "keep_checkpoints", "cache_max_gb", "max_failures"}
+
+
+def train_key(cfg) -> str:
+    """What decides how a shrunk recipe trains: every train and student key but sizes and the model's name."""
+    train = cfg.train.model_dump(exclude=TRAIN_SIZES)
+    student = cfg.student.model_dump(exclude={"model", "revision", "export_memory_gb"})
+    return json.dumps([teacher_key(cfg), train, student], sort_keys=True, default=str)
+
+
+def test_recipes_that_train_alike_share_one_run():
+    """The slow test trains one recipe per training code path; the two FSDP recipes that differ only in size
+    (7B on 8 GPUs, 32B on 16) share one, and nothing else does (a new recipe gets its own run)."""
+    keys = {}
+    for path in RECIPES:
+        keys.setdefault(train_key(shrink(path, Path("/tmp/x"), Path("/tmp/p.parquet"))), []).append(path.name)
+    shared = [names for names in keys.values() if len(names) > 1]
+    assert shared == [["r1distill-qwen32b-fsdp-2nodes.yaml", "r1distill-qwen7b-fsdp.yaml"]]
+
+
 @pytest.mark.slow
 def test_every_recipe_runs_shrunk(ray_session, tmp_path):
     """generate -> train for real for every recipe in configs/, shrunk; one shard set per distinct teacher
-    setting. Checks the export is the recipe's kind (merged or adapter, full or LoRA) in its dtype."""
+    setting, one training run per distinct training path (train_key). Checks the export is the recipe's
+    kind (merged or adapter, full or LoRA) in its dtype."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -142,10 +166,15 @@ def test_every_recipe_runs_shrunk(ray_session, tmp_path):
     prompts = tmp_path / "train.parquet"
     pq.write_table(pa.table({"prompt": [r["prompt"] for r in rows], "answer": [r["answer"] for r in rows]}), prompts)
     shards: dict[str, str] = {}
+    trained: dict[str, str] = {}
     timings = {}
     for path in RECIPES:
         start = time.monotonic()
         cfg = shrink(path, tmp_path, prompts)
+        if train_key(cfg) in trained:
+            timings[path.name] = f"as {trained[train_key(cfg)]}"
+            continue
+        trained[train_key(cfg)] = path.name
         key = teacher_key(cfg)
         if key not in shards:
             manifest = generate(cfg)
@@ -163,4 +192,5 @@ def test_every_recipe_runs_shrunk(ray_session, tmp_path):
         if cfg.student.max_position_embeddings:
             assert conf["max_position_embeddings"] == cfg.student.max_position_embeddings, path.name
         timings[path.name] = round(time.monotonic() - start, 1)
-    print(f"recipes shrunk: {len(shards)} shard sets for {len(RECIPES)} recipes; seconds {timings}")
+    print(f"recipes shrunk: {len(shards)} shard sets, {len(trained)} trainings for {len(RECIPES)} recipes; "
+          f"seconds {timings}")
