@@ -37,6 +37,10 @@ TEACHER_SHAPE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4
                      num_key_value_heads=1)
 STUDENT_SHAPE = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
                      num_key_value_heads=1)
+# The quickstart's student: the teacher's width on half its depth. The narrow STUDENT_SHAPE above learns
+# the task only partly in the quickstart's time; the tests keep it because it is cheaper.
+WIDE_STUDENT_SHAPE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1)
 
 MAX_OPERAND = 999
 EVAL_FRACTION = 10  # one problem in ten is held out of training, by a hash of the operands
@@ -159,14 +163,15 @@ def build_model(shape: dict[str, int], out_dir: str | Path, seed: int = 0):
     return model
 
 
-def toy_student_path(seed: int = 0) -> Path:
-    """The untrained toy student, built once per cache dir (it is random, so cheap to make)."""
+def toy_student_path(seed: int = 0, shape: dict[str, int] | None = None, name: str = "toy-student-v1") -> Path:
+    """An untrained toy student (``STUDENT_SHAPE`` unless ``shape``), built once per cache dir (it is
+    random, so cheap to make)."""
     from .paths import cache_dir
 
-    path = cache_dir() / f"toy-student-v1-seed{seed}"
+    path = cache_dir() / f"{name}-seed{seed}"
     if not (path / "config.json").is_file():
         tmp = path.with_name(path.name + f".tmp{time.time_ns()}")
-        build_model(STUDENT_SHAPE, tmp, seed=seed)
+        build_model(shape or STUDENT_SHAPE, tmp, seed=seed)
         try:
             tmp.rename(path)
         except OSError:  # another process built it first
@@ -176,14 +181,17 @@ def toy_student_path(seed: int = 0) -> Path:
     return path
 
 
-def _student_config():
-    return qwen2_config(STUDENT_SHAPE, build_tokenizer())
+def _student_config(shape: dict[str, int] = STUDENT_SHAPE):
+    return qwen2_config(shape, build_tokenizer())
 
 
 # The toy world is a plug-in (registry.py): these names exist once this module is imported, which the
 # registry does through the package's ``distill_llm.plugins`` entry point.
 registry.register_model("toy-teacher", lambda: str(TEACHER_ASSET))
 registry.register_model("toy-student", lambda: str(toy_student_path()), _student_config)
+registry.register_model("toy-student-wide",
+                        lambda: str(toy_student_path(shape=WIDE_STUDENT_SHAPE, name="toy-student-wide-v1")),
+                        lambda: _student_config(WIDE_STUDENT_SHAPE))
 registry.register_checker("toy", check_answer)
 registry.register_prompt_source("toy", lambda split, limit: make_problems(split, limit or 256))
 

@@ -35,12 +35,13 @@ def ray_session():
 
 
 def small_config(tmp: Path, **sections):
-    """The quickstart config shrunk for tests, with every output under ``tmp``."""
+    """The quickstart config shrunk for tests, with every output under ``tmp``; the student is the narrow
+    ``toy-student`` (cheaper than the quickstart's ``toy-student-wide``)."""
     from distill_llm.config import load_config
 
     overrides = [f"output.dir={tmp / 'shards'}", f"output.student_dir={tmp / 'student'}",
                  f"train.storage_path={tmp / 'train'}", "data.num_prompts=48", "eval.num_prompts=24",
-                 "generate.top_k_logprobs=8", "generate.samples_per_prompt=2"]
+                 "generate.top_k_logprobs=8", "generate.samples_per_prompt=2", "student.model=toy-student"]
     for section, values in sections.items():
         overrides += [f"{section}.{k}={v}" for k, v in values.items()]
     root = Path(__file__).resolve().parent.parent

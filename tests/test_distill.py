@@ -1,5 +1,5 @@
-"""The toy world shows distillation working: both students learn the task, and top-k KD is not worse
-than sequence-level KD alone.
+"""The toy world shows distillation working: both students learn the task, the top-k KD one reaches 90% of
+the teacher, and top-k KD is not worse than sequence-level KD alone.
 
 Training is reproducible (a cached corpus is split per worker by the seed; student.stage.worker_datasets),
 so every run of this test gives the same numbers on one machine; README "Two commands" records them
@@ -39,7 +39,7 @@ def test_kd_student_beats_sequence_level_and_untrained(ray_session, tmp_path):
           f"untrained {untrained['pass@1']:.3f}")
     assert teacher["pass@1"] >= 0.95
     assert untrained["pass@1"] <= 0.05 and untrained["mean_completion_tokens"] > 2 * teacher["mean_completion_tokens"]
-    assert kd_result["pass@1"] >= 0.75, "the KD student learns most of the task"
+    assert kd_result["pass@1"] >= 0.9 * teacher["pass@1"], "the KD student reaches 90% of the teacher (issue 13)"
     assert seq_result["pass@1"] >= 0.5, "sequence-level KD alone learns a good part of it"
     assert kd_result["pass@1"] >= seq_result["pass@1"] - 0.05, "top-k KD is not worse than sequence-level KD"
     for student in (kd_result, seq_result):

@@ -237,7 +237,7 @@ def test_quickstart_plans_from_local_config_json(capsys):
 
     assert main(["plan", "configs/quickstart.yaml"]) == 0
     out = capsys.readouterr().out
-    assert "config.json of" in out and "built-in toy-student shape" in out and "WARNING" not in out
+    assert "config.json of" in out and "built-in toy-student-wide shape" in out and "WARNING" not in out
 
 
 def test_mla_latent_cache_is_counted_on_every_tensor_parallel_rank():

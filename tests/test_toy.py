@@ -77,3 +77,22 @@ def test_toy_student_is_smaller_and_shares_the_vocabulary():
     assert student["vocab_size"] == teacher["vocab_size"]
     assert student["hidden_size"] < teacher["hidden_size"] and student["num_hidden_layers"] < teacher["num_hidden_layers"]
     assert teacher["head_dim"] == student["head_dim"] == 64, "vLLM's CPU attention needs head_dim 64"
+
+
+def test_quickstart_student_is_wide_and_shallower_than_the_teacher():
+    """The quickstart's student (toy-student-wide) has the teacher's width on half its depth, its own cache
+    folder (not the narrow toy-student's), and the config the planner reads matches the built folder."""
+    import json
+
+    from distill_llm import registry
+    from distill_llm.paths import resolve_model
+
+    teacher = json.loads((toy.TEACHER_ASSET / "config.json").read_text())
+    wide_dir, narrow_dir = resolve_model("toy-student-wide"), resolve_model("toy-student")
+    assert wide_dir != narrow_dir
+    wide = json.loads(open(f"{wide_dir}/config.json").read())
+    assert wide["hidden_size"] == teacher["hidden_size"]
+    assert 2 * wide["num_hidden_layers"] == teacher["num_hidden_layers"]
+    assert wide["vocab_size"] == teacher["vocab_size"] and wide["head_dim"] == 64
+    planned = registry.MODELS["toy-student-wide"].config()
+    assert (planned.hidden_size, planned.num_hidden_layers) == (wide["hidden_size"], wide["num_hidden_layers"])
