@@ -18,7 +18,7 @@ from ..config import ONE_BUCKET_KD, Config, ConfigError
 from ..faults import ENV as FAULTS_ENV
 from ..paths import absolute, check_location, check_weights_format, filesystem, is_url, join, makedirs, resolve_model
 from ..corpus.shards import read_json, check_compatible, identity_diff, read_manifest, shard_files, write_json
-from ..tokenizers import first_vocab_mismatch, load_tokenizer, tokenizer_fingerprint
+from ..tokenizers import TokenizerRoute, classify, load_tokenizer, model_rows, refusal, tokenizer_fingerprint
 
 # Settings that change how a run is operated, not what it learns: changing them on a rerun keeps the run
 # (so raising max_failures after a crash resumes instead of starting over).
@@ -29,23 +29,42 @@ TRAIN_COLUMNS = ["sample_id", "messages", "prompt_token_ids", "completion_token_
                  "finish_reason", "answer_correct"]
 
 
-def check_tokenizers(cfg: Config, run: dict[str, Any], student_tok) -> bool:
-    """True when completions must be re-tokenised for the student; a ConfigError when KD cannot work."""
-    if tokenizer_fingerprint(student_tok) == run["tokenizer_fingerprint"]:
-        return False
+def route_tokenizers(cfg: Config, run: dict[str, Any], student_tok, student_path: str | None = None) -> TokenizerRoute:
+    """How the shards' token ids reach the student (tokenizers.classify); a ConfigError when KD cannot work.
+
+    The shards' recorded tokenizer fingerprint decides when the teacher's tokenizer cannot be loaded here.
+    """
     teacher_ref = run["teacher"].get("resolved") or run["teacher"]["model"]
+    student_path = student_path or getattr(student_tok, "name_or_path", None)
+    student_rows = model_rows(student_path, cfg.student.revision, cfg.student.trust_remote_code) if student_path \
+        else None
     try:
-        teacher_tok = load_tokenizer(resolve_model(teacher_ref), run["teacher"].get("revision"))
-        mismatch = first_vocab_mismatch(teacher_tok, student_tok)
-    except Exception:  # teacher tokenizer not reachable from here: the fingerprint is all we have
-        mismatch = "tokenizer fingerprints differ and the teacher's tokenizer could not be loaded to compare"
-    if mismatch is None:
-        return False
-    if cfg.train.alpha > 0:
-        raise ConfigError(f"token-level KD (train.alpha={cfg.train.alpha}) needs the student to share the teacher's "
-                          f"token ids, but {mismatch}. Use a student of the teacher's family, or train.alpha=0 "
-                          "(sequence-level KD re-tokenises the teacher's text)")
-    return True
+        teacher_path = resolve_model(teacher_ref)
+        teacher_rows = model_rows(teacher_path, run["teacher"].get("revision"))
+    except Exception:  # noqa: BLE001 - an unreachable teacher: its rows stay unknown
+        teacher_path, teacher_rows = None, None
+    if tokenizer_fingerprint(student_tok) == run["tokenizer_fingerprint"]:
+        route = classify(student_tok, student_tok, teacher_rows, student_rows, teacher_ref, cfg.student.model)
+    else:
+        try:
+            teacher_tok = load_tokenizer(teacher_path, run["teacher"].get("revision"))
+        except Exception:  # noqa: BLE001 - teacher tokenizer not reachable from here: the fingerprint is all we have
+            teacher_tok = None
+        if teacher_tok is not None and tokenizer_fingerprint(teacher_tok) == run["tokenizer_fingerprint"]:
+            route = classify(teacher_tok, student_tok, teacher_rows, student_rows, teacher_ref, cfg.student.model)
+        else:
+            route = TokenizerRoute("different", teacher_ref, cfg.student.model, 0, len(student_tok.get_vocab()),
+                                   teacher_rows, student_rows, detail="tokenizer fingerprints differ and the "
+                                   "teacher's tokenizer that wrote the shards could not be loaded to compare")
+    why = refusal(route, cfg.train.alpha)
+    if why:
+        raise ConfigError(why)
+    return route
+
+
+def check_tokenizers(cfg: Config, run: dict[str, Any], student_tok) -> bool:
+    """True when completions must be re-tokenised for the student (different tokenizers, sequence-level KD)."""
+    return not route_tokenizers(cfg, run, student_tok).token_level
 
 
 def run_identity(cfg: Config, shard_fp: str) -> dict[str, Any]:
@@ -341,7 +360,9 @@ def train(cfg: Config) -> str:
         student_tok = load_tokenizer(student_path, cfg.student.revision, cfg.student.trust_remote_code)
     except ConfigError as err:
         raise ConfigError(f"student.model={cfg.student.model}: {err}") from None
-    retokenize = check_tokenizers(cfg, run, student_tok)
+    route = route_tokenizers(cfg, run, student_tok, student_path)
+    print(f"train: {route.describe()}", flush=True)
+    retokenize = not route.token_level
     if not retokenize:  # re-tokenised prompts have other lengths; the run-end check covers that case
         check_prompts_fit(files, cfg.train.max_seq_len)
     storage = absolute(cfg.train.storage_path)
@@ -377,7 +398,7 @@ def train(cfg: Config) -> str:
         train_loop_config={"inputs": LoopInputs(
             config=cfg.model_dump(mode="json"), student_path=student_path, retokenize=retokenize,
             total_steps=total_steps, batches_per_epoch=batches_per_epoch, per_worker_datasets="train" not in datasets,
-            faults=os.environ.get(FAULTS_ENV), system_prompt=run_system_prompt(run))},
+            faults=os.environ.get(FAULTS_ENV), system_prompt=run_system_prompt(run), route=route.record())},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker,
                                                                      **t.resources_per_worker}),
@@ -396,7 +417,7 @@ def train(cfg: Config) -> str:
         skipped = {k: v for k, v in metrics.items() if k.startswith("rows_skipped") and v}
         raise ConfigError(f"no training row was usable ({skipped}); check train.max_seq_len and the shards. "
                           f"Nothing was exported")
-    out = export_student(cfg, result.checkpoint, student_path, run, manifests, name)
+    out = export_student(cfg, result.checkpoint, student_path, run, manifests, name, tokenizers=route.record())
     print(f"train: {metrics.get('step')} steps, final loss {metrics.get('loss'):.4f} (ce {metrics.get('ce'):.4f}, "
           f"kd {metrics.get('kd'):.4f}) in {time.time() - start:.1f}s -> {out}")
     return out
@@ -485,7 +506,7 @@ def check_export_fits(cfg: Config, memory: int) -> None:
 
 
 def export_student(cfg: Config, checkpoint, student_path: str, run: dict[str, Any],
-                   manifests: dict[str, dict[str, Any]], name: str) -> str:
+                   manifests: dict[str, dict[str, Any]], name: str, tokenizers: dict[str, Any] | None = None) -> str:
     """Checkpoint -> a Hugging Face folder at output.student_dir, written by a Ray task (see write_export).
 
     The driver only describes the run; loading, merging and saving the student happen in a task with the
@@ -498,7 +519,7 @@ def export_student(cfg: Config, checkpoint, student_path: str, run: dict[str, An
             "rows": sum(m["totals"]["rows"] for m in manifests.values()), "student_base": cfg.student.model,
             "student_base_resolved": student_path, "system_prompt": run_system_prompt(run),
             "train": cfg.train.model_dump(mode="json"), "lora": cfg.student.lora.model_dump() if cfg.student.lora
-            else None, "run": name}
+            else None, "run": name, "tokenizers": tokenizers}
     out = cfg.output.student_dir if is_url(cfg.output.student_dir) else absolute(cfg.output.student_dir)
     task = ray.remote(write_export).options(**export_options(cfg, export_memory(student_path, cfg, dtype)))
     info = ray.get(task.remote(cfg.model_dump(mode="json"), checkpoint, student_path, info, dtype, out))
@@ -583,7 +604,8 @@ def model_card(info: dict[str, Any], evaluation: str | None = None) -> str:
         + (" with a tail bucket" if t["tail_bucket"] else ""),
         f"- steps: {info['steps']}, batch {t['batch_size']} x {t['num_workers']} workers x accum {t['grad_accum']}, "
         f"lr {t['lr']} ({t['lr_schedule']}), max_seq_len {t['max_seq_len']}",
-        "- final loss: " + (", ".join(f"{k} {v:.4f}" for k, v in info["final"].items()) or "n/a"), "",
+        "- final loss: " + (", ".join(f"{k} {v:.4f}" for k, v in info["final"].items()) or "n/a"),
+        *([f"- {TokenizerRoute.from_record(info['tokenizers']).describe()}"] if info.get("tokenizers") else []), "",
         "Training curves: `training_curves.png`; TensorBoard events: `logs/`; settings: `distill_llm.json`.", "",
     ]
     if evaluation:
