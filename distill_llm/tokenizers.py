@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -131,7 +131,9 @@ class TokenizerRoute:
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> "TokenizerRoute":
-        return cls(**{**rec, "id_map": {int(k): v for k, v in rec.get("id_map", {}).items()}})
+        known = {f.name for f in fields(cls)}  # a record may carry more (train adds what it counted)
+        return cls(**{k: v for k, v in rec.items() if k in known},
+                   id_map={int(k): v for k, v in rec.get("id_map", {}).items()})
 
     def describe(self) -> str:
         """One paragraph for the console, the run record and the model card."""
@@ -298,15 +300,27 @@ def pair_route(cfg) -> tuple[TokenizerRoute | None, str | None]:
         return None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
-def check_pair(cfg, where: str) -> TokenizerRoute | None:
+def is_hub_id(name: str) -> bool:
+    """A model name the hub would be asked for: not a built-in, a local folder or a URL."""
+    import os
+
+    from . import registry
+
+    return registry.model(name) is None and not os.path.isdir(os.path.expanduser(name)) and "://" not in name
+
+
+def check_pair(cfg, where: str, hub_offline=None) -> TokenizerRoute | None:
     """The route of ``cfg``'s teacher and student, refused (ConfigError) when train.alpha > 0 cannot work.
 
     ``where`` names the command in messages. Returns None, with a printed warning, when a tokenizer cannot
-    be loaded here (a hub model without network): ``train`` checks again against the shards.
+    be loaded here (a hub model without network: ``hub_offline()`` says why, before slow retries):
+    ``train`` checks again against the shards.
     """
     from .config import ConfigError
 
-    route, unloaded = pair_route(cfg)
+    hub = [m for m in (cfg.teacher.tokenizer or cfg.teacher.model, cfg.student.model) if is_hub_id(m)]
+    offline = hub_offline() if hub and hub_offline is not None else None
+    route, unloaded = (None, offline) if offline else pair_route(cfg)
     if route is None:
         print(f"{where}: warning: teacher/student tokenizers not checked ({unloaded}); train checks them against "
               "the shards", flush=True)

@@ -114,15 +114,12 @@ def models(tmp_path_factory):
 def test_plan_refuses_token_level_kd_across_tokenizers(models, tmp_path):
     from distill_llm.cluster.plan import format_plan, plan
 
-    refused = plan(_cfg(tmp_path, models["deepseek-r1"], models["qwen3-student"], 0.5))
+    cfg = _cfg(tmp_path, models["deepseek-r1"], models["qwen3-student"], 0.5)
+    refused = plan(cfg)
     errors = [f for f in refused.flags if f.level == "error" and f.key == "train.alpha"]
     assert errors and "different tokenizers" in errors[0].message and not refused.fits
-    ok = plan(_cfg(tmp_path, models["deepseek-r1"], models["qwen3-student"], 0.0))
-    assert not [f for f in ok.flags if f.key == "train.alpha"]
-    assert ("tokenizers", "different") in [r[:2] for r in ok.rows]
-    assert "student /" in format_plan(ok, _cfg(tmp_path, models["deepseek-r1"], models["qwen3-student"], 0))
-    remap = plan(_cfg(tmp_path, models["r1-distill-32b"], models["qwen3-student"], 0.5))
-    assert ("tokenizers", "special_remap") in [r[:2] for r in remap.rows]
+    assert ("tokenizers", "different") in [r[:2] for r in refused.rows]
+    assert "ERROR: train.alpha: train.alpha=0.5 asks for token-level KD" in format_plan(refused, cfg)
     r1_qwen25 = plan(_cfg(tmp_path, models["r1-distill-32b"], models["qwen2.5-student"], 0.5))
     assert any(f.key == "train.alpha" and "'</think>'" in f.message for f in r1_qwen25.flags)
 
@@ -135,6 +132,16 @@ def test_generate_refuses_before_any_work(models, tmp_path):
         generate(cfg)
     assert not (tmp_path / "shards").exists()  # nothing written, no engine started
 
+
+def test_submit_refuses_before_reaching_the_cluster(models, tmp_path, capsys):
+    """Nothing listens at the address: the refusal comes before submit tries to reach it."""
+    from distill_llm.cli import main
+
+    code = main(["submit", "configs/quickstart.yaml", "--address", "http://127.0.0.1:9", "--stage", "generate",
+                 f"teacher.model={models['deepseek-r1']}", f"student.model={models['qwen3-student']}",
+                 "train.alpha=0.5", f"output.dir={tmp_path / 'shards'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "different tokenizers" in err and "127.0.0.1:9" not in err
 
 def _write_shards(out, cfg, teacher_dir: str, think: tuple[int, int], k: int = 4) -> None:
     """A real shard set (the project's writer, manifest and run record) of a teacher over real tokenizer ids:
@@ -168,32 +175,37 @@ def _write_shards(out, cfg, teacher_dir: str, think: tuple[int, int], k: int = 4
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("teacher_family,think,case", [("qwen3", (151667, 151668), "padded_rows"),
-                                                       ("r1-distill-qwen", (151648, 151649), "special_remap")])
-def test_token_level_kd_trains_through_the_route(ray_session, tmp_path, teacher_family, think, case):
-    """KD from a 152,064-row teacher into a 151,936-row Qwen3 student: padding ids dropped and counted; with
-    R1-Distill-Qwen's tokenizer the specials reach the student through the id map."""
+def test_token_level_kd_trains_through_the_special_remap_and_padded_rows(ray_session, tmp_path):
+    """KD from R1-Distill-Qwen's tokenizer over 152,064 rows into a Qwen3 student of 151,936 rows: the specials
+    reach the student through the id map, teacher padding ids are dropped from the top-k and counted."""
     import json
     from pathlib import Path
 
+    from conftest import small_config
     from distill_llm.student.stage import train
 
-    teacher = str(model_dir(teacher_family, ROWS["qwen-7b"], tmp_path / "teacher"))
+    teacher = str(model_dir("r1-distill-qwen", ROWS["qwen-7b"], tmp_path / "teacher"))
     student = str(model_dir("qwen3", ROWS["qwen-1.5b"], tmp_path / "student", weights=True))
-    cfg = _cfg(tmp_path, teacher, student, 0.5)
-    _write_shards(tmp_path / "shards", cfg, teacher, think)
-    from conftest import small_config
-
+    _write_shards(tmp_path / "shards", _cfg(tmp_path, teacher, student, 0.5), teacher, (151648, 151649))
     run = small_config(tmp_path, data={"shards": str(tmp_path / "shards")}, teacher={"model": teacher},
                        student={"model": student, "lora": "null"},
                        train={"alpha": 0.5, "max_steps": 2, "num_workers": 1, "batch_size": 4, "log_every": 1,
                               "cache_max_gb": 0})
     out = Path(train(run))
-    info = json.loads((out / "distill_llm.json").read_text())
-    assert info["tokenizers"]["case"] == case
-    if case == "special_remap":
-        assert info["tokenizers"]["id_map"] == {"151643": 151645, "151648": 151667, "151649": 151668}
-    assert f"tokenizers: {case}" in (out / "README.md").read_text()
+    route = json.loads((out / "distill_llm.json").read_text())["tokenizers"]
+    assert route["case"] == "special_remap"
+    assert route["id_map"] == {"151643": 151645, "151648": 151667, "151649": 151668}
+    # every completion token's top-k held one teacher padding id; no row was skipped
+    tokens = sum(len(r) for r in _completions(tmp_path / "shards"))
+    assert route["counted"] == {"topk_ids_dropped": tokens, "skipped_unmapped_token": 0}
+    assert "tokenizers: special_remap" in (out / "README.md").read_text()
     (metrics,) = Path(run.train.storage_path).glob("*/checkpoint_step0000002/metrics.jsonl")
     last = json.loads(metrics.read_text().splitlines()[-1])
-    assert last.get("rows_skipped_unmapped_token", 0) == 0 and last["kd"] > 0 and np.isfinite(last["loss"])
+    assert last["kd"] > 0 and np.isfinite(last["loss"])
+
+
+def _completions(shards) -> list[list[int]]:
+    import pyarrow.parquet as pq
+
+    return [c for f in sorted(shards.glob("part-*.parquet")) for c in pq.read_table(f).column(
+        "completion_token_ids").to_pylist()]

@@ -417,7 +417,12 @@ def train(cfg: Config) -> str:
         skipped = {k: v for k, v in metrics.items() if k.startswith("rows_skipped") and v}
         raise ConfigError(f"no training row was usable ({skipped}); check train.max_seq_len and the shards. "
                           f"Nothing was exported")
-    out = export_student(cfg, result.checkpoint, student_path, run, manifests, name, tokenizers=route.record())
+    counted = {k.removeprefix("rows_"): metrics[k] for k in ("rows_topk_ids_dropped", "rows_skipped_unmapped_token")
+               if k in metrics}  # what the route dropped (rank 0's rows)
+    if any(counted.values()):
+        print(f"train: tokenizers: {counted}", flush=True)
+    out = export_student(cfg, result.checkpoint, student_path, run, manifests, name,
+                         tokenizers={**route.record(), "counted": counted})
     print(f"train: {metrics.get('step')} steps, final loss {metrics.get('loss'):.4f} (ce {metrics.get('ce'):.4f}, "
           f"kd {metrics.get('kd'):.4f}) in {time.time() - start:.1f}s -> {out}")
     return out
@@ -605,7 +610,9 @@ def model_card(info: dict[str, Any], evaluation: str | None = None) -> str:
         f"- steps: {info['steps']}, batch {t['batch_size']} x {t['num_workers']} workers x accum {t['grad_accum']}, "
         f"lr {t['lr']} ({t['lr_schedule']}), max_seq_len {t['max_seq_len']}",
         "- final loss: " + (", ".join(f"{k} {v:.4f}" for k, v in info["final"].items()) or "n/a"),
-        *([f"- {TokenizerRoute.from_record(info['tokenizers']).describe()}"] if info.get("tokenizers") else []), "",
+        *([f"- {TokenizerRoute.from_record(info['tokenizers']).describe()}"
+           + (f" (counted: {info['tokenizers']['counted']})" if info["tokenizers"].get("counted") else "")]
+          if info.get("tokenizers") else []), "",
         "Training curves: `training_curves.png`; TensorBoard events: `logs/`; settings: `distill_llm.json`.", "",
     ]
     if evaluation:

@@ -188,6 +188,7 @@ def generate(cfg: Config) -> dict[str, Any]:
     """Run the teacher stage; returns the manifest. Resumes a matching run found in output.dir."""
     from ..corpus.prompts import expand_samples, read_prompts
     from ..corpus.sink import ShardSink
+    from ..cluster.plan import hub_offline
     from ..cluster.runtime import init_ray
 
     start = time.time()
@@ -196,7 +197,7 @@ def generate(cfg: Config) -> dict[str, Any]:
     model = resolve_model(cfg.teacher.model)
     check_weights_format(model, cfg.teacher.allow_pickle_weights, "teacher.allow_pickle_weights")
     validate_engine(cfg, model, g.top_k_logprobs)
-    check_pair(cfg, "generate")  # the student's tokenizer against the teacher's, before any GPU time
+    check_pair(cfg, "generate", hub_offline)  # the student's tokenizer against the teacher's, before any GPU time
     tokenizer = load_tokenizer(cfg.teacher.tokenizer or model, cfg.teacher.revision, cfg.teacher.trust_remote_code)
     run = run_record(cfg, model, tokenizer)
     with storage_errors(out_dir):
