@@ -256,8 +256,9 @@ def refusal(route: TokenizerRoute, alpha: float) -> str | None:
     """The sentence refusing token-level KD (train.alpha > 0) across different tokenizers, else None."""
     if route.token_level or alpha <= 0:
         return None
-    return (f"train.alpha={alpha} asks for token-level KD, but the teacher's tokenizer ({route.teacher}, "
-            f"{route.teacher_tokens:,} tokens) and the student's ({route.student}, {route.student_tokens:,} tokens) "
+    size = lambda n: f", {n:,} tokens" if n else ""  # noqa: E731 - unknown (0) for a family-table refusal
+    return (f"train.alpha={alpha} asks for token-level KD, but the teacher's tokenizer ({route.teacher}"
+            f"{size(route.teacher_tokens)}) and the student's ({route.student}{size(route.student_tokens)}) "
             f"are different tokenizers: {route.detail}. Ways forward: train.alpha=0 (sequence-level KD on the "
             "teacher's text, re-tokenised for the student), a student that shares the teacher's tokenizer, or "
             "token-level KD across tokenizers (Universal Logit Distillation), which distill-llm does not build yet")
@@ -298,6 +299,39 @@ def pair_route(cfg) -> tuple[TokenizerRoute | None, str | None]:
              "trust_remote_code": s.trust_remote_code}), None
     except Exception as err:  # noqa: BLE001 - any loading failure: unchecked here, said so, checked at train
         return None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+# Tokenizer families of well-known hub models, for `plan` when the hub cannot be reached (like its table of
+# model shapes): name prefix -> family. qwen2.5: 151,665 tokens; qwen-think: the same plus <tool_response>,
+# </tool_response>, <think>, </think> at 151665-151668; r1-distill-qwen: qwen2.5's with 151643-151649 renamed
+# (<think>/</think> at 151648/151649); deepseek-v3: another vocabulary (128,815 tokens).
+KNOWN_FAMILIES = {
+    "Qwen/Qwen2.5-": "qwen2.5", "Qwen/QwQ-32B": "qwen-think", "Qwen/Qwen3-": "qwen-think",
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-": "r1-distill-qwen", "deepseek-ai/DeepSeek-R1": "deepseek-v3",
+    "deepseek-ai/DeepSeek-V3": "deepseek-v3",
+}
+THINK_WRITERS = {"qwen-think": "'</think>' (id 151668)", "r1-distill-qwen": "'</think>' (id 151649)"}
+
+
+def known_family(name: str) -> str | None:
+    """The family of a well-known hub model (longest matching prefix), or None."""
+    hits = [p for p in KNOWN_FAMILIES if name.startswith(p)]
+    return KNOWN_FAMILIES[max(hits, key=len)] if hits else None
+
+
+def family_refusal(teacher: str, student: str, alpha: float) -> str | None:
+    """``refusal`` for two well-known hub models from their families alone (no files), else None."""
+    tf, sf = known_family(teacher), known_family(student)
+    if alpha <= 0 or tf is None or sf is None or tf == sf:
+        return None
+    if "deepseek-v3" in (tf, sf):
+        detail = "DeepSeek-V3's 128,815-token vocabulary is not Qwen's"
+    elif sf == "qwen2.5" and tf in THINK_WRITERS:
+        detail = f"the teacher writes {THINK_WRITERS[tf]}, which the student's tokenizer does not have as a token"
+    else:
+        return None
+    route = TokenizerRoute("different", teacher, student, 0, 0, detail=detail)
+    return refusal(route, alpha)
 
 
 def is_hub_id(name: str) -> bool:

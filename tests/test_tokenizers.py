@@ -143,6 +143,25 @@ def test_submit_refuses_before_reaching_the_cluster(models, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "different tokenizers" in err and "127.0.0.1:9" not in err
 
+def test_r1_distill_recipes_train_or_are_refused_by_plan_without_the_hub(monkeypatch):
+    """Offline, plan knows the hub families: a recipe asking for token-level KD across them is refused."""
+    from pathlib import Path
+
+    from distill_llm.cluster.plan import plan
+    from distill_llm.config import load_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = Path(__file__).resolve().parent.parent / "configs"
+    outcomes = {}
+    for path in sorted(root.glob("r1*.yaml")):
+        cfg = load_config(path)
+        flags = [f for f in plan(cfg).flags if f.key == "train.alpha"]
+        outcomes[path.name] = (cfg.train.alpha, flags[0].message if flags else None)
+    assert outcomes["r1distill-32b-qwen7b-lora.yaml"] == (0.0, None)  # sequence-level KD: trains
+    assert outcomes["r1-671b-qwen7b-lora.yaml"] == (0.0, None)
+    alpha, why = outcomes["r1distill-qwq32b-qwen1.5b.yaml"]  # QwQ writes </think>; Qwen2.5 has no such token
+    assert alpha > 0 and "Qwen/QwQ-32B" in why and "'</think>' (id 151668)" in why and "train.alpha=0" in why
+
 def _write_shards(out, cfg, teacher_dir: str, think: tuple[int, int], k: int = 4) -> None:
     """A real shard set (the project's writer, manifest and run record) of a teacher over real tokenizer ids:
     completions ``<think>...</think> answer`` + EOS, each top-k holding the sampled id, a teacher padding id

@@ -608,10 +608,14 @@ def plan(cfg: Config) -> Plan:
 
 def tokenizer_section(plan: Plan, cfg: Config, offline: list[str] | bool) -> None:
     """The teacher/student tokenizer route (distill_llm.tokenizers); token-level KD they cannot do is an error."""
-    from ..tokenizers import pair_route, refusal
+    from ..tokenizers import family_refusal, pair_route, refusal
 
     route, unloaded = (None, f"no hub for {', '.join(offline)}") if offline else pair_route(cfg)
     if route is None:
+        why = family_refusal(cfg.teacher.tokenizer or cfg.teacher.model, cfg.student.model, cfg.train.alpha)
+        if why:  # well-known hub models: their tokenizer families decide without their files
+            plan.flag("error", "train.alpha", why)
+            return
         plan.flag("warning", "student.model", f"teacher/student tokenizers not checked ({unloaded}); generate and "
                   "train check them")
         return
