@@ -176,23 +176,19 @@ def _is_special(tokenizer, token_id: int) -> bool:
     return bool(added is not None and getattr(added, "special", True))
 
 
-def _encoding_rules(tokenizer) -> str | None:
-    """A hash of what splits text besides the vocabulary: merges, normalizer, pre-tokenizer (None: not visible)."""
-    cached = getattr(tokenizer, "distill_llm_encoding_rules", None)  # serialising a 150k-token BPE takes seconds
-    if cached is not None:
-        return cached
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    digest = hashlib.sha256()
-    for part in (backend.model, backend.normalizer, backend.pre_tokenizer):  # their serialised JSON, not parsed
-        digest.update(part.__getstate__() if part is not None else b"null")
-    digest = digest.hexdigest()
-    try:
-        tokenizer.distill_llm_encoding_rules = digest
-    except AttributeError:
-        pass
-    return digest
+# Texts that exercise what splits text besides the vocabulary (merges, normalizer, pre-tokenizer): spaces,
+# digits, punctuation, newlines, code, accents and other scripts; no added token (those are compared by id).
+ENCODING_PROBES = (
+    "Hello world, 12 + 30 = 42.\n", "  two  spaces\tand a tab\r\n\n", "def f(x):\n    return x**2  # done",
+    "Ünïcödé café naïve 東京 Привет мир 🙂", "Let me add 123456789 and 987654321.\n\n\\boxed{42}",
+    "I'm sure they'll've; it's 3.14159 -- «quoted» 'single' \"double\"",
+)
+
+
+def _encodes_alike(teacher, student) -> bool:
+    """Whether both tokenizers split the probe texts into the same ids (their vocabularies being equal)."""
+    return all(teacher(t, add_special_tokens=False)["input_ids"] == student(t, add_special_tokens=False)["input_ids"]
+               for t in ENCODING_PROBES)
 
 
 def _name(tokenizer, fallback: str) -> str:
@@ -211,10 +207,10 @@ def classify(teacher, student, teacher_rows: int | None = None, student_rows: in
                            student_name or _name(student, "student"), len(tv), len(sv), teacher_rows, student_rows)
     if student_rows and student_rows > len(sv) and max(sv.values(), default=0) < student_rows - 1:
         route.spare_row = student_rows - 1
-    if base[0] != base[1] or _encoding_rules(teacher) != _encoding_rules(student):
+    if base[0] != base[1] or not _encodes_alike(teacher, student):
         route.case = "different"
         route.detail = (first_vocab_mismatch(teacher, student) if base[0] != base[1] else None) or \
-            "the two vocabularies agree but their merges or pre-tokenizers differ"
+            "the two vocabularies agree but the tokenizers split text differently (merges or pre-tokenizers)"
         return route
     text_only = []  # teacher tokens that are part of the text it writes (not special) and the student lacks
     for tid in sorted(t_added):

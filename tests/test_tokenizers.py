@@ -86,10 +86,11 @@ def test_prompt_ids_are_the_chat_template_s_without_a_doubled_bos(toks, family):
     assert tok.decode(ids, skip_special_tokens=True).count("12 + 30?") == 1
 
 
-def test_deepseek_tokenizer_keeps_its_spaces(toks):
-    """transformers 5 rebuilds DeepSeek's byte-level tokenizer (tokenizer_class LlamaTokenizerFast) with a
+@pytest.mark.parametrize("family", ["deepseek-v3", "r1-distill-qwen"])
+def test_deepseek_tokenizer_keeps_its_spaces(toks, family):
+    """transformers 5 rebuilds DeepSeek's byte-level tokenizers (tokenizer_class LlamaTokenizerFast) with a
     Metaspace pre-tokenizer that drops spaces; load_tokenizer reads tokenizer.json as it is."""
-    tok = toks["deepseek-v3"]
+    tok = toks[family]
     text = "Hello world, 12 + 30 = 42."
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
 

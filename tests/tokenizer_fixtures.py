@@ -45,8 +45,10 @@ def _r1_distill_qwen() -> tuple[dict, dict]:
     template = _read("deepseek-v3")[1]["chat_template"]
     # R1's template opens the answer with <think>, as the R1-Distill models' templates do
     template = template.replace("{{'<｜Assistant｜>'}}{% endif %}", "{{'<｜Assistant｜><think>\\n'}}{% endif %}")
+    # as DeepSeek ships it: tokenizer_class LlamaTokenizerFast over Qwen's byte-level tokenizer.json
     conf.update(bos_token="<｜begin▁of▁sentence｜>", eos_token="<｜end▁of▁sentence｜>",
-                pad_token="<｜end▁of▁sentence｜>", chat_template=template, additional_special_tokens=[])
+                pad_token="<｜end▁of▁sentence｜>", chat_template=template, additional_special_tokens=[],
+                tokenizer_class="LlamaTokenizerFast", add_bos_token=True, add_eos_token=False, legacy=True)
     return tok, conf
 
 
