@@ -219,6 +219,8 @@ def test_token_level_kd_trains_through_the_special_remap_and_padded_rows(ray_ses
     tokens = sum(len(r) for r in _completions(tmp_path / "shards"))
     assert route["counted"] == {"topk_ids_dropped": tokens, "skipped_unmapped_token": 0}
     assert "tokenizers: special_remap" in (out / "README.md").read_text()
+    (record,) = Path(run.train.storage_path).glob("*/distill_llm_run.json")
+    assert json.loads(record.read_text())["tokenizers"]["case"] == "special_remap"
     (metrics,) = Path(run.train.storage_path).glob("*/checkpoint_step0000002/metrics.jsonl")
     last = json.loads(metrics.read_text().splitlines()[-1])
     assert last["kd"] > 0 and np.isfinite(last["loss"])

@@ -81,8 +81,9 @@ def run_name(cfg: Config, identity: dict[str, Any]) -> str:
     return name if cfg.train.resume else f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def claim_run(storage: str, name: str, identity: dict[str, Any]) -> None:
-    """Record the run's identity in its folder; refuse a folder holding another run's checkpoints.
+def claim_run(storage: str, name: str, identity: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """Record the run's identity (and ``extra``, not compared) in its folder; refuse a folder holding another
+    run's checkpoints.
 
     Ray Train resumes whatever checkpoint sits under <storage>/<name>, so an explicit
     ``train.run_name`` reused with other shards or settings would silently continue someone else's run.
@@ -91,7 +92,7 @@ def claim_run(storage: str, name: str, identity: dict[str, Any]) -> None:
     old = read_json(fs, join(root, RUN_RECORD))
     if old is None:
         makedirs(fs, root)
-        write_json(fs, join(root, RUN_RECORD), identity)
+        write_json(fs, join(root, RUN_RECORD), {**identity, **(extra or {})})
         return
     diffs = identity_diff(old, identity, keys=identity.keys())
     if diffs:
@@ -370,7 +371,7 @@ def train(cfg: Config) -> str:
     name = run_name(cfg, identity)
     check_writable(storage, "train.storage_path")
     check_writable(absolute(cfg.output.student_dir), "output.student_dir")
-    claim_run(storage, name, identity)
+    claim_run(storage, name, identity, extra={"tokenizers": route.record()})
     init_ray(cfg.ray)
     check_cluster_fits(cfg)
     check_export_fits(cfg, export_memory(student_path, cfg, student_dtype(student_path, cfg)))
