@@ -65,6 +65,31 @@ def test_r1_distill_specials_are_mapped_by_name_and_role(toks):
     assert text in route.describe() and route.record()["id_map"]["151643"] == 151645
 
 
+def test_batches_carry_r1_distill_ids_as_the_student_s(toks):
+    """Stored targets and top-k ids go through the id map; a completion holding a teacher special the student
+    lacks skips its row (counted); prompts are the student's chat template."""
+    import pyarrow as pa
+
+    from distill_llm.corpus.schema import shard_schema
+    from distill_llm.student.batching import build_batch
+
+    route = classify(toks["r1-distill-qwen"], toks["qwen3"], ROWS["qwen-7b"], ROWS["qwen-1.5b"])
+    good, bad = [9707, 151648, 1879, 151649, 151643], [9707, 151644, 151643]  # 151644: <｜User｜>
+    rows = [{"sample_id": str(i), "prompt_id": str(i), "sample_index": 0, "messages": MESSAGES[1:],
+             "prompt_token_ids": prompt_ids(toks["r1-distill-qwen"], MESSAGES[1:]), "completion_token_ids": c,
+             "completion_text": "", "finish_reason": "stop", "answer": None, "answer_correct": None,
+             "topk_token_ids": [[t, 152000, 151648, 11] for t in c],
+             "topk_logprobs": [[-0.1, -3.0, -4.0, -5.0]] * len(c)} for i, c in enumerate([good, bad])]
+    table = pa.Table.from_pylist(rows, schema=shard_schema(4, "float16"))
+    batch, stats = build_batch(table, max_seq_len=256, pad_id=0, with_topk=True, id_lookup=route.lookup(),
+                               spare_row=route.spare_row, reprompt=lambda row: prompt_ids(toks["qwen3"], row["messages"]))
+    assert batch["targets"].tolist() == [9707, 151667, 1879, 151668, 151645]
+    assert batch["topk_ids"][:, 2].tolist() == [151667] * 5 and batch["topk_ids"][:, 1].tolist() == [route.spare_row] * 5
+    assert stats["skipped_unmapped_token"] == 1 and stats["rows"] == 1
+    assert stats["topk_ids_dropped"] == len(good) + len(bad) + 1  # 152000 everywhere, and <｜User｜> sampled
+    student_prompt = prompt_ids(toks["qwen3"], MESSAGES[1:])
+    assert batch["input_ids"][0, :len(student_prompt)].tolist() == student_prompt
+
 def test_token_level_kd_across_tokenizers_is_refused_naming_both_and_the_ways_forward(toks):
     route = classify(toks["deepseek-v3"], toks["qwen3"], ROWS["deepseek-v3"], ROWS["qwen-1.5b"], "deepseek-ai/DeepSeek-R1",
                      "Qwen/Qwen3-1.7B")
