@@ -132,7 +132,7 @@ class TokenizerRoute:
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> "TokenizerRoute":
         known = {f.name for f in fields(cls)}  # a record may carry more (train adds what it counted)
-        return cls(**{k: v for k, v in rec.items() if k in known},
+        return cls(**{k: v for k, v in rec.items() if k in known and k != "id_map"},
                    id_map={int(k): v for k, v in rec.get("id_map", {}).items()})
 
     def describe(self) -> str:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from distill_llm.config import ConfigError
-from distill_llm.tokenizers import classify, load_tokenizer, prompt_ids, refusal
+from distill_llm.tokenizers import TokenizerRoute, classify, load_tokenizer, prompt_ids, refusal
 from tokenizer_fixtures import ROWS, model_dir, tokenizer_dir
 
 FAMILIES = ("qwen3", "qwen2.5", "r1-distill-qwen", "deepseek-v3")
@@ -61,6 +61,7 @@ def test_r1_distill_specials_are_mapped_by_name_and_role(toks):
     assert route.reprompt
     lookup = route.lookup()
     assert lookup[151648] == 151667 and lookup[151645] == -1 and lookup[9707] == 9707 and lookup[152000] == -1
+    assert TokenizerRoute.from_record({**route.record(), "counted": {}}) == route  # as workers and cards read it
     text = "id map 151643->151645, 151648->151667, 151649->151668"
     assert text in route.describe() and route.record()["id_map"]["151643"] == 151645
 
