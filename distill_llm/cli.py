@@ -140,6 +140,11 @@ def _job_command(command: str, ns: argparse.Namespace) -> int:
         overrides = _eval_overrides(ns.overrides) if ns.stage == "eval" else ns.overrides
         cfg = load_config(ns.config, overrides)  # a typo fails here, before anything reaches the cluster
         address = jobs.resolve_address(ns.address, cfg.ray.address)
+        if ns.stage in ("generate", "train", "run"):  # refused here, not after the cluster's GPU time
+            from .cluster.plan import hub_offline
+            from .tokenizers import check_pair
+
+            check_pair(cfg, "submit", hub_offline)
         client, job_id = jobs.submit(address, ns.config, ns.stage, ns.overrides, cfg)
         print(f"submitted job {job_id} ({ns.stage}) to {address}", flush=True)
         if ns.no_wait:

@@ -198,7 +198,8 @@ def test_recipes_plan_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for path in RECIPES:
         cfg = load_config(path)
-        errors = [f.key for f in plan(cfg).flags if f.level == "error"]
+        # a token-level KD refusal (train.alpha) is the tokenizer router's, tested per recipe in test_tokenizers
+        errors = [f.key for f in plan(cfg).flags if f.level == "error" and f.key != "train.alpha"]
         if cfg.teacher.pipeline_parallel_size > 1:
             assert errors == ["teacher.pipeline_parallel_size"], path.name
             assert plan(load_config(path, ["teacher.pipeline_parallel_size=1", "plan.gpu_type=H200"])).fits

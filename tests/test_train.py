@@ -311,9 +311,11 @@ def test_retokenised_prompts_carry_the_system_prompt(generated_with_system_promp
     assert manifest["run"]["prompts"]["system_prompt"] == cfg.data.system_prompt
     other = tmp_path / "other-vocab-student"
     shutil.copytree(_base_path(), other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    # a byte-level token only the student has: another vocabulary, the same ids for every token the run uses
+    spec["model"]["vocab"]["ĠĠextra"] = max(spec["model"]["vocab"].values()) + len(spec["added_tokens"]) + 1
+    (other / "tokenizer.json").write_text(json.dumps(spec))
     tok = AutoTokenizer.from_pretrained(other)
-    tok.add_tokens(["<|extra|>"], special_tokens=True)  # an id only the student has: not the teacher's vocabulary
-    tok.save_pretrained(other)
     assert check_tokenizers(small_config(tmp_path, train={"alpha": 0}), manifest["run"], load_tokenizer(str(other)))
 
     row = pq.read_table(sorted(Path(cfg.output.dir).glob("part-*.parquet"))[0]).slice(0, 1).to_pylist()[0]

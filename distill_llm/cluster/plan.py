@@ -644,7 +644,27 @@ def plan(cfg: Config) -> Plan:
     offline = [m for m in (cfg.teacher.model, cfg.student.model) if _is_hub_id(m)] and hub_offline()
     if offline:  # said once, here, rather than as retries per model
         result.rows.insert(0, ("hub", "offline", f"{offline}: shapes from the local cache and the built-in table"))
+    tokenizer_section(result, cfg, offline)
     return result
+
+
+def tokenizer_section(plan: Plan, cfg: Config, offline: list[str] | bool) -> None:
+    """The teacher/student tokenizer route (distill_llm.tokenizers); token-level KD they cannot do is an error."""
+    from ..tokenizers import family_refusal, pair_route, refusal
+
+    route, unloaded = (None, f"no hub for {', '.join(offline)}") if offline else pair_route(cfg)
+    if route is None:
+        why = family_refusal(cfg.teacher.tokenizer or cfg.teacher.model, cfg.student.model, cfg.train.alpha)
+        if why:  # well-known hub models: their tokenizer families decide without their files
+            plan.flag("error", "train.alpha", why)
+            return
+        plan.flag("warning", "student.model", f"teacher/student tokenizers not checked ({unloaded}); generate and "
+                  "train check them")
+        return
+    plan.rows.append(("tokenizers", route.case, route.describe().split(": ", 1)[-1]))
+    why = refusal(route, cfg.train.alpha)
+    if why:
+        plan.flag("error", "train.alpha", why)
 
 
 def _is_hub_id(name: str) -> bool:

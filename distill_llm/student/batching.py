@@ -8,7 +8,8 @@ def _lists(column) -> list:
 
 
 def build_batch(table, *, max_seq_len: int, pad_id: int, with_topk: bool, retokenize=None,
-                pack: bool = False) -> tuple[dict, dict]:
+                pack: bool = False, id_lookup=None, spare_row: int | None = None,
+                reprompt=None) -> tuple[dict, dict]:
     """Shard rows (pyarrow) -> padded tensors for StudentWithLoss, plus counts of truncated/skipped rows.
 
     Position t of the sequence predicts token t+1, so completion token i (sequence position P+i)
@@ -17,6 +18,9 @@ def build_batch(table, *, max_seq_len: int, pad_id: int, with_topk: bool, retoke
     replaces the stored ids for a student with another vocabulary (sequence-level KD only).
     With ``pack`` the sequences are laid end to end in rows of at most ``max_seq_len`` tokens, with
     ``position_ids`` restarting at 0 for each and no ``attention_mask`` (see ``_layout``).
+    ``id_lookup`` (tokenizers.TokenizerRoute.lookup: teacher id -> student id, -1 dropped) translates the
+    stored completion and top-k ids; a row whose completion holds a dropped id is skipped, dropped top-k
+    entries are counted (see ``translate_topk``). ``reprompt(row) -> prompt_ids`` renders prompts anew.
     """
     import numpy as np
     import torch
@@ -24,7 +28,8 @@ def build_batch(table, *, max_seq_len: int, pad_id: int, with_topk: bool, retoke
     n = table.num_rows
     prompts = _lists(table.column("prompt_token_ids"))
     completions = _lists(table.column("completion_token_ids"))
-    rows_for_retok = table.select(["messages", "completion_text", "finish_reason"]).to_pylist() if retokenize else None
+    rows_for_retok = (table.select(["messages", "completion_text", "finish_reason"]).to_pylist()
+                      if retokenize or reprompt else None)
     if with_topk:
         # list<fixed_size_list<k>> -> one flat [sum(C), k] array and per-row offsets; no Python per token
         col = table.column("topk_token_ids").combine_chunks()
@@ -33,12 +38,24 @@ def build_batch(table, *, max_seq_len: int, pad_id: int, with_topk: bool, retoke
         offsets = col.offsets.to_numpy()
         flat_ids = col.values.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
         flat_lps = lcol.values.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, k)
+        if id_lookup is not None:
+            sampled = table.column("completion_token_ids").combine_chunks().values.to_numpy(zero_copy_only=False)
+            flat_ids, flat_lps, dropped = translate_topk(flat_ids, flat_lps, id_lookup, spare_row,
+                                                         sampled if len(sampled) == len(flat_ids) else None)
     seqs, gathers, targets, tk_rows = [], [], [], []
     stats = {"rows": 0, "truncated": 0, "skipped_prompt_too_long": 0, "skipped_empty": 0,
-             "skipped_non_finite": 0}
+             "skipped_non_finite": 0, **({"skipped_unmapped_token": 0} if id_lookup is not None else {}),
+             **({"topk_ids_dropped": int(dropped)} if with_topk and id_lookup is not None else {})}
     kept = 0
     for i in range(n):
         p, c = (prompts[i], completions[i]) if not retokenize else retokenize(rows_for_retok[i])
+        if id_lookup is not None and not retokenize:
+            c = translate_ids(c, id_lookup)
+            if c is None:
+                stats["skipped_unmapped_token"] += 1
+                continue
+        if reprompt is not None and not retokenize:
+            p = reprompt(rows_for_retok[i])
         if not c:
             stats["skipped_empty"] += 1
             continue
@@ -66,6 +83,43 @@ def build_batch(table, *, max_seq_len: int, pad_id: int, with_topk: bool, retoke
         batch["topk_ids"] = torch.from_numpy(flat_ids[sel].astype(np.int64))
         batch["topk_logprobs"] = torch.from_numpy(flat_lps[sel])
     return batch, stats
+
+
+def translate_ids(ids: list[int], lookup) -> list[int] | None:
+    """Teacher ids -> student ids through ``lookup``; None when one of them has no student id."""
+    out = [int(lookup[i]) if 0 <= i < len(lookup) else -1 for i in ids]
+    return None if any(i < 0 for i in out) else out
+
+
+def translate_topk(ids, logprobs, lookup, spare_row: int | None, sampled=None):
+    """Top-k rows [N, k] of teacher ids -> student ids; returns (ids, logprobs, entries dropped).
+
+    A dropped entry (an id at or beyond the student's rows, or a special the student lacks) keeps its place
+    as a bucket the teacher gives probability 0 (tokenizers.DROPPED_LOGPROB), so the loss renormalises the
+    teacher over the kept entries; its id becomes ``spare_row``, a student embedding row no token uses,
+    or else the row's first kept id. A row with every entry dropped puts all the teacher's mass on the
+    token it sampled there (``sampled``, the flat completion ids, translated), which is what it wrote.
+    """
+    import numpy as np
+
+    from ..tokenizers import DROPPED_LOGPROB
+
+    safe = np.clip(ids.astype(np.int64), 0, len(lookup) - 1)
+    mapped = np.where((ids >= 0) & (ids < len(lookup)), lookup[safe], -1)
+    drop = mapped < 0
+    if not drop.any():
+        return mapped, logprobs, 0
+    first_kept = np.take_along_axis(mapped, np.argmax(~drop, axis=1)[:, None], axis=1)
+    fill = np.full_like(first_kept, spare_row) if spare_row is not None else np.maximum(first_kept, 0)
+    out_ids = np.where(drop, fill, mapped)
+    out_lps = np.where(drop, np.float32(DROPPED_LOGPROB), logprobs).astype(np.float32)
+    none_kept = drop.all(axis=1)
+    if none_kept.any() and sampled is not None:
+        target = np.asarray(sampled, dtype=np.int64)[none_kept]
+        inside = (target >= 0) & (target < len(lookup))
+        out_ids[none_kept, 0] = np.where(inside, lookup[np.clip(target, 0, len(lookup) - 1)], 0).clip(min=0)
+        out_lps[none_kept, 0] = 0.0
+    return out_ids, out_lps, int(drop.sum())
 
 
 def _layout(seqs: list[list[int]], spans: list[tuple[int, int]], pack_len: int | None, pad_id: int) -> dict:

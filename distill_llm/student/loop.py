@@ -51,6 +51,33 @@ class LoopInputs:
     per_worker_datasets: bool  # datasets train_<rank> (a cached corpus) rather than one split "train"
     faults: str | None = None  # the driver's DISTILL_LLM_FAULTS, armed on the worker (faults.arm)
     system_prompt: str | None = None  # the teacher stage's (run.json prompts.system_prompt), for re-tokenised prompts
+    route: dict[str, Any] | None = None  # tokenizers.TokenizerRoute.record(): how teacher ids reach the student
+
+
+def _with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """The run's system prompt first unless the row has its own, as in generation."""
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def _route_inputs(inputs: LoopInputs, tokenizer):
+    """(teacher -> student id lookup or None, spare row, prompt renderer or None) from the driver's route."""
+    from ..tokenizers import TokenizerRoute
+
+    if not inputs.route:
+        return None, None, None
+    route = TokenizerRoute.from_record(inputs.route)
+    if not route.token_level:
+        return None, None, None
+    # identical tokenizers over known rows read the ids as they are; otherwise every id goes through the map
+    plain = route.case == "identical" and route.teacher_rows and route.student_rows \
+        and route.teacher_rows <= route.student_rows
+    reprompt = None
+    if route.reprompt:
+        def reprompt(row):
+            return prompt_ids(tokenizer, _with_system_prompt(row["messages"], inputs.system_prompt))
+    return (None if plain else route.lookup()), route.spare_row, reprompt
 
 
 def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -205,6 +232,7 @@ def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
             return prompt_ids(tokenizer, messages), completion_ids(tokenizer, row["completion_text"],
                                                                           row["finish_reason"])
 
+    id_lookup, spare_row, reprompt = _route_inputs(inputs, tokenizer)
     total = inputs.total_steps
     shard = ray.train.get_dataset_shard(f"train_{rank}" if inputs.per_worker_datasets else "train")
     progress = events = None
@@ -227,7 +255,8 @@ def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
         batches = []
         for table in tables:
             batch, stats = build_batch(table, max_seq_len=t.max_seq_len, pad_id=tokenizer.pad_token_id,
-                                       with_topk=settings.alpha > 0, retokenize=retokenize, pack=t.packing)
+                                       with_topk=settings.alpha > 0, retokenize=retokenize, pack=t.packing,
+                                       id_lookup=id_lookup, spare_row=spare_row, reprompt=reprompt)
             batches.append(batch)
             for key, value in stats.items():
                 counts[key] = counts.get(key, 0) + value

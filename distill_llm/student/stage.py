@@ -18,7 +18,7 @@ from ..config import ONE_BUCKET_KD, Config, ConfigError
 from ..faults import ENV as FAULTS_ENV
 from ..paths import absolute, check_location, check_weights_format, filesystem, is_url, join, makedirs, resolve_model
 from ..corpus.shards import read_json, check_compatible, identity_diff, read_manifest, shard_files, write_json
-from ..tokenizers import first_vocab_mismatch, load_tokenizer, tokenizer_fingerprint
+from ..tokenizers import TokenizerRoute, classify, load_tokenizer, model_rows, refusal, tokenizer_fingerprint
 
 # Settings that change how a run is operated, not what it learns: changing them on a rerun keeps the run
 # (so raising max_failures after a crash resumes instead of starting over).
@@ -29,23 +29,42 @@ TRAIN_COLUMNS = ["sample_id", "messages", "prompt_token_ids", "completion_token_
                  "finish_reason", "answer_correct"]
 
 
-def check_tokenizers(cfg: Config, run: dict[str, Any], student_tok) -> bool:
-    """True when completions must be re-tokenised for the student; a ConfigError when KD cannot work."""
-    if tokenizer_fingerprint(student_tok) == run["tokenizer_fingerprint"]:
-        return False
+def route_tokenizers(cfg: Config, run: dict[str, Any], student_tok, student_path: str | None = None) -> TokenizerRoute:
+    """How the shards' token ids reach the student (tokenizers.classify); a ConfigError when KD cannot work.
+
+    The shards' recorded tokenizer fingerprint decides when the teacher's tokenizer cannot be loaded here.
+    """
     teacher_ref = run["teacher"].get("resolved") or run["teacher"]["model"]
+    student_path = student_path or getattr(student_tok, "name_or_path", None)
+    student_rows = model_rows(student_path, cfg.student.revision, cfg.student.trust_remote_code) if student_path \
+        else None
     try:
-        teacher_tok = load_tokenizer(resolve_model(teacher_ref), run["teacher"].get("revision"))
-        mismatch = first_vocab_mismatch(teacher_tok, student_tok)
-    except Exception:  # teacher tokenizer not reachable from here: the fingerprint is all we have
-        mismatch = "tokenizer fingerprints differ and the teacher's tokenizer could not be loaded to compare"
-    if mismatch is None:
-        return False
-    if cfg.train.alpha > 0:
-        raise ConfigError(f"token-level KD (train.alpha={cfg.train.alpha}) needs the student to share the teacher's "
-                          f"token ids, but {mismatch}. Use a student of the teacher's family, or train.alpha=0 "
-                          "(sequence-level KD re-tokenises the teacher's text)")
-    return True
+        teacher_path = resolve_model(teacher_ref)
+        teacher_rows = model_rows(teacher_path, run["teacher"].get("revision"))
+    except Exception:  # noqa: BLE001 - an unreachable teacher: its rows stay unknown
+        teacher_path, teacher_rows = None, None
+    if tokenizer_fingerprint(student_tok) == run["tokenizer_fingerprint"]:
+        route = classify(student_tok, student_tok, teacher_rows, student_rows, teacher_ref, cfg.student.model)
+    else:
+        try:
+            teacher_tok = load_tokenizer(teacher_path, run["teacher"].get("revision"))
+        except Exception:  # noqa: BLE001 - teacher tokenizer not reachable from here: the fingerprint is all we have
+            teacher_tok = None
+        if teacher_tok is not None and tokenizer_fingerprint(teacher_tok) == run["tokenizer_fingerprint"]:
+            route = classify(teacher_tok, student_tok, teacher_rows, student_rows, teacher_ref, cfg.student.model)
+        else:
+            route = TokenizerRoute("different", teacher_ref, cfg.student.model, 0, len(student_tok.get_vocab()),
+                                   teacher_rows, student_rows, detail="tokenizer fingerprints differ and the "
+                                   "teacher's tokenizer that wrote the shards could not be loaded to compare")
+    why = refusal(route, cfg.train.alpha)
+    if why:
+        raise ConfigError(why)
+    return route
+
+
+def check_tokenizers(cfg: Config, run: dict[str, Any], student_tok) -> bool:
+    """True when completions must be re-tokenised for the student (different tokenizers, sequence-level KD)."""
+    return not route_tokenizers(cfg, run, student_tok).token_level
 
 
 def run_identity(cfg: Config, shard_fp: str) -> dict[str, Any]:
@@ -62,8 +81,9 @@ def run_name(cfg: Config, identity: dict[str, Any]) -> str:
     return name if cfg.train.resume else f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def claim_run(storage: str, name: str, identity: dict[str, Any]) -> None:
-    """Record the run's identity in its folder; refuse a folder holding another run's checkpoints.
+def claim_run(storage: str, name: str, identity: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """Record the run's identity (and ``extra``, not compared) in its folder; refuse a folder holding another
+    run's checkpoints.
 
     Ray Train resumes whatever checkpoint sits under <storage>/<name>, so an explicit
     ``train.run_name`` reused with other shards or settings would silently continue someone else's run.
@@ -72,7 +92,7 @@ def claim_run(storage: str, name: str, identity: dict[str, Any]) -> None:
     old = read_json(fs, join(root, RUN_RECORD))
     if old is None:
         makedirs(fs, root)
-        write_json(fs, join(root, RUN_RECORD), identity)
+        write_json(fs, join(root, RUN_RECORD), {**identity, **(extra or {})})
         return
     diffs = identity_diff(old, identity, keys=identity.keys())
     if diffs:
@@ -341,7 +361,9 @@ def train(cfg: Config) -> str:
         student_tok = load_tokenizer(student_path, cfg.student.revision, cfg.student.trust_remote_code)
     except ConfigError as err:
         raise ConfigError(f"student.model={cfg.student.model}: {err}") from None
-    retokenize = check_tokenizers(cfg, run, student_tok)
+    route = route_tokenizers(cfg, run, student_tok, student_path)
+    print(f"train: {route.describe()}", flush=True)
+    retokenize = not route.token_level
     if not retokenize:  # re-tokenised prompts have other lengths; the run-end check covers that case
         check_prompts_fit(files, cfg.train.max_seq_len)
     storage = absolute(cfg.train.storage_path)
@@ -349,7 +371,7 @@ def train(cfg: Config) -> str:
     name = run_name(cfg, identity)
     check_writable(storage, "train.storage_path")
     check_writable(absolute(cfg.output.student_dir), "output.student_dir")
-    claim_run(storage, name, identity)
+    claim_run(storage, name, identity, extra={"tokenizers": route.record()})
     init_ray(cfg.ray)
     check_cluster_fits(cfg)
     check_export_fits(cfg, export_memory(student_path, cfg, student_dtype(student_path, cfg)))
@@ -377,7 +399,7 @@ def train(cfg: Config) -> str:
         train_loop_config={"inputs": LoopInputs(
             config=cfg.model_dump(mode="json"), student_path=student_path, retokenize=retokenize,
             total_steps=total_steps, batches_per_epoch=batches_per_epoch, per_worker_datasets="train" not in datasets,
-            faults=os.environ.get(FAULTS_ENV), system_prompt=run_system_prompt(run))},
+            faults=os.environ.get(FAULTS_ENV), system_prompt=run_system_prompt(run), route=route.record())},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker,
                                                                      **t.resources_per_worker}),
@@ -396,7 +418,12 @@ def train(cfg: Config) -> str:
         skipped = {k: v for k, v in metrics.items() if k.startswith("rows_skipped") and v}
         raise ConfigError(f"no training row was usable ({skipped}); check train.max_seq_len and the shards. "
                           f"Nothing was exported")
-    out = export_student(cfg, result.checkpoint, student_path, run, manifests, name)
+    counted = {k.removeprefix("rows_"): metrics[k] for k in ("rows_topk_ids_dropped", "rows_skipped_unmapped_token")
+               if k in metrics}  # what the route dropped (rank 0's rows)
+    if any(counted.values()):
+        print(f"train: tokenizers: {counted}", flush=True)
+    out = export_student(cfg, result.checkpoint, student_path, run, manifests, name,
+                         tokenizers={**route.record(), "counted": counted})
     print(f"train: {metrics.get('step')} steps, final loss {metrics.get('loss'):.4f} (ce {metrics.get('ce'):.4f}, "
           f"kd {metrics.get('kd'):.4f}) in {time.time() - start:.1f}s -> {out}")
     return out
@@ -485,7 +512,7 @@ def check_export_fits(cfg: Config, memory: int) -> None:
 
 
 def export_student(cfg: Config, checkpoint, student_path: str, run: dict[str, Any],
-                   manifests: dict[str, dict[str, Any]], name: str) -> str:
+                   manifests: dict[str, dict[str, Any]], name: str, tokenizers: dict[str, Any] | None = None) -> str:
     """Checkpoint -> a Hugging Face folder at output.student_dir, written by a Ray task (see write_export).
 
     The driver only describes the run; loading, merging and saving the student happen in a task with the
@@ -498,7 +525,7 @@ def export_student(cfg: Config, checkpoint, student_path: str, run: dict[str, An
             "rows": sum(m["totals"]["rows"] for m in manifests.values()), "student_base": cfg.student.model,
             "student_base_resolved": student_path, "system_prompt": run_system_prompt(run),
             "train": cfg.train.model_dump(mode="json"), "lora": cfg.student.lora.model_dump() if cfg.student.lora
-            else None, "run": name}
+            else None, "run": name, "tokenizers": tokenizers}
     out = cfg.output.student_dir if is_url(cfg.output.student_dir) else absolute(cfg.output.student_dir)
     task = ray.remote(write_export).options(**export_options(cfg, export_memory(student_path, cfg, dtype)))
     info = ray.get(task.remote(cfg.model_dump(mode="json"), checkpoint, student_path, info, dtype, out))
@@ -583,7 +610,10 @@ def model_card(info: dict[str, Any], evaluation: str | None = None) -> str:
         + (" with a tail bucket" if t["tail_bucket"] else ""),
         f"- steps: {info['steps']}, batch {t['batch_size']} x {t['num_workers']} workers x accum {t['grad_accum']}, "
         f"lr {t['lr']} ({t['lr_schedule']}), max_seq_len {t['max_seq_len']}",
-        "- final loss: " + (", ".join(f"{k} {v:.4f}" for k, v in info["final"].items()) or "n/a"), "",
+        "- final loss: " + (", ".join(f"{k} {v:.4f}" for k, v in info["final"].items()) or "n/a"),
+        *([f"- {TokenizerRoute.from_record(info['tokenizers']).describe()}"
+           + (f" (counted: {info['tokenizers']['counted']})" if info["tokenizers"].get("counted") else "")]
+          if info.get("tokenizers") else []), "",
         "Training curves: `training_curves.png`; TensorBoard events: `logs/`; settings: `distill_llm.json`.", "",
     ]
     if evaluation:

@@ -14,7 +14,7 @@ from ..corpus.schema import LOGPROB_SEMANTICS, SCHEMA_VERSION
 from .attempts import AttemptLog
 from ..corpus.shards import ShardWriter, prepare_output, storage_errors, write_manifest
 from .engine import EngineSpec, SamplingSpec
-from ..tokenizers import load_tokenizer, tokenizer_fingerprint
+from ..tokenizers import check_pair, load_tokenizer, tokenizer_fingerprint
 
 
 def model_limits(path: str, revision: str | None, trust_remote_code: bool) -> dict[str, int | None]:
@@ -188,6 +188,7 @@ def generate(cfg: Config) -> dict[str, Any]:
     """Run the teacher stage; returns the manifest. Resumes a matching run found in output.dir."""
     from ..corpus.prompts import expand_samples, read_prompts
     from ..corpus.sink import ShardSink
+    from ..cluster.plan import hub_offline
     from ..cluster.runtime import init_ray
 
     start = time.time()
@@ -196,6 +197,7 @@ def generate(cfg: Config) -> dict[str, Any]:
     model = resolve_model(cfg.teacher.model)
     check_weights_format(model, cfg.teacher.allow_pickle_weights, "teacher.allow_pickle_weights")
     validate_engine(cfg, model, g.top_k_logprobs)
+    check_pair(cfg, "generate", hub_offline)  # the student's tokenizer against the teacher's, before any GPU time
     tokenizer = load_tokenizer(cfg.teacher.tokenizer or model, cfg.teacher.revision, cfg.teacher.trust_remote_code)
     run = run_record(cfg, model, tokenizer)
     with storage_errors(out_dir):
