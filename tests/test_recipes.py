@@ -141,13 +141,15 @@ def train_key(cfg) -> str:
 
 
 def test_recipes_that_train_alike_share_one_run():
-    """The slow test trains one recipe per training code path; the two FSDP recipes that differ only in size
-    (7B on 8 GPUs, 32B on 16) share one, and nothing else does (a new recipe gets its own run)."""
+    """The slow test trains one recipe per training code path: the two FSDP recipes that differ only in size
+    (7B on 8 GPUs, 32B on 16) share one, as do the two LoRA recipes into Qwen2.5-7B that differ only in
+    their teacher; nothing else does (a new recipe gets its own run)."""
     keys = {}
     for path in RECIPES:
         keys.setdefault(train_key(shrink(path, Path("/tmp/x"), Path("/tmp/p.parquet"))), []).append(path.name)
     shared = [names for names in keys.values() if len(names) > 1]
-    assert shared == [["r1distill-qwen32b-fsdp-2nodes.yaml", "r1distill-qwen7b-fsdp.yaml"]]
+    assert sorted(shared) == [["r1-671b-qwen7b-lora.yaml", "r1distill-32b-qwen7b-lora.yaml"],
+                              ["r1distill-qwen32b-fsdp-2nodes.yaml", "r1distill-qwen7b-fsdp.yaml"]]
 
 
 @pytest.mark.slow

@@ -186,8 +186,12 @@ def test_r1_distill_recipes_train_or_are_refused_by_plan_without_the_hub(monkeyp
         outcomes[path.name] = (cfg.train.alpha, flags[0].message if flags else None)
     assert outcomes["r1distill-32b-qwen7b-lora.yaml"] == (0.0, None)  # sequence-level KD: trains
     assert outcomes["r1-671b-qwen7b-lora.yaml"] == (0.0, None)
-    alpha, why = outcomes["r1distill-qwq32b-qwen1.5b.yaml"]  # QwQ writes </think>; Qwen2.5 has no such token
-    assert alpha > 0 and "Qwen/QwQ-32B" in why and "'</think>' (id 151668)" in why and "train.alpha=0" in why
+    # QwQ writes </think>, which Qwen2.5 has no token for: the recipe is sequence-level, and token-level KD is
+    # refused by plan without the hub
+    assert outcomes["r1distill-qwq32b-qwen1.5b.yaml"] == (0.0, None)
+    cfg = load_config(root / "r1distill-qwq32b-qwen1.5b.yaml", ["train.alpha=0.5", "generate.top_k_logprobs=20"])
+    why = next(f.message for f in plan(cfg).flags if f.key == "train.alpha")
+    assert "Qwen/QwQ-32B" in why and "'</think>' (id 151668)" in why and "train.alpha=0" in why
 
 def _write_shards(out, cfg, teacher_dir: str, think: tuple[int, int], k: int = 4) -> None:
     """A real shard set (the project's writer, manifest and run record) of a teacher over real tokenizer ids:

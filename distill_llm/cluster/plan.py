@@ -641,15 +641,19 @@ def plan(cfg: Config) -> Plan:
     if shapes["student"] is not None and cfg.student.max_position_embeddings:
         shapes["student"] = replace(shapes["student"], max_positions=cfg.student.max_position_embeddings)
     result = make_plan(cfg, shapes["teacher"], shapes["student"], sources)
-    offline = [m for m in (cfg.teacher.model, cfg.student.model) if _is_hub_id(m)] and hub_offline()
-    if offline:  # said once, here, rather than as retries per model
-        result.rows.insert(0, ("hub", "offline", f"{offline}: shapes from the local cache and the built-in table"))
-    tokenizer_section(result, cfg, offline)
+    hub_models = [m for m in (cfg.teacher.model, cfg.student.model) if _is_hub_id(m)]
+    why_offline = hub_offline() if hub_models else None
+    if why_offline:  # said once, here, rather than as retries per model
+        result.rows.insert(0, ("hub", "offline", f"{why_offline}: shapes from the local cache and the built-in table"))
+    tokenizer_section(result, cfg, hub_models if why_offline else [])
     return result
 
 
-def tokenizer_section(plan: Plan, cfg: Config, offline: list[str] | bool) -> None:
-    """The teacher/student tokenizer route (distill_llm.tokenizers); token-level KD they cannot do is an error."""
+def tokenizer_section(plan: Plan, cfg: Config, offline: list[str]) -> None:
+    """The teacher/student tokenizer route (distill_llm.tokenizers); token-level KD they cannot do is an error.
+
+    ``offline``: the hub models whose files cannot be fetched (the hub is unreachable); empty when it is.
+    """
     from ..tokenizers import family_refusal, pair_route, refusal
 
     route, unloaded = (None, f"no hub for {', '.join(offline)}") if offline else pair_route(cfg)
