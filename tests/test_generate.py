@@ -35,8 +35,9 @@ def test_shards_are_complete_and_correct(generated):
 
 
 def traces_of(shard_dir, n):
-    """``n`` finished traces from a shard set, as a user's trace set holds them."""
-    rows = rows_of(shard_dir).sort_by("sample_id").slice(0, n).to_pylist()
+    """``n`` finished traces of distinct prompts from a shard set, as a user's trace set holds them (the toy
+    teacher often samples one completion twice, and a repeated trace is scored once)."""
+    rows = [r for r in rows_of(shard_dir).sort_by("sample_id").to_pylist() if r["sample_index"] == 0][:n]
     return [{"prompt": r["messages"][-1]["content"], "completion": r["completion_text"],
              "finish_reason": r["finish_reason"], "answer": r["answer"]} for r in rows]
 
