@@ -14,6 +14,10 @@ Cases, interleaved per repetition (ours, raw, ours, raw...) and reported as medi
                 settings) on all prompts at once, the same per-request seeds, ``logprobs=k, flat_logprobs=True``.
   raw no-lp     the same without logprobs: the cost of top-k capture is raw k against this.
   extract       ``teacher.topk_arrays`` on raw k's outputs: vLLM's flat lists -> [n, k] numpy arrays.
+  ours rescore  ``TeacherEngine`` with ``generate.logprobs: rescore`` on the same batches: sampled without
+                logprobs, then prompt + completion scored by one prefill each (``prompt_logprobs=k``).
+  raw rescore   raw no-lp followed by ``llm.generate`` of prompt + completion with ``prompt_logprobs=k``,
+                ``max_tokens=1``: plain vLLM's generate-then-score.
 On a GPU both engines (this process's and the actor's) hold 0.4 of the GPU memory each; the host needs
 Ray and vLLM installed. Random-weight shapes use vLLM's ``load_format=dummy`` (no weights on disk) and never emit EOS, so
 every completion runs to ``--max-new-tokens``; the toy teacher stops after ~26 tokens like a trained model.
@@ -26,6 +30,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from common import QUICKSTART, append_results, header, load_average, machine, median, model_folder, table
@@ -93,6 +98,7 @@ def main() -> None:
     from distill_llm.cluster.runtime import init_ray
     from distill_llm.teacher.engine import TeacherEngine, topk_arrays
     from distill_llm.tokenizers import prompt_ids
+    from vllm import SamplingParams
 
     cfg = bench_config(args, work / "shards")
     init_ray(cfg.ray)
@@ -118,7 +124,11 @@ def main() -> None:
     # The engine sees one batch at a time: a teacher.batch_size below the engine's max_num_seqs leaves it idle
     # slots, so the same class is also timed with every prompt in one batch.
     whole = f"ours engine, batch {len(rows)}"
-    cases = ["ours e2e", "ours engine", *([whole] if batch < len(rows) else []), "raw k", "raw no-lp"]
+    cases = ["ours e2e", "ours engine", *([whole] if batch < len(rows) else []), "ours rescore", "raw k",
+             "raw no-lp", "raw rescore"]
+    inline_spec, rescore_spec = engine.sampling, replace(engine.sampling, logprobs="rescore")
+    score_params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=args.k, flat_logprobs=True,
+                                  detokenize=False)
     times: dict[str, list[float]] = {c: [] for c in [*cases, "extract"]}
     tokens: dict[str, int] = {}
     same = None
@@ -155,6 +165,17 @@ def main() -> None:
         outs0 = engine.llm.generate(prompts, params_0, use_tqdm=False)
         times["raw no-lp"].append(time.perf_counter() - t)
         tokens["raw no-lp"] = sum(len(o.outputs[0].token_ids) for o in outs0)
+        full = [{"prompt_token_ids": x["prompt_token_ids"] + list(o.outputs[0].token_ids)} for x, o in zip(prompts, outs0)]
+        t = time.perf_counter()
+        engine.llm.generate(full, [score_params] * len(full), use_tqdm=False)
+        times["raw rescore"].append(times["raw no-lp"][-1] + time.perf_counter() - t)
+        tokens["raw rescore"] = tokens["raw no-lp"]
+        engine.sampling = rescore_spec
+        t = time.perf_counter()
+        resc = pa.concat_tables([engine(tb) for tb in tables])
+        times["ours rescore"].append(time.perf_counter() - t)
+        engine.sampling = inline_spec
+        tokens["ours rescore"] = sum(len(x) for x in resc.column("completion_token_ids").to_pylist())
         print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{c} {v[-1]:.1f}s" for c, v in times.items() if v)
               + f" (load {load_average()})", flush=True)
     load_end = load_average()
@@ -183,6 +204,8 @@ def main() -> None:
              f"- extraction into arrays: {med['extract']:.3f} s per run, {extract_us:.1f} us per token "
              f"({med['extract'] / med['raw k']:.1%} of raw k's time)",
              f"- completions identical between ours engine and raw k (same seeds): {same:.0%}",
+             f"- generate.logprobs: rescore against inline, ours engine: {rate['ours rescore'] / rate['ours engine']:.2f}x; "
+             f"raw vLLM (no-lp + prefill against k): {rate['raw rescore'] / raw_k:.2f}x",
              ]
     if med["ours e2e"]:
         raw_cold = tokens["raw k"] / (startup + med["raw k"])

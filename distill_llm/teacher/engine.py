@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import pyarrow as pa
 from .. import faults
 from .attempts import AttemptLog
 from ..evaluation.checkers import check, get_checker
-from ..tokenizers import prompt_ids
+from ..tokenizers import completion_ids, prompt_ids
 from ..corpus.schema import SKIP_DETAIL, SKIP_REASON, engine_output_schema
 
 
@@ -57,6 +58,13 @@ class SamplingSpec:
     logprobs_dtype: str = "float16"
     checker: str = "none"
     system_prompt: str | None = None
+    mode: str = "generate"  # generate | score (rows are finished traces: prefill only)
+    logprobs: str = "inline"  # inline (collected while sampling) | rescore (sampled, then scored by prefill)
+
+    @property
+    def scores_by_prefill(self) -> bool:
+        """Top-k comes from a prefill over prompt + completion (vLLM prompt_logprobs), not from sampling."""
+        return self.top_k_logprobs > 0 and (self.mode == "score" or self.logprobs == "rescore")
 
 
 # The logprobs the shard contract promises (schema.LOGPROB_SEMANTICS): before any temperature, top-p or
@@ -111,6 +119,33 @@ def topk_arrays(flat, k: int, n_positions: int) -> tuple[np.ndarray, np.ndarray]
     ranks = np.asarray(flat.ranks, dtype=np.int64).reshape(n_positions, width)[:, 1:]
     order = np.argsort(ranks, axis=1, kind="stable")
     return np.take_along_axis(ids, order, 1), np.take_along_axis(lps, order, 1)
+
+
+def prompt_topk(flat, k: int, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k arrays of positions ``start .. start + n - 1`` of vLLM's flat *prompt* logprobs.
+
+    Prompt logprobs hold one entry per prompt position, the first empty (nothing predicts the first token),
+    each other the position's own token first then the top k, as sampled logprobs are laid out; position i
+    scores token i given tokens before i. vLLM computes them from the raw logits (log-softmax, no
+    temperature or top-p: the shards' raw_logprobs) and caps k at the engine's ``max_logprobs``.
+    """
+    if n == 0:
+        return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
+    lo, hi = flat.start_indices[start], flat.end_indices[start + n - 1]
+    view = SimpleNamespace(token_ids=flat.token_ids[lo:hi], logprobs=flat.logprobs[lo:hi], ranks=flat.ranks[lo:hi])
+    return topk_arrays(view, k, n)
+
+
+def prompt_layout_problem(flat, token_ids: list[int], k: int, start: int) -> str | None:
+    """Why flat prompt logprobs of ``token_ids`` are not laid out as prompt_topk reads them (None: they are)."""
+    if not all(hasattr(flat, name) for name in ("start_indices", "end_indices", "token_ids")):
+        return f"prompt logprobs come as {type(flat).__name__}, not flat lists"
+    if len(flat.start_indices) != len(token_ids):
+        return f"{len(flat.start_indices)} prompt positions for {len(token_ids)} prompt tokens"
+    lo, hi = flat.start_indices[start], flat.end_indices[-1]
+    view = SimpleNamespace(token_ids=flat.token_ids[lo:hi], logprobs=flat.logprobs[lo:hi], ranks=flat.ranks[lo:hi],
+                           start_indices=[i - lo for i in flat.start_indices[start:]])
+    return layout_problem(view, token_ids[start:], k)
 
 
 def _fixed_list(values: np.ndarray, k: int, dtype: pa.DataType) -> pa.Array:
@@ -194,6 +229,9 @@ class TeacherEngine:
         ids = self.tokenizer.encode("1+1=") or [0]
         out = self._engine_generate([{"prompt_token_ids": ids}], [probe])[0].outputs[0]
         problem = layout_problem(out.logprobs, list(out.token_ids), self.k)
+        if not problem and self.sampling.scores_by_prefill:
+            scored = self._engine_generate([{"prompt_token_ids": ids + ids}], [self._score_params()])[0]
+            problem = prompt_layout_problem(scored.prompt_logprobs, ids + ids, self.k, 1)
         if problem:
             raise EngineLayoutError(
                 f"vLLM {vllm.__version__} returns top-k logprobs in an unknown layout ({problem}); distill-llm reads "
@@ -208,19 +246,28 @@ class TeacherEngine:
     def _params(self, sample_id: str, n_prompt: int):
         from vllm import SamplingParams
 
+        rescore = self.sampling.scores_by_prefill
+        # A rescored sequence must fit the scoring prefill, which vLLM takes only below max_model_len.
+        room = self.max_len - n_prompt - (1 if rescore else 0)
         return SamplingParams(
-            max_tokens=min(self.sampling.max_new_tokens, self.max_len - n_prompt),
+            max_tokens=min(self.sampling.max_new_tokens, room),
             temperature=self.sampling.temperature, top_p=self.sampling.top_p,
             seed=None if self.sampling.seed is None else request_seed(self.sampling.seed, sample_id),
-            logprobs=self.k or None, flat_logprobs=True, detokenize=False,
+            logprobs=None if rescore else self.k or None, flat_logprobs=True, detokenize=False,
         )
+
+    def _score_params(self):
+        """A prefill that returns the top k at every prompt position (one token is generated and dropped)."""
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=self.k, flat_logprobs=True,
+                              detokenize=False)
 
     # ---- the batch
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         out: list[dict[str, Any]] = [None] * len(rows)  # type: ignore[list-item]
         todo: list[int] = []
-        prompts, params = [], []
         for i, row in enumerate(rows):
             if row.get(SKIP_REASON):
                 out[i] = self._reject(row, row[SKIP_REASON], row.get(SKIP_DETAIL))
@@ -230,23 +277,53 @@ class TeacherEngine:
             except Exception as err:  # a template that cannot render this row
                 out[i] = self._reject(row, "chat_template_error", str(err)[:500])
                 continue
-            if len(ids) >= self.max_len:
+            if len(ids) >= self.max_len - (1 if self.sampling.scores_by_prefill else 0):
                 out[i] = self._reject(row, "prompt_too_long", f"{len(ids)} tokens >= max_model_len {self.max_len}")
                 continue
             row["prompt_token_ids"] = ids
+            if self.sampling.mode == "score":
+                row["completion_token_ids"] = completion_ids(self.tokenizer, row["completion"], row["finish_reason"])
+                total = len(ids) + len(row["completion_token_ids"])
+                if total >= self.max_len:  # vLLM takes a prefill only below max_model_len
+                    out[i] = self._reject(row, "trace_too_long", f"prompt + completion are {total} tokens >= "
+                                                                 f"max_model_len {self.max_len}")
+                    continue
             todo.append(i)
-            prompts.append({"prompt_token_ids": ids})
-            params.append(self._params(row["sample_id"], len(ids)))
         self.batches += 1
         faults.point("engine_batch", self.batches)
-        for i, result in zip(todo, self._generate([rows[i] for i in todo], prompts, params)):
+        results = [None] * len(todo) if self.sampling.mode == "score" else self._generate(
+            [rows[i] for i in todo], [{"prompt_token_ids": rows[i]["prompt_token_ids"]} for i in todo],
+            [self._params(rows[i]["sample_id"], len(rows[i]["prompt_token_ids"])) for i in todo])
+        for i, result in zip(todo, results):
             if isinstance(result, Quarantined):
                 out[i] = self._reject(rows[i], "engine_crash", str(result))
             elif isinstance(result, Exception):
                 out[i] = self._reject(rows[i], "engine_error", repr(result)[:500])
             else:
                 out[i] = self._row(rows[i], result)
+        if self.sampling.scores_by_prefill:
+            self._score([i for i in todo if out[i][SKIP_REASON] is None], rows, out)
         return self._table(out)
+
+    def _score(self, todo: list[int], rows: list[dict[str, Any]], out: list[dict[str, Any]]) -> None:
+        """Fill the top-k of rows ``out[todo]`` from one prefill of prompt + completion each (rescore, score).
+
+        The pass has its own attempt records (ids ``<sample_id>.score``), so a row that kills the engine
+        while being scored is retried and quarantined like one that kills it while sampling.
+        """
+        if not todo:
+            return
+        keyed = [{**rows[i], "sample_id": f"{rows[i]['sample_id']}.score"} for i in todo]
+        prompts = [{"prompt_token_ids": out[i]["prompt_token_ids"] + out[i]["completion_token_ids"]} for i in todo]
+        for i, result in zip(todo, self._generate(keyed, prompts, [self._score_params()] * len(todo))):
+            if isinstance(result, Quarantined):
+                out[i] = self._reject(rows[i], "engine_crash", str(result))
+            elif isinstance(result, Exception):
+                out[i] = self._reject(rows[i], "engine_error", repr(result)[:500])
+            else:
+                n_prompt, n = len(out[i]["prompt_token_ids"]), len(out[i]["completion_token_ids"])
+                ids, lps = prompt_topk(result.prompt_logprobs, self.k, n_prompt, n)
+                out[i] = self._with_topk(rows[i], out[i], ids, lps)
 
     def _generate(self, rows: list[dict[str, Any]], prompts: list[dict], params: list) -> list:
         """Outputs in order (an exception in place of a row that failed).
@@ -302,23 +379,31 @@ class TeacherEngine:
         return results
 
     def _row(self, row: dict[str, Any], result) -> dict[str, Any]:
-        completion = result.outputs[0]
-        token_ids = list(completion.token_ids)
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        """A shard row from a sampled result, or (result None, score mode) from the trace the row carries;
+        with top-k unless a prefill pass fills it afterwards."""
+        if result is None:
+            token_ids, text, finish = row["completion_token_ids"], row["completion"], row["finish_reason"]
+        else:
+            completion = result.outputs[0]
+            token_ids, finish = list(completion.token_ids), completion.finish_reason
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         new = {
             "sample_id": row["sample_id"], "prompt_id": row["prompt_id"], "sample_index": row["sample_index"],
             "messages": row["messages"], "prompt_token_ids": row["prompt_token_ids"],
             "completion_token_ids": token_ids, "completion_text": text,
-            "finish_reason": completion.finish_reason, "answer": row.get("answer"),
+            "finish_reason": finish, "answer": row.get("answer"),
             "answer_correct": check(self.checker, text, row.get("answer")),
             SKIP_REASON: None, SKIP_DETAIL: None,
         }
-        if self.k:
+        if self.k and not self.sampling.scores_by_prefill:
             ids, lps = topk_arrays(completion.logprobs, self.k, len(token_ids))
-            if not np.isfinite(lps).all():
-                return self._reject(row, "non_finite_logprobs", "teacher returned NaN or inf logprobs")
-            new["topk_token_ids"], new["topk_logprobs"] = ids, lps
+            return self._with_topk(row, new, ids, lps)
         return new
+
+    def _with_topk(self, row: dict[str, Any], new: dict[str, Any], ids: np.ndarray, lps: np.ndarray) -> dict[str, Any]:
+        if not np.isfinite(lps).all():
+            return self._reject(row, "non_finite_logprobs", "teacher returned NaN or inf logprobs")
+        return {**new, "topk_token_ids": ids, "topk_logprobs": lps}
 
     def _reject(self, row: dict[str, Any], reason: str, detail: str | None) -> dict[str, Any]:
         return {"sample_id": row["sample_id"], "prompt_id": row["prompt_id"],

@@ -43,11 +43,22 @@ def engine_spec(cfg: Config, model: str, use_gpu: bool, seed: int | None) -> Eng
     )
 
 
-def sampling_spec(cfg: Config) -> SamplingSpec:
+# generate.logprobs when unset, by the engines' device: the faster path measured there (bench/RESULTS.md,
+# "Inline top-k or generate-then-rescore").
+DEFAULT_LOGPROBS = {"cpu": "inline", "gpu": "inline"}
+
+
+def logprobs_path(cfg: Config, use_gpu: bool) -> str:
+    """``inline`` or ``rescore``: generate.logprobs, else the default of the engines' device."""
+    return cfg.generate.logprobs or DEFAULT_LOGPROBS["gpu" if use_gpu else "cpu"]
+
+
+def sampling_spec(cfg: Config, use_gpu: bool = False) -> SamplingSpec:
     g = cfg.generate
     return SamplingSpec(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed,
                         top_k_logprobs=g.top_k_logprobs, logprobs_dtype=g.logprobs_dtype,
-                        checker=cfg.data.checker, system_prompt=cfg.data.system_prompt)
+                        checker=cfg.data.checker, system_prompt=cfg.data.system_prompt, mode=g.mode,
+                        logprobs=logprobs_path(cfg, use_gpu))
 
 
 def validate_engine(cfg: Config, model: str, k: int) -> dict[str, int | None]:
@@ -62,8 +73,12 @@ def validate_engine(cfg: Config, model: str, k: int) -> dict[str, int | None]:
     return limits
 
 
-def run_record(cfg: Config, model: str, tokenizer) -> dict[str, Any]:
-    """The description of this run stored in run.json, the manifest and every shard's metadata."""
+def run_record(cfg: Config, model: str, tokenizer, use_gpu: bool = False) -> dict[str, Any]:
+    """The description of this run stored in run.json, the manifest and every shard's metadata.
+
+    ``generation`` (mode; inline or rescore top-k) is recorded, not part of the run's identity: both
+    logprob paths store the same numbers, so a rerun may switch between them and resume.
+    """
     g = cfg.generate
     return {
         "schema_version": SCHEMA_VERSION,
@@ -79,6 +94,7 @@ def run_record(cfg: Config, model: str, tokenizer) -> dict[str, Any]:
         "top_k_logprobs": g.top_k_logprobs,
         "logprobs_dtype": g.logprobs_dtype,
         "logprob_semantics": LOGPROB_SEMANTICS,
+        "generation": {"mode": g.mode, "logprobs": logprobs_path(cfg, use_gpu) if g.mode == "generate" else "prefill"},
     }
 
 
@@ -157,14 +173,32 @@ def installed_engine_build() -> str | None:
 
 
 def count_prompts(prompts) -> tuple[int, Counter]:
-    """(usable prompts, skipped prompt rows by reason) of a prompt dataset: one pass over its skip column."""
+    """(usable prompts, skipped prompt rows by reason) of a prompt dataset: one pass over its id and skip
+    columns, which also proves every prompt id unique before any engine starts (a repeated id would repeat
+    sample ids, and the run would fail only when its manifest is written, after all the generation).
+
+    The driver keeps 8 bytes per prompt (a 64-bit hash of each id); a hash seen twice is checked exactly.
+    """
+    import numpy as np
+
     from ..corpus.schema import SKIP_REASON
 
-    usable, skipped = 0, Counter()
-    for batch in prompts.select_columns([SKIP_REASON]).iter_batches(batch_format="pyarrow", batch_size=65536):
+    usable, skipped, hashes = 0, Counter(), []
+    for batch in prompts.select_columns(["prompt_id", SKIP_REASON]).iter_batches(batch_format="pyarrow",
+                                                                                   batch_size=65536):
         column = batch.column(SKIP_REASON)
         usable += column.null_count
         skipped.update(r for r in column.to_pylist() if r is not None)
+        hashes.append(np.fromiter((hash(p) for p in batch.column("prompt_id").to_pylist()), np.int64))
+    values, counts = np.unique(np.concatenate(hashes) if hashes else np.zeros(0, np.int64), return_counts=True)
+    suspects = set(values[counts > 1].tolist())
+    if suspects:
+        ids = Counter(p for batch in prompts.select_columns(["prompt_id"]).iter_batches(batch_format="pyarrow")
+                      for p in batch.column("prompt_id").to_pylist() if hash(p) in suspects)
+        repeated = [p for p, n in ids.items() if n > 1]
+        if repeated:
+            raise RuntimeError(f"{len(repeated):,} prompt ids occur more than once (e.g. {repeated[0]}): they "
+                               "would give duplicate sample ids; nothing was generated")
     return usable, skipped
 
 
@@ -199,7 +233,8 @@ def generate(cfg: Config) -> dict[str, Any]:
     validate_engine(cfg, model, g.top_k_logprobs)
     check_pair(cfg, "generate", hub_offline)  # the student's tokenizer against the teacher's, before any GPU time
     tokenizer = load_tokenizer(cfg.teacher.tokenizer or model, cfg.teacher.revision, cfg.teacher.trust_remote_code)
-    run = run_record(cfg, model, tokenizer)
+    use_gpu = use_gpu_for(cfg.teacher.use_gpu)
+    run = run_record(cfg, model, tokenizer, use_gpu)
     with storage_errors(out_dir):
         resume = prepare_output(out_dir, run, cfg.output.resume, cfg.output.overwrite)
     init_ray(cfg.ray)
@@ -208,23 +243,23 @@ def generate(cfg: Config) -> dict[str, Any]:
     from ray.data import DataContext
 
     DataContext.get_current().raise_original_map_exception = True
-    use_gpu = use_gpu_for(cfg.teacher.use_gpu)
     if resume.committed:
         print(f"generate: resuming {out_dir}: {len(resume.done_sample_ids):,} samples already committed")
-    prompts = read_prompts(cfg.data)
+    prompts = read_prompts(cfg.data, score=g.mode == "score").materialize()  # one read, shuffled once
     usable, skipped = count_prompts(prompts)
     print(prompts_line(cfg.data.prompts, usable, skipped))
     # Every sample the run asks for ends committed or rejected; a skipped prompt row is one rejected sample.
     expected = usable * g.samples_per_prompt + sum(skipped.values())
     samples = expand_samples(prompts, g.samples_per_prompt, resume.done_sample_ids)
-    extra = {"config": cfg.model_dump(mode="json")}
+    extra = {"config": cfg.model_dump(mode="json"),
+             "prompts": {"usable": usable, "skipped": dict(sorted(skipped.items()))}}
     if resume.committed and samples.count() == 0:
         print(f"generate: every sample in {out_dir} is already committed; nothing to generate")
         with storage_errors(out_dir):
             return write_manifest(out_dir, extra=extra, max_rejected=g.max_errored_rows, expected=expected)
     spec = engine_spec(cfg, model, use_gpu, g.seed)
     check_engines_fit(cfg, spec, use_gpu)
-    rows = apply_engine(samples, spec, sampling_spec(cfg), cfg.teacher.replicas,
+    rows = apply_engine(samples, spec, sampling_spec(cfg, use_gpu), cfg.teacher.replicas,
                         use_gpu, cfg.teacher.batch_size, cfg.teacher.max_restarts,
                         AttemptLog(out_dir, g.max_row_attempts))
     writer = ShardWriter(out_dir, g.top_k_logprobs, g.logprobs_dtype, metadata=run)
