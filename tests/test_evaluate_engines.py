@@ -34,7 +34,7 @@ SLOW_EXIT_S = 5
 
 class ProcessLog:
     """Every process on the machine, sampled every 0.1 s by a thread: (pid, create_time) -> [parent pid at
-    first sight, last time seen alive (zombies are not alive)]."""
+    first sight, last time seen alive (zombies are not alive), name]."""
 
     def __init__(self):
         self.seen: dict[tuple[int, float], list] = {}
@@ -47,9 +47,10 @@ class ProcessLog:
 
         while not self._stop.is_set():
             now = time.time()
-            for p in psutil.process_iter(["pid", "ppid", "create_time", "status"]):
+            for p in psutil.process_iter(["pid", "ppid", "create_time", "status", "name"]):
                 if p.info["status"] != psutil.STATUS_ZOMBIE and p.info["create_time"] is not None:
-                    self.seen.setdefault((p.info["pid"], p.info["create_time"]), [p.info["ppid"], now])[1] = now
+                    key = (p.info["pid"], p.info["create_time"])
+                    self.seen.setdefault(key, [p.info["ppid"], now, p.info["name"]])[1] = now
             self._stop.wait(0.1)
 
     def stop(self) -> None:
@@ -62,11 +63,12 @@ class ProcessLog:
         return max(k for k in self.seen if k[0] == actor["Pid"] and k[1] <= started)
 
     def tree(self, roots: list[tuple[int, float]]) -> set[tuple[int, float]]:
-        """``roots`` and every process started under them (the vLLM engine cores), by parent at first sight."""
+        """``roots`` and every process started under them (the vLLM engine cores), by parent at first sight:
+        created while that parent was alive (a pid is reused on a busy machine)."""
         found = set(roots)
         while True:
-            more = {k for k, (ppid, _) in self.seen.items() if k not in found and k[1] >= min(r[1] for r in roots)
-                    and any(ppid == f[0] and k[1] >= f[1] for f in found)}
+            more = {k for k, (ppid, _, _) in self.seen.items() if k not in found
+                    and any(ppid == f[0] and f[1] <= k[1] <= self.seen[f][1] + 1 for f in found)}
             if not more:
                 return found
             found |= more
@@ -161,9 +163,12 @@ def test_one_models_engines_are_gone_before_the_next_models_start(pinned):
     processes = log.tree([log.actor_process(a) for a in teacher])
     assert len(processes) >= 4, f"the teacher's 2 actors and their engine cores are in the log: {processes}"
     gone = max(log.seen[k][1] for k in processes)
-    assert all(a["init"] for a in student), "the state API recorded when each student engine began"
+    assert all(a["init"] for a in student), f"the state API recorded when each student engine began: {actors}"
     started = min(a["init"] for a in student)
-    assert gone < started, f"teacher engine processes still ran {gone - started:.1f}s after a student engine began"
+    late = [(pid, name, round(created - started, 1), round(last - started, 1))
+            for (pid, created), (_, last, name) in ((k, log.seen[k]) for k in processes) if last >= started]
+    assert gone < started, f"teacher engine processes ran after a student engine began (pid, name, created, last " \
+                           f"seen, s from then): {late}"
     left = [k for k in log.tree([log.actor_process(a) for a in student]) if log.seen[k][1] >= returned]
     assert not left, f"the student's engine processes outlive evaluate: {left}"
 
