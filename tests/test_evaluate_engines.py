@@ -58,9 +58,9 @@ class ProcessLog:
         self._thread.join()
 
     def actor_process(self, actor: dict) -> tuple[int, float]:
-        """The process of an actor from Ray's table: its pid, created before the actor started."""
-        started = actor["StartTime"] / 1000 + 0.5
-        return max(k for k in self.seen if k[0] == actor["Pid"] and k[1] <= started)
+        """The process of an actor from Ray's table: its pid, created before Ray marked the actor dead."""
+        ended = actor["EndTime"] / 1000 + 0.5
+        return max(k for k in self.seen if k[0] == actor["Pid"] and k[1] <= ended)
 
     def tree(self, roots: list[tuple[int, float]]) -> set[tuple[int, float]]:
         """``roots`` and every process started under them (the vLLM engine cores), by parent at first sight:

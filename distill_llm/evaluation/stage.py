@@ -287,7 +287,7 @@ def engine_processes_left(actors: list[dict[str, Any]], deadline: float) -> list
     by_node: dict[str, list[tuple[int, float]]] = {}
     for a in actors:
         if a["Pid"]:  # 0: the actor never got a process
-            by_node.setdefault(a["Address"]["NodeID"], []).append((a["Pid"], a["StartTime"] / 1000))
+            by_node.setdefault(a["Address"]["NodeID"], []).append((a["Pid"], a["EndTime"] / 1000))
     waits = {node: ray.remote(wait_for_exit).options(
         num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(procs, deadline)
         for node, procs in by_node.items()}
@@ -304,18 +304,18 @@ def engine_processes_left(actors: list[dict[str, Any]], deadline: float) -> list
 
 
 def wait_for_exit(procs: list[tuple[int, float]], deadline: float) -> list[int]:
-    """On one node: wait until each ``(pid, started)`` process, and every process found under it, has
-    exited; the pids still alive at ``deadline``. A pid whose process was created after ``started`` (the
-    actor's start) is another process that reuses the number; a zombie has let go of its memory."""
+    """On one node: wait until each ``(pid, ended)`` process, and every process found under it, has
+    exited; the pids still alive at ``deadline``. A pid whose process was created after ``ended`` (when Ray
+    marked the actor dead) is another process that reuses the number; a zombie has let go of its memory."""
     import contextlib
 
     import psutil
 
     watched: dict[int, float] = {}  # pid -> create_time
-    for pid, started in procs:
+    for pid, ended in procs:
         try:
             p = psutil.Process(pid)
-            if p.create_time() <= started + 1:
+            if p.create_time() <= ended + 1:
                 watched[pid] = p.create_time()
         except psutil.Error:
             continue
