@@ -10,6 +10,8 @@ holding ``name:`` starts a new entry). cluster/runtime.py forwards DISTILL_LLM_*
                                            the substring holds no ``;`` ``,`` or ``=``)
     kill_writer:shard=1                    SIGKILL a shard writer right after its 1st commit record lands,
                                            before its task returns (once)
+    slow_engine_exit:seconds=S             hold every engine actor S seconds at its exit, its engine still up
+                                           (a GPU engine slow to release its memory; every time)
     kill_train_worker:step=N[,rank=1][,delay=S]   SIGKILL a Ray Train worker after optimizer step N (once)
     stall_train_worker:step=N[,rank=0][,seconds=S] hold a worker still after step N's checkpoint (once)
 
@@ -124,6 +126,15 @@ def _on_engine_prompts(n: int, rank: int, prompts: list[str] | None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _on_engine_close(n: int, rank: int, prompts: list[str] | None) -> None:
+    """``slow_engine_exit``: an engine actor is about to shut its engine down (Ray Data released it)."""
+    params = active("slow_engine_exit")
+    if params:
+        seconds = float(params.get("seconds", 5))
+        _announce(f"holding this engine actor {seconds:g}s before its engine shuts down")
+        time.sleep(seconds)
+
+
 def _on_shard_commit(n: int, rank: int, prompts: list[str] | None) -> None:
     """``kill_writer``: a shard writer's ``n``-th commit record (1-based, per process) has landed."""
     params = active("kill_writer")
@@ -162,8 +173,8 @@ def _on_train_checkpoint(n: int, rank: int, prompts: list[str] | None) -> None:
 
 # ---------------------------------------------------------------- the hook production code calls
 
-_POINTS = {"engine_batch": _on_engine_batch, "engine_prompts": _on_engine_prompts, "shard_commit": _on_shard_commit,
-           "train_step": _on_train_step, "train_checkpoint": _on_train_checkpoint}
+_POINTS = {"engine_batch": _on_engine_batch, "engine_prompts": _on_engine_prompts, "engine_close": _on_engine_close,
+           "shard_commit": _on_shard_commit, "train_step": _on_train_step, "train_checkpoint": _on_train_checkpoint}
 
 
 def point(where: str, n: int = 0, *, rank: int = 0, prompts: list[str] | None = None) -> None:

@@ -94,3 +94,49 @@ def test_a_folder_eval_cannot_serve_is_an_error_naming_it(tmp_path):
 
     with pytest.raises(ConfigError, match=f"adapter folder {junk}: adapter_config.json names no base"):
         served_model(cfg, "student (distilled)", str(junk))
+
+
+def _tree(seconds: float):
+    """A process that starts a child and exits with it after ``seconds``: an engine actor and its engine core."""
+    import subprocess
+    import sys
+
+    code = (f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; "
+            f"time.sleep({seconds})']); print(c.pid, flush=True); c.wait()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    return proc, child
+
+
+def test_wait_for_exit_waits_for_a_process_and_the_processes_under_it():
+    import time
+
+    import psutil
+
+    from distill_llm.evaluation.stage import wait_for_exit
+
+    proc, child = _tree(1.5)
+    began = time.time()
+    assert wait_for_exit([(proc.pid, time.time())], began + 30) == []
+    assert time.time() - began > 1.0, "waited for the child the process was waiting on"
+    proc.wait()
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+def test_wait_for_exit_names_what_outlives_the_deadline_and_skips_a_reused_pid():
+    import os
+    import signal
+    import time
+
+    from distill_llm.evaluation.stage import wait_for_exit
+
+    proc, child = _tree(30)
+    try:
+        time.sleep(0.3)
+        assert set(wait_for_exit([(proc.pid, time.time())], time.time() + 1)) == {proc.pid, child}
+        # an actor that started before this process was created: the pid now names another process
+        assert wait_for_exit([(proc.pid, time.time() - 3600)], time.time() + 30) == []
+    finally:
+        for pid in (child, proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()

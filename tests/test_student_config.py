@@ -85,3 +85,17 @@ def test_an_export_no_node_can_hold_is_refused_before_training(ray_session, tmp_
                                           r"\(student.export_memory_gb.*but the driver's node .* offers"):
         train(cfg)
     assert not list((tmp_path / "train").glob("*/checkpoint_*")), "refused before training"
+
+
+def test_export_memory_takes_bytes_per_parameter_from_the_export_dtype(tmp_path):
+    """Twice the weights in the export's dtype (torch's itemsize) + 1 GiB; a quantized base exports fp32."""
+    from distill_llm.paths import resolve_model
+    from distill_llm.student.stage import export_memory, student_dtype, student_parameters
+
+    cfg = small_config(tmp_path)
+    path = resolve_model(cfg.student.model)
+    n = student_parameters(path, cfg)
+    assert n > 0
+    for dtype, size in (("float32", 4), ("bfloat16", 2), ("float16", 2), ("float64", 8)):
+        assert export_memory(path, cfg, dtype) == 2 * n * size + 2**30, dtype
+    assert student_dtype(path, cfg) in ("float32", "float16", "bfloat16", "float64")

@@ -233,20 +233,25 @@ RELEASE_TIMEOUT_S = 300.0
 
 
 def engine_actors(job_id) -> list[dict[str, Any]]:
-    """Engine actors of this job that Ray's actor table (in the GCS) does not report DEAD.
+    """Every engine actor of this job in Ray's actor table (in the GCS), whatever its state.
 
     Read from the GCS rather than through ray.util.state, which needs the dashboard (a local Ray here
     runs without one)."""
     from ray._private import state
 
-    table = state.actors(job_id=job_id)
-    return [a for a in table.values() if ENGINE_ACTOR in a["ActorClassName"] and a["State"] != "DEAD"]
+    return [a for a in state.actors(job_id=job_id).values() if ENGINE_ACTOR in a["ActorClassName"]]
 
 
-def wait_for_release(label: str, timeout_s: float = RELEASE_TIMEOUT_S) -> None:
-    """Block until the engines that served ``label`` are gone, so their GPUs (and GPU memory) are free
-    before the next model's engines start. Ray Data drops its actor handles when a dataset is consumed,
-    and Ray kills the actors only once every handle is collected, which may be later."""
+def wait_for_release(label: str, released: set[str], timeout_s: float = RELEASE_TIMEOUT_S) -> None:
+    """Block until the processes of the engines that served ``label`` have exited, so their GPUs and GPU
+    memory are free before the next model's engines start; ``released`` (actor ids) grows by them.
+
+    Two waits. Ray Data drops its actor handles when a dataset is consumed, and Ray ends the actors only
+    once every handle is collected, which may be later: first until Ray's table says DEAD. But Ray marks a
+    released actor DEAD, and frees its resources for the next actor, at once, while the actor's process
+    still runs its graceful exit, shutting its vLLM engine down with the memory still held: then until
+    each actor's process and the processes under it (the engine cores) are gone, looked at on its node.
+    """
     import gc
 
     import ray
@@ -255,14 +260,81 @@ def wait_for_release(label: str, timeout_s: float = RELEASE_TIMEOUT_S) -> None:
     deadline = time.time() + timeout_s
     while True:
         gc.collect()
-        alive = engine_actors(job_id)
+        actors = [a for a in engine_actors(job_id) if a["ActorID"] not in released]
+        alive = [a for a in actors if a["State"] != "DEAD"]
         if not alive:
-            return
+            break
         if time.time() > deadline:
-            names = ", ".join(f"{a['ActorID']} ({a['State']}, pid {a['Pid']})" for a in alive)
-            raise RuntimeError(f"eval: the engines that served {label} did not exit within {timeout_s:.0f}s "
-                               f"({names}); the next model's engines would not get their GPUs")
+            _release_failed(label, timeout_s, [f"actor {a['ActorID']} ({a['State']}, pid {a['Pid']})" for a in alive])
         time.sleep(0.5)
+    left = engine_processes_left(actors, deadline)
+    if left:
+        _release_failed(label, timeout_s, left)
+    released.update(a["ActorID"] for a in actors)
+
+
+def _release_failed(label: str, timeout_s: float, what: list[str]) -> None:
+    raise RuntimeError(f"eval: the engines that served {label} did not exit within {timeout_s:.0f}s "
+                       f"({', '.join(what)}); the next model's engines would not get their GPUs")
+
+
+def engine_processes_left(actors: list[dict[str, Any]], deadline: float) -> list[str]:
+    """Wait until the processes of ``actors`` (DEAD in Ray's table) are gone, by one task on each of their
+    nodes; what is still alive at ``deadline``, named. A node that is gone took its processes with it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    by_node: dict[str, list[tuple[int, float]]] = {}
+    for a in actors:
+        if a["Pid"]:  # 0: the actor never got a process
+            by_node.setdefault(a["Address"]["NodeID"], []).append((a["Pid"], a["EndTime"] / 1000))
+    waits = {node: ray.remote(wait_for_exit).options(
+        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(procs, deadline)
+        for node, procs in by_node.items()}
+    left = []
+    for node, ref in waits.items():
+        try:
+            pids = ray.get(ref, timeout=max(0.0, deadline - time.time()) + 30)
+        except ray.exceptions.TaskUnschedulableError:
+            continue
+        except ray.exceptions.GetTimeoutError:
+            pids = sorted(pid for pid, _ in by_node[node])
+        left += [f"pid {pid} on node {node[:8]}" for pid in pids]
+    return left
+
+
+def wait_for_exit(procs: list[tuple[int, float]], deadline: float) -> list[int]:
+    """On one node: wait until each ``(pid, ended)`` process, and every process found under it, has
+    exited; the pids still alive at ``deadline``. A pid whose process was created after ``ended`` (when Ray
+    marked the actor dead) is another process that reuses the number; a zombie has let go of its memory."""
+    import contextlib
+
+    import psutil
+
+    watched: dict[int, float] = {}  # pid -> create_time
+    for pid, ended in procs:
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() <= ended + 1:
+                watched[pid] = p.create_time()
+        except psutil.Error:
+            continue
+    while True:
+        for pid, created in list(watched.items()):
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() != created or p.status() == psutil.STATUS_ZOMBIE:
+                    raise psutil.NoSuchProcess(pid)
+                children = p.children(recursive=True)
+            except psutil.Error:
+                del watched[pid]
+                continue
+            for child in children:
+                with contextlib.suppress(psutil.Error):  # gone already: nothing to wait for
+                    watched.setdefault(child.pid, child.create_time())
+        if not watched or time.time() > deadline:
+            return sorted(watched)
+        time.sleep(0.2)
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
@@ -291,10 +363,11 @@ def evaluate(cfg: Config, student: str | None = None) -> dict[str, dict[str, Any
     start = time.time()
     fs, out = filesystem(cfg.eval_dir)  # a local folder or an object-store URL, like every output
     results: dict[str, dict[str, Any]] = {}
+    released: set[str] = set()
     for model, one in served:
         label = one.label
         result, table = evaluate_model(cfg, one, use_gpu)
-        wait_for_release(label)
+        wait_for_release(label, released)
         results[label] = {"model": model, **result}
         makedirs(fs, out)
         name = f"samples-{label.replace(' ', '_').replace('(', '').replace(')', '')}.parquet"

@@ -434,8 +434,8 @@ def shard_fingerprint(manifests: dict[str, dict[str, Any]]) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
 
-# Bytes per parameter of the dtypes a student folder may name in its config.json.
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+# The dtypes an export keeps from the student's base; any other (int8, float8: a quantized base) exports fp32.
+EXPORT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def student_dtype(student_path: str, cfg: Config) -> str:
@@ -446,7 +446,7 @@ def student_dtype(student_path: str, cfg: Config) -> str:
     from .checkpoint import base_dtype
 
     name = str(base_dtype(student_path, cfg.student.revision, cfg.student.trust_remote_code)).removeprefix("torch.")
-    return name if name in DTYPE_BYTES else "float32"
+    return name if name in EXPORT_DTYPES else "float32"
 
 
 def student_parameters(student_path: str, cfg: Config) -> int:
@@ -465,10 +465,13 @@ def export_memory(student_path: str, cfg: Config, dtype: str) -> int:
     """Bytes of memory the export task asks Ray for: student.export_memory_gb, or twice the weights + 1 GiB.
 
     The task holds the student in its dtype, the adapter merged in place, while save_pretrained writes it.
+    Bytes per parameter come from torch's own dtype (``itemsize``), not from a table of names.
     """
+    import torch
+
     if cfg.student.export_memory_gb is not None:
         return int(cfg.student.export_memory_gb * 2**30)
-    return 2 * student_parameters(student_path, cfg) * DTYPE_BYTES[dtype] + 2**30
+    return 2 * student_parameters(student_path, cfg) * getattr(torch, dtype).itemsize + 2**30
 
 
 def export_on_driver_node(cfg: Config) -> bool:

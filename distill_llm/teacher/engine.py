@@ -202,6 +202,7 @@ class TeacherEngine:
         llm, self.llm = getattr(self, "llm", None), None
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
+            faults.point("engine_close")
             core.shutdown()
 
     def __del__(self) -> None:
