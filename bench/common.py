@@ -163,3 +163,23 @@ def append_results(path: str | None, text: str) -> None:
     if path:
         with open(path, "a") as f:
             f.write(text.rstrip() + "\n\n")
+
+
+def scaling_runs(script: str, size_key: str, sizes: Iterable[int], extra: dict[str, Any],
+                 timeout: float = 1800) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run ``script``'s case once per size (in a fresh process each) and add a growth row.
+
+    Returns (every row, growth row included; the rows that did not fail). The growth row gives the last
+    size over the first and each ``... MiB`` column's ratio, so "flat as the input grows 10x" reads off it.
+    """
+    rows = []
+    for n in sizes:
+        rows.append(run_case(script, {size_key: n, **extra}, timeout=timeout))
+        print(rows[-1], flush=True)
+    ok = [r for r in rows if "error" not in r]
+    if len(ok) >= 2:
+        first, last = ok[0], ok[-1]
+        rows.append({size_key: f"x{last[size_key] / first[size_key]:g}",
+                     **{k: f"x{last[k] / max(first[k], 1e-9):.2f}" for k in first if k.endswith("MiB")}})
+    return rows, ok
+

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import append_results, emit, header, load_average, machine, run_case, table
+from common import append_results, emit, header, load_average, machine, scaling_runs, table
 
 MIB = 2**20
 SAMPLES = 4
@@ -119,15 +119,8 @@ def main() -> None:
         emit(case(json.loads(args.case)))
         return
     info = machine()
-    rows = []
-    for n in (int(x) for x in args.sizes.split(",")):
-        rows.append(run_case("curate.py", {"rows": n, "interval": args.interval}, timeout=3600))
-        print(rows[-1], flush=True)
-    ok = [r for r in rows if "error" not in r]
-    if len(ok) >= 2:
-        first, last = ok[0], ok[-1]
-        rows.append({"rows": f"x{last['rows'] / first['rows']:g}",
-                     **{k: f"x{last[k] / max(first[k], 1e-9):.2f}" for k in first if k.endswith("MiB")}})
+    rows, ok = scaling_runs("curate.py", "rows", (int(x) for x in args.sizes.split(",")),
+                            {"interval": args.interval}, timeout=3600)
     cols = ["rows", "seconds", "rows/s", "kept", "driver max MiB", "ray workers max MiB", "ray system max MiB",
             "tree_MiB"]
     append_results(args.results, header("Curation: rows/s and peak memory", info)

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import QUICKSTART, append_results, emit, header, load_average, machine, run_case, table
+from common import QUICKSTART, append_results, emit, header, load_average, machine, scaling_runs, table
 
 MIB = 2**20
 GROUPS = ("driver", "engine actor", "vLLM engine", "ray workers", "ray system")
@@ -118,18 +118,8 @@ def main() -> None:
         emit(case(json.loads(args.case)))
         return
     info = machine()
-    rows = []
-    for n in (int(x) for x in args.sizes.split(",")):
-        rows.append(run_case("memory.py", {"prompts": n, "k": args.k, "interval": args.interval}))
-        print(rows[-1], flush=True)
-    ok = [r for r in rows if "error" not in r]
-    if len(ok) >= 2:
-        first, last = ok[0], ok[-1]
-        ratio = {"prompts": f"x{last['prompts'] / first['prompts']:g}"}
-        for key in first:
-            if key.endswith("MiB"):
-                ratio[key] = f"x{last[key] / max(first[key], 1e-9):.2f}"
-        rows.append(ratio)
+    rows, _ = scaling_runs("memory.py", "prompts", (int(x) for x in args.sizes.split(",")),
+                           {"k": args.k, "interval": args.interval})
     per_proc = ["prompts", "rows", "tokens", "seconds", *[f"{g} max MiB" for g in GROUPS]]
     sums = ["prompts", *[f"{g} sum MiB" for g in GROUPS], "tree_MiB", "samples"]
     append_results(args.results, header("Memory: generation driver and workers", info)
