@@ -261,3 +261,32 @@ def _completions(shards) -> list[list[int]]:
 
     return [c for f in sorted(shards.glob("part-*.parquet")) for c in pq.read_table(f).column(
         "completion_token_ids").to_pylist()]
+
+
+@pytest.mark.slow
+def test_sequence_level_kd_trains_a_qwen_student_on_a_deepseek_teacher_s_text(ray_session, tmp_path):
+    """DeepSeek-V3's tokenizer (129,280 rows) into a Qwen2.5 student: the pair is `different`, so token-level
+    KD is refused and sequence-level KD (alpha 0) trains on the teacher's text re-tokenised by the student."""
+    import json
+    from pathlib import Path
+
+    from conftest import small_config
+    from distill_llm.student.stage import train
+
+    teacher = str(model_dir("deepseek-v3", ROWS["deepseek-v3"], tmp_path / "teacher"))
+    student = str(model_dir("qwen2.5", ROWS["qwen-1.5b"], tmp_path / "student", weights=True))
+    tok = load_tokenizer(teacher)
+    words = tuple(tok(w, add_special_tokens=False)["input_ids"][0] for w in ("Hmm", "So"))
+    _write_shards(tmp_path / "shards", _cfg(tmp_path, teacher, student, 0.0), teacher, words)
+    run = small_config(tmp_path, data={"shards": str(tmp_path / "shards")}, teacher={"model": teacher},
+                       student={"model": student, "lora": "null"},
+                       train={"alpha": 0.0, "max_steps": 1, "num_workers": 1, "batch_size": 4, "log_every": 1,
+                              "cache_max_gb": 0})
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        train(small_config(tmp_path, data={"shards": str(tmp_path / "shards")}, teacher={"model": teacher},
+                           student={"model": student, "lora": "null"}, train={"alpha": 0.5}))
+    out = Path(train(run))
+    assert json.loads((out / "distill_llm.json").read_text())["tokenizers"]["case"] == "different"
+    (metrics,) = Path(run.train.storage_path).glob("*/checkpoint_step0000001/metrics.jsonl")
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    assert last["kd"] == 0 and last["ce"] > 0 and np.isfinite(last["loss"])
