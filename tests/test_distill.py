@@ -1,5 +1,8 @@
-"""The toy world shows distillation working: both students learn the task, the top-k KD one reaches 90% of
-the teacher, and top-k KD is not worse than sequence-level KD alone.
+"""The toy world shows distillation working: the top-k KD student learns most of the teacher's skill and
+stops where the teacher does, from an untrained start that solves nothing.
+
+Sequence-level KD alone against top-k KD, and the spread over seeds, are measured by bench/quickstart.py
+(bench/RESULTS.md), not here: a second 1,000-step student would double this test's minutes in CI.
 
 Training is reproducible (a cached corpus is split per worker by the seed; student.stage.worker_datasets),
 so every run of this test gives the same numbers on one machine; README "Two commands" records them
@@ -16,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def test_kd_student_beats_sequence_level_and_untrained(ray_session, tmp_path):
+def test_kd_student_learns_most_of_the_teacher(ray_session, tmp_path):
     from distill_llm.evaluation.stage import evaluate
     from distill_llm.teacher.stage import generate
     from distill_llm.student.stage import train
@@ -29,23 +32,14 @@ def test_kd_student_beats_sequence_level_and_untrained(ray_session, tmp_path):
     kd_cfg = config("kd")
     generate(kd_cfg)
     kd_student = train(kd_cfg)
-    seq_cfg = config("seq", "train.alpha=0")
-    seq_student = train(seq_cfg)
-    seq_cfg.eval.include_teacher = seq_cfg.eval.include_base_student = False
     results = evaluate(kd_cfg, student=kd_student)
-    seq_result = evaluate(seq_cfg, student=seq_student)["student (distilled)"]
     teacher, kd_result, untrained = (results[k] for k in ("teacher", "student (distilled)", "student (before)"))
-    print(f"teacher {teacher['pass@1']:.3f} kd {kd_result['pass@1']:.3f} seq {seq_result['pass@1']:.3f} "
-          f"untrained {untrained['pass@1']:.3f}")
+    print(f"teacher {teacher['pass@1']:.3f} kd {kd_result['pass@1']:.3f} untrained {untrained['pass@1']:.3f}")
     assert teacher["pass@1"] >= 0.95
     assert untrained["pass@1"] <= 0.05 and untrained["mean_completion_tokens"] > 2 * teacher["mean_completion_tokens"]
     # The floor sits below the 90% the quickstart reaches on seed 0 (98%): over seeds 0-2 it spans 83.5-98%
     # (bench/RESULTS.md), and another CPU's float order is another draw from that spread.
     assert kd_result["pass@1"] >= 0.8 * teacher["pass@1"], "the KD student learns most of the teacher (issue 13)"
-    assert seq_result["pass@1"] >= 0.5, "sequence-level KD alone learns a good part of it"
-    assert kd_result["pass@1"] >= seq_result["pass@1"] - 0.05, "top-k KD is not worse than sequence-level KD"
-    for student in (kd_result, seq_result):
-        # the untrained student runs to max_new_tokens; a distilled one stops where the teacher does
-        assert abs(student["mean_completion_tokens"] - teacher["mean_completion_tokens"]) \
-            <= 0.15 * teacher["mean_completion_tokens"]
-        assert student["pass@1"] > untrained["pass@1"]
+    # the untrained student runs to max_new_tokens; a distilled one stops where the teacher does
+    assert abs(kd_result["mean_completion_tokens"] - teacher["mean_completion_tokens"]) \
+        <= 0.15 * teacher["mean_completion_tokens"]
