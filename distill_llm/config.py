@@ -377,6 +377,19 @@ class CurateConfig(_Section):
         return [{"dir": i} if isinstance(i, str) else i for i in items] if isinstance(items, list) else items
 
 
+ROUND_TEACHER = "round:"  # teacher.model: round:0 is the rounds' starting student (self-distillation)
+
+
+class RoundsConfig(_Section):
+    """`distill-llm rounds`: on-policy rounds (the student samples, the teacher scores, the student trains)."""
+
+    n: int = Field(1, ge=1)  # rounds run one after another, each starting from the previous round's student
+    samples_per_prompt: int = Field(1, ge=1)  # the student's completions per prompt
+    prompts_per_round: int = Field(64, ge=1)  # drawn from data.prompts without replacement across rounds
+    seed: int = 0  # the draw of prompts and the student's sampling seed (plus the round number)
+    dir: str | None = None  # local folder of the rounds; None: rounds/ beside output.dir
+
+
 # Token-level KD over one stored logprob without the tail bucket compares two one-bucket distributions:
 # both are 1 after renormalising, so the KD term and its gradient are exactly zero.
 ONE_BUCKET_KD = ("train.alpha={alpha} with {k} and train.tail_bucket=false trains a KD term that is exactly zero "
@@ -398,6 +411,7 @@ class Config(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)  # only `distill-llm plan` reads it
     curate: CurateConfig | None = None  # only `distill-llm curate` runs it; `plan` counts its output
+    rounds: RoundsConfig | None = None  # only `distill-llm rounds` runs it; `plan` estimates it
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -420,6 +434,8 @@ class Config(_Section):
         if self.curate is not None:
             pairs += [("curate.output", self.curate.output)] + [("curate.inputs", i.dir) for i in self.curate.inputs]
             pairs += [("curate.decontaminate", f) for f in self.curate.decontaminate]
+        if self.rounds is not None and self.rounds.dir:
+            pairs.append(("rounds.dir", self.rounds.dir))
         return pairs + [("eval.models", m) for m in self.eval.models]
 
     @property
