@@ -76,3 +76,100 @@ def test_prompts_are_drawn_without_replacement_across_rounds(tmp_path):
     assert [p["messages"] for p in draw(prompts, other, 1)] != [p["messages"] for p in draw(prompts, cfg, 1)]
     with pytest.raises(ConfigError, match="has 16 usable prompts"):
         draw(prompts, rounds_config(tmp_path, rounds={"n": 4, "prompts_per_round": 5}, data={"num_prompts": 64}), 1)
+
+
+def shard_state(folder: Path) -> dict[str, bytes]:
+    """Every file of a shard set with its bytes: what a resumed run must not rewrite."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_teacher_scores_match_transformers(scored: Path) -> None:
+    """The stored top-k of each scored position equals the toy teacher's log-softmax computed by transformers
+    on the same prompt + completion tokens (to fp16 storage precision), and is its top k."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill_llm.corpus.shards import read_shards
+    from distill_llm.paths import resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("toy-teacher"), dtype=torch.float32).eval()
+    rows = read_shards(str(scored)).to_pylist()
+    assert rows
+    for row in rows:
+        prompt, completion = row["prompt_token_ids"], row["completion_token_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + completion])).logits[0].float()
+        logp = torch.log_softmax(logits[len(prompt) - 1: len(prompt) + len(completion) - 1], dim=-1)
+        ids = torch.tensor(row["topk_token_ids"], dtype=torch.long)
+        stored = torch.tensor(row["topk_logprobs"], dtype=torch.float32)
+        torch.testing.assert_close(logp.gather(1, ids), stored, atol=2e-2, rtol=1e-2)
+        k = ids.shape[1]
+        assert (stored[:, -1] >= logp.topk(k + 1, dim=-1).values[:, k] - 2e-2).all()  # nothing better left out
+
+
+@pytest.mark.slow
+def test_one_round_killed_between_stages_resumes_and_trains_the_student(ray_session, tmp_path):
+    """A real round on the toy world: killed (SIGKILL) after the teacher scored the student's samples, rerun:
+    nothing is sampled or scored again, the student trains and changes; the shards carry the round and the
+    student checkpoint's hash; the teacher's scores are a transformers forward pass on the student's tokens."""
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    from distill_llm.config import dump_config
+    from distill_llm.corpus.shards import read_shards
+    from distill_llm.paths import resolve_model
+    from distill_llm.rounds.stage import checkpoint_hash, rounds
+
+    cfg = rounds_config(tmp_path)
+    config_file = tmp_path / "rounds.yaml"
+    config_file.write_text(dump_config(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           "DISTILL_LLM_FAULTS": f"kill_rounds:round=1,after=scored,marker={tmp_path / 'killed'}"}
+    first = subprocess.run([sys.executable, "-m", "pipelines.rounds", str(config_file)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == -9, first.stderr[-3000:]
+    round1 = tmp_path / "rounds" / "round-1"
+    assert (round1 / "samples" / "manifest.json").is_file() and (round1 / "scored" / "manifest.json").is_file()
+    assert not (round1 / "round.json").exists() and not (round1 / "student").exists()
+    before = {name: shard_state(round1 / name) for name in ("samples", "scored")}
+
+    [record] = rounds(cfg)  # the rerun: train and export only
+
+    assert {name: shard_state(round1 / name) for name in ("samples", "scored")} == before
+    start = resolve_model("toy-student")
+    start_hash = checkpoint_hash(start)
+    assert record["round"] == 1 and record["student_sha256"] == start_hash
+    assert record["student_out_sha256"] != start_hash and record["steps"] == 3
+    for name, role, k in (("samples", "student_samples", 0), ("scored", "teacher_scores", 8)):
+        manifest = json.loads((round1 / name / "manifest.json").read_text())
+        shard = round1 / name / manifest["shards"][0]["file"]
+        meta = json.loads(pq.read_schema(shard).metadata[b"distill_llm"])
+        for run in (manifest["run"], meta):
+            assert run["rounds"]["round"] == 1 and run["rounds"]["role"] == role
+            assert run["rounds"]["student_sha256"] == start_hash and run["rounds"]["teacher"] == "toy-teacher"
+            assert run["top_k_logprobs"] == k
+    assert json.loads((round1 / "samples" / "manifest.json").read_text())["run"]["teacher"]["model"] == start
+    sampled = {(json.dumps(r["messages"]), r["completion_text"]): r["completion_token_ids"]
+               for r in read_shards(str(round1 / "samples")).to_pylist()}
+    scored = read_shards(str(round1 / "scored")).to_pylist()
+    assert len(sampled) == 8 and len(scored) == record["rows"] >= 7  # an identical second sample is one trace
+    assert all(r["completion_token_ids"] == sampled[(json.dumps(r["messages"]), r["completion_text"])]
+               for r in scored)  # the teacher scored the student's own tokens (not its text re-tokenised)
+    assert_teacher_scores_match_transformers(round1 / "scored")
+    old, new = load_file(str(Path(start) / "model.safetensors")), load_file(str(round1 / "student" / "model.safetensors"))
+    assert old.keys() == new.keys() and any(not (old[k] == new[k]).all() for k in old)
+
+
+def test_score_mode_takes_a_traces_own_token_ids():
+    """A trace's completion_token_ids (the sampler's own tokens) travel to the engine; bad ones are skipped."""
+    from distill_llm.corpus.prompts import normalize_prompt
+    from distill_llm.corpus.schema import SKIP_REASON
+
+    trace = {"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}],
+             "completion_token_ids": [17, 2]}
+    row = normalize_prompt(trace, 0, score=True)
+    assert row[SKIP_REASON] is None and row["completion_token_ids"] == [17, 2] and row["completion"] == "2"
+    assert normalize_prompt({**trace, "completion_token_ids": None}, 0, score=True)["completion_token_ids"] is None
+    for bad in ([], [1, -1], "12", [1.5]):
+        got = normalize_prompt({**trace, "completion_token_ids": bad}, 0, score=True)
+        assert got[SKIP_REASON] == "bad_completion_token_ids"

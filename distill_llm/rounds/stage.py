@@ -184,14 +184,16 @@ def check_sampler(shard_dir: Path, student_hash: str) -> None:
 
 
 def traces(samples: Path) -> list[dict[str, Any]]:
-    """The student's samples as finished traces (messages ending with its completion) for score mode."""
+    """The student's samples as finished traces for score mode: messages ending with its completion, and its
+    own token ids, which the teacher scores as they are (its tokenizer is the student's: train.alpha > 0)."""
     from ..corpus.shards import read_shards
 
-    cols = ["sample_id", "messages", "completion_text", "finish_reason", "answer"]
+    cols = ["sample_id", "messages", "completion_text", "completion_token_ids", "finish_reason", "answer"]
     rows = sorted(read_shards(str(samples), columns=cols).to_pylist(), key=lambda r: r["sample_id"])
     return [{"messages": r["messages"] + [{"role": "assistant", "content": r["completion_text"]}],
-             "answer": r["answer"], "finish_reason": r["finish_reason"]}
-            for r in rows if r["completion_text"]]
+             "completion_token_ids": r["completion_token_ids"], "answer": r["answer"],
+             "finish_reason": r["finish_reason"]}
+            for r in rows if r["completion_text"] and r["completion_token_ids"]]
 
 
 def drill(round_no: int, step: str) -> None:
