@@ -387,6 +387,8 @@ class RoundsConfig(_Section):
     samples_per_prompt: int = Field(1, ge=1)  # the student's completions per prompt
     prompts_per_round: int = Field(64, ge=1)  # drawn from data.prompts without replacement across rounds
     seed: int = 0  # the draw of prompts and the student's sampling seed (plus the round number)
+    # fraction of each round's training rows drawn from the offline shard sets (data.shards, else output.dir)
+    offline_mix: float = Field(0.0, ge=0, lt=1)
     dir: str | None = None  # local folder of the rounds; None: rounds/ beside output.dir
 
 

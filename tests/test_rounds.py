@@ -173,3 +173,31 @@ def test_score_mode_takes_a_traces_own_token_ids():
     for bad in ([], [1, -1], "12", [1.5]):
         got = normalize_prompt({**trace, "completion_token_ids": bad}, 0, score=True)
         assert got[SKIP_REASON] == "bad_completion_token_ids"
+
+
+def test_offline_mix_writes_a_seeded_sample_of_the_offline_corpus(tmp_path):
+    """rounds.offline_mix=f: f of the round's rows come from the offline sets, as a shard set of the round's own
+    (chosen rows only, each once, the same on a rerun); sets the scores cannot train with are refused."""
+    from test_shards import K, engine_rows, run_record, write_set
+
+    from distill_llm.corpus.shards import read_manifest, read_shards
+    from distill_llm.rounds.stage import offline_mix, offline_rows
+
+    offline = tmp_path / "offline-set"
+    write_set(offline, [engine_rows(30), engine_rows(30, start=30)])
+    cfg = rounds_config(tmp_path, rounds={"offline_mix": 0.25}, data={"shards": f"[{offline}]"})
+    assert offline_rows(cfg, 12) == 4 and offline_rows(rounds_config(tmp_path), 12) == 0
+    out = offline_mix(cfg, run_record(), 12, tmp_path / "round-1" / "offline", 1)
+    manifest = read_manifest(str(out))
+    assert manifest["totals"]["rows"] == 4 and manifest["run"]["rounds"]["role"] == "offline_mix"
+    ids = read_shards(str(out)).column("sample_id").to_pylist()
+    source = {r["sample_id"]: r for r in read_shards(str(offline)).to_pylist()}
+    assert len(set(ids)) == 4 and all(i in source for i in ids)
+    assert sorted(read_shards(str(out)).to_pylist(), key=lambda r: r["sample_id"]) == \
+        sorted((source[i] for i in ids), key=lambda r: r["sample_id"])  # the rows as they were
+    again = offline_mix(cfg, run_record(), 12, tmp_path / "again" / "offline", 1)
+    assert sorted(read_shards(str(again)).column("sample_id").to_pylist()) == sorted(ids)  # seeded
+    other = offline_mix(cfg, run_record(), 12, tmp_path / "round-2" / "offline", 2)
+    assert sorted(read_shards(str(other)).column("sample_id").to_pylist()) != sorted(ids)
+    with pytest.raises(ConfigError, match="rounds.offline_mix=0.25: the offline shards .* top_k_logprobs"):
+        offline_mix(cfg, run_record(top_k_logprobs=K + 1), 12, tmp_path / "bad" / "offline", 1)

@@ -5,7 +5,8 @@ Round r (1 .. rounds.n), in ``<rounds.dir>/round-<r>/``:
   samples/       the current student samples them (the teacher stage's engine serving the student; no top-k)
   traces.jsonl   those samples as finished traces
   scored/        the teacher scores every position of them by prefill (generate.mode: score, top-k)
-  train/, student/  the student trains on scored/ (train.* as configured) and is exported
+  offline/       with rounds.offline_mix: a seeded sample of the offline shard sets (data.shards)
+  train/, student/  the student trains on scored/ (+ offline/; train.* as configured) and is exported
   round.json     written last: the round is done (what it cost, the checkpoint hashes)
 
 Each step is skipped when its output is complete (a manifest, round.json) and otherwise left to the stage's
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -159,9 +161,10 @@ def scoring_config(cfg: Config, teacher: str, student: str, traces: Path, out: P
                    student={"model": student, "revision": None}, output={"dir": str(out)})
 
 
-def training_config(cfg: Config, student: str, scored: Path, folder: Path, round_no: int) -> Config:
-    """The student stage's config: the scored traces train the current student into ``folder/student``."""
-    return derived(cfg, data={"shards": [str(scored)]}, student={"model": student, "revision": None},
+def training_config(cfg: Config, student: str, shards: list[Path], folder: Path, round_no: int) -> Config:
+    """The student stage's config: the scored traces (and an offline mix) train the current student into
+    ``folder/student``."""
+    return derived(cfg, data={"shards": [str(s) for s in shards]}, student={"model": student, "revision": None},
                    train={"storage_path": str(folder / "train"), "run_name": None, "resume": True,
                           "seed": cfg.train.seed + round_no},
                    output={"student_dir": str(folder / "student")})
@@ -196,6 +199,55 @@ def traces(samples: Path) -> list[dict[str, Any]]:
             for r in rows if r["completion_text"] and r["completion_token_ids"]]
 
 
+def offline_rows(cfg: Config, on_policy: int) -> int:
+    """Offline rows mixed into a round of ``on_policy`` scored rows: rounds.offline_mix of the total."""
+    f = cfg.rounds.offline_mix
+    return math.ceil(on_policy * f / (1 - f)) if f > 0 else 0
+
+
+def offline_mix(cfg: Config, scored_run: dict[str, Any], on_policy: int, out: Path, round_no: int) -> Path | None:
+    """Write round ``round_no``'s sample of the offline corpus as a shard set of its own (seeded, without
+    replacement within the round), or None when rounds.offline_mix is 0. Only the chosen rows are read."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from ..corpus.schema import SKIP_DETAIL, SKIP_REASON, TEACHER_COLUMN
+    from ..corpus.shards import (ShardWriter, check_compatible, prepare_output, read_manifest, shard_files,
+                                 write_manifest)
+
+    want = offline_rows(cfg, on_policy)
+    if want == 0:
+        return None
+    if complete(out):
+        return out
+    dirs = [absolute(d) for d in cfg.shard_dirs]
+    manifests = {d: read_manifest(d) for d in dirs}
+    run = check_compatible(manifests)
+    for key in ("top_k_logprobs", "tokenizer_fingerprint", "logprobs_dtype"):
+        if run.get(key) != scored_run.get(key):
+            raise ConfigError(f"rounds.offline_mix={cfg.rounds.offline_mix}: the offline shards ({', '.join(dirs)}) "
+                              f"have {key}={run.get(key)!r}, the teacher's scores {scored_run.get(key)!r}; they "
+                              "cannot train together (set generate.top_k_logprobs to the offline sets' k)")
+    files = [f for d in dirs for f in shard_files(d)]
+    ids = pads.dataset(files, format="parquet").to_table(columns=["sample_id"]).column("sample_id").to_pylist()
+    rng = np.random.default_rng([cfg.rounds.seed, round_no])
+    picked = sorted(ids[i] for i in rng.choice(len(ids), size=min(want, len(ids)), replace=False))
+    table = pads.dataset(files, format="parquet").to_table(filter=pc.field("sample_id").isin(picked))
+    teacher_column = TEACHER_COLUMN in table.column_names
+    table = table.append_column(SKIP_REASON, pa.nulls(table.num_rows, pa.string())).append_column(
+        SKIP_DETAIL, pa.nulls(table.num_rows, pa.string()))
+    record = {**run, "rounds": {"round": round_no, "role": "offline_mix", "sources": dirs,
+                                "fraction": cfg.rounds.offline_mix}}
+    prepare_output(str(out), record, resume=True, overwrite=False)
+    writer = ShardWriter(str(out), run["top_k_logprobs"], run["logprobs_dtype"], metadata=record,
+                         teacher_column=teacher_column)
+    writer.write([table])
+    write_manifest(str(out), expected=table.num_rows)
+    return out
+
+
 def drill(round_no: int, step: str) -> None:
     """A drill point after each step of a round (faults.py ``kill_rounds``)."""
     faults.point("rounds_step", round_no, prompts=[step])
@@ -226,13 +278,15 @@ def run_round(cfg: Config, round_no: int, student: str, teacher: str, prompts: l
     scores = complete(scored) or generate(scoring_config(cfg, teacher, student, traces_file, scored),
                                           {**provenance, "role": "teacher_scores"})
     drill(round_no, "scored")
-    out = train(training_config(cfg, student, scored, folder, round_no))
+    mixed = offline_mix(cfg, scores["run"], scores["totals"]["rows"], folder / "offline", round_no)
+    out = train(training_config(cfg, student, [scored] + ([mixed] if mixed else []), folder, round_no))
     info = json.loads((Path(out) / "distill_llm.json").read_text())
     record = {**provenance, "student_out": out, "student_out_sha256": checkpoint_hash(out),
               "prompts": cfg.rounds.prompts_per_round,
               "student_tokens_generated": sampled["totals"]["completion_tokens"],
               "teacher_tokens_scored": scores["totals"]["prompt_tokens"] + scores["totals"]["completion_tokens"],
-              "rows": scores["totals"]["rows"], "steps": info.get("steps"), "final": info.get("final"),
+              "rows": scores["totals"]["rows"], "offline_rows": info.get("rows", 0) - scores["totals"]["rows"],
+              "steps": info.get("steps"), "final": info.get("final"),
               "seconds": round(time.time() - start, 1)}
     (folder / ROUND_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
     return record
