@@ -22,7 +22,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import faults
 from ..config import ROUND_TEACHER, Config, ConfigError, build_config
@@ -78,8 +78,11 @@ def check_rounds(cfg: Config) -> None:
 
 
 def checkpoint_hash(folder: str) -> str:
-    """sha256 (16 hex) over a model folder's weight files, by name: which checkpoint sampled or taught."""
+    """sha256 (16 hex) over a model folder's weight files, by name: which checkpoint sampled or taught (a hub
+    id that is not a local folder: over its name, which with student.revision pins the weights)."""
     digest = hashlib.sha256()
+    if not Path(folder).is_dir():
+        return hashlib.sha256(f"hub:{folder}".encode()).hexdigest()[:16]
     files = sorted(p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin"))
     if not files:
         raise ConfigError(f"model folder {folder} holds no weights (*.safetensors)")
@@ -253,8 +256,9 @@ def drill(round_no: int, step: str) -> None:
     faults.point("rounds_step", round_no, prompts=[step])
 
 
-def run_round(cfg: Config, round_no: int, student: str, teacher: str, prompts: list[dict[str, Any]]) -> dict:
-    """One round from ``student`` (a model folder); returns its record (round.json)."""
+def run_round(cfg: Config, round_no: int, student: str, teacher: str, prompts: Callable[[], list[dict]]) -> dict:
+    """One round from ``student`` (a model folder); returns its record (round.json). ``prompts`` gives every
+    usable prompt, read only when this round's draw is not on disk yet."""
     from ..student.stage import train
     from ..teacher.stage import generate
 
@@ -265,7 +269,7 @@ def run_round(cfg: Config, round_no: int, student: str, teacher: str, prompts: l
                   "teacher": cfg.teacher.model, "teacher_resolved": teacher}
     prompts_file = folder / "prompts.jsonl"
     if not prompts_file.is_file():
-        write_jsonl(prompts_file, draw(prompts, cfg, round_no))
+        write_jsonl(prompts_file, draw(prompts(), cfg, round_no))
     samples, scored = folder / "samples", folder / "scored"
     check_sampler(samples, student_hash)
     sampled = complete(samples) or generate(sampling_config(cfg, student, prompts_file, samples, round_no),
@@ -288,7 +292,9 @@ def run_round(cfg: Config, round_no: int, student: str, teacher: str, prompts: l
               "rows": scores["totals"]["rows"], "offline_rows": info.get("rows", 0) - scores["totals"]["rows"],
               "steps": info.get("steps"), "final": info.get("final"),
               "seconds": round(time.time() - start, 1)}
-    (folder / ROUND_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
+    tmp = folder / f"{ROUND_RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    os.replace(tmp, folder / ROUND_RECORD)  # the round is done only once this lands whole
     return record
 
 
@@ -300,14 +306,19 @@ def rounds(cfg: Config) -> list[dict[str, Any]]:
     start = resolve_model(cfg.student.model)
     teacher = start if teacher_round(cfg) == 0 else cfg.teacher.model
     init_ray(cfg.ray)
-    records, student, prompts = [], start, None
+    records, student, read = [], start, {}
+
+    def prompts() -> list[dict[str, Any]]:  # read once, and only by a round that still has to draw
+        if "all" not in read:
+            read["all"] = all_prompts(cfg)
+        return read["all"]
+
     for round_no in range(1, cfg.rounds.n + 1):
         done = rounds_dir(cfg) / f"round-{round_no}" / ROUND_RECORD
         if done.is_file():
             record = json.loads(done.read_text())
             print(f"rounds: round {round_no} is done ({done}); skipped", flush=True)
         else:
-            prompts = prompts if prompts is not None else all_prompts(cfg)
             record = run_round(cfg, round_no, student, teacher, prompts)
             print(f"rounds: round {round_no}: {record['student_tokens_generated']:,} student tokens generated, "
                   f"{record['teacher_tokens_scored']:,} teacher tokens scored, {record['steps']} steps "
