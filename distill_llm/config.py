@@ -214,6 +214,9 @@ class TrainConfig(_Section):
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
     jsd_beta: float = Field(0.5, gt=0, lt=1)
     tail_bucket: bool = False  # keep the teacher's mass outside the top-k as one extra bucket
+    # topk: train.divergence over the buckets; sampled: the one-sample reverse KL at the sampled token's bucket,
+    # for the student's own samples (distill-llm rounds); needs divergence reverse_kl
+    estimator: Literal["topk", "sampled"] = "topk"
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
     batch_size: int = Field(16, ge=1)  # per worker
@@ -419,6 +422,9 @@ class Config(_Section):
     def _cross_checks(self) -> "Config":
         if self.train.alpha > 0 and self.generate.top_k_logprobs == 0:
             raise ValueError("train.alpha > 0 needs top-k logprobs: set generate.top_k_logprobs >= 1 or train.alpha=0")
+        if self.train.estimator == "sampled" and self.train.divergence != "reverse_kl":
+            raise ValueError(f"train.estimator=sampled estimates reverse KL; train.divergence={self.train.divergence} "
+                             "would be ignored: set train.divergence=reverse_kl")
         if self.train.alpha > 0 and self.generate.top_k_logprobs == 1 and not self.train.tail_bucket:
             raise ValueError(ONE_BUCKET_KD.format(alpha=self.train.alpha, k="generate.top_k_logprobs=1"))
         for key, location in self._locations():
