@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def rounds_config(tmp: Path, **sections):
-    """A one-round config: 4 prompts x 2 student samples of at most 24 tokens, 3 training steps."""
+    """A one-round config: 4 prompts x 2 student samples of at most 16 tokens, 2 training steps."""
     base = {"rounds": {"n": 1, "prompts_per_round": 4, "samples_per_prompt": 2, "dir": tmp / "rounds"},
-            "train": {"alpha": 1.0, "divergence": "reverse_kl", "max_steps": 3, "num_workers": 1, "batch_size": 4,
+            "train": {"alpha": 1.0, "divergence": "reverse_kl", "max_steps": 2, "num_workers": 1, "batch_size": 4,
                       "log_every": 1, "cache_max_gb": 0},
-            "generate": {"max_new_tokens": 24}, "data": {"num_prompts": 16}}
+            "generate": {"max_new_tokens": 16}, "data": {"num_prompts": 16}}
     for section, values in sections.items():
         base[section] = {**base.get(section, {}), **values}
     return small_config(tmp, **base)
@@ -139,7 +139,7 @@ def test_one_round_killed_between_stages_resumes_and_trains_the_student(ray_sess
     start = resolve_model("toy-student")
     start_hash = checkpoint_hash(start)
     assert record["round"] == 1 and record["student_sha256"] == start_hash
-    assert record["student_out_sha256"] != start_hash and record["steps"] == 3
+    assert record["student_out_sha256"] != start_hash and record["steps"] == 2
     for name, role, k in (("samples", "student_samples", 0), ("scored", "teacher_scores", 8)):
         manifest = json.loads((round1 / name / "manifest.json").read_text())
         shard = round1 / name / manifest["shards"][0]["file"]
