@@ -23,7 +23,7 @@ import traceback
 
 from .config import Config, ConfigError, dump_config, load_config
 
-STAGES = ("generate", "train", "eval", "run")
+STAGES = ("generate", "train", "eval", "run", "rounds")
 JOB_COMMANDS = ("submit", "jobs")
 DEBUG_ENV = "DISTILL_LLM_DEBUG"  # 1: print the traceback of an unexpected error (as --debug does)
 
@@ -156,6 +156,10 @@ def _job_command(command: str, ns: argparse.Namespace) -> int:
             from .tokenizers import check_pair
 
             check_pair(cfg, "submit", hub_offline)
+        if ns.stage == "rounds":
+            from .rounds.stage import check_rounds
+
+            check_rounds(cfg)
         client, job_id = jobs.submit(address, ns.config, ns.stage, ns.overrides, cfg)
         print(f"submitted job {job_id} ({ns.stage}) to {address}", flush=True)
         if ns.no_wait:
