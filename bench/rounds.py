@@ -58,12 +58,16 @@ def run_control(args, work: Path) -> list[dict]:
 
 
 def evaluate_all(args, work: Path, models: list[str]) -> dict[str, float]:
+    """pass@1 of each model folder, scored one at a time as the stage's distilled student (eval.models would
+    name its samples file after the folder's path)."""
     from distill_llm.evaluation.stage import evaluate
 
-    cfg = base_config(args, work, "eval.include_teacher=false", "eval.include_base_student=false",
-                      f"output.student_dir={work / 'no-student'}",
-                      f"eval.models=[{','.join(models)}]")
-    return {r["model"]: r["pass@1"] for r in evaluate(cfg).values()}
+    scores = {}
+    for i, model in enumerate(models):
+        cfg = base_config(args, work, "eval.include_teacher=false", "eval.include_base_student=false",
+                          f"output.eval_dir={work / 'eval' / str(i)}")
+        scores[model] = next(iter(evaluate(cfg, student=model).values()))["pass@1"]
+    return scores
 
 
 def main() -> int:
