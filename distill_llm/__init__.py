@@ -9,6 +9,7 @@ The public surface for notebooks and scripts (the CLI, ``distill-llm``, runs the
     rows = dl.read_shards(cfg.output.dir)  # a pyarrow Table; rows.to_pandas()
     student = dl.train(cfg)               # shards -> Hugging Face folder
     dl.evaluate(cfg, student)             # teacher and students side by side
+    dl.rounds(cfg)                        # with a rounds: section: on-policy rounds (README, "Rounds")
 
 Everything else is internal. Importing this package imports neither torch nor Ray: each function loads
 its stage when called.
@@ -23,7 +24,7 @@ from .config import Config, ConfigError, load_config
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["Config", "ConfigError", "load_config", "generate", "train", "evaluate", "read_shards"]
+__all__ = ["Config", "ConfigError", "load_config", "generate", "train", "evaluate", "rounds", "read_shards"]
 
 
 def generate(cfg: Config) -> dict[str, Any]:
@@ -48,6 +49,14 @@ def evaluate(cfg: Config, student: str | None = None) -> dict[str, dict[str, Any
     from .evaluation.stage import evaluate as run
 
     return run(cfg, student)
+
+
+def rounds(cfg: Config) -> list[dict[str, Any]]:
+    """Run ``cfg.rounds.n`` on-policy rounds (the student samples, the teacher scores, the student trains);
+    resumes finished rounds and stages; returns each round's record (round.json)."""
+    from .rounds.stage import rounds as run
+
+    return run(cfg)
 
 
 def read_shards(shard_dir: str, columns: list[str] | None = None, verify: str = "size") -> "pa.Table":

@@ -5,6 +5,7 @@
     distill-llm eval     CONFIG.yaml [model=PATH ...]  teacher and students scored side by side
     distill-llm run      CONFIG.yaml [key=value ...]   generate -> train -> eval
     distill-llm curate   CONFIG.yaml [key=value ...]   shard sets -> filtered shard set in curate.output
+    distill-llm rounds   CONFIG.yaml [key=value ...]   on-policy rounds: student samples, teacher scores, student trains
     distill-llm inspect  DIR                           what a shard set holds
     distill-llm config   CONFIG.yaml [key=value ...]   print the validated config
     distill-llm plan     CONFIG.yaml [key=value ...]   tokens, bytes, GPU-hours and fit, before anything runs
@@ -22,7 +23,7 @@ import traceback
 
 from .config import Config, ConfigError, dump_config, load_config
 
-STAGES = ("generate", "train", "eval", "run")
+STAGES = ("generate", "train", "eval", "run", "rounds")
 JOB_COMMANDS = ("submit", "jobs")
 DEBUG_ENV = "DISTILL_LLM_DEBUG"  # 1: print the traceback of an unexpected error (as --debug does)
 
@@ -47,6 +48,12 @@ COMMANDS = {
                "Deduplicate, decontaminate, verify and filter the shard sets of curate.inputs into a new shard set "
                "(resumable; removed rows are kept in rejects/ with their reason).",
                "distill-llm curate configs/curate.yaml curate.verify.correct_only=true"),
+    "rounds": ("on-policy rounds: the student samples, the teacher scores, the student trains",
+               "For rounds.n rounds from student.model: the current student samples rounds.prompts_per_round prompts, "
+               "the teacher scores every position of its samples (top-k by prefill) and the student trains on them "
+               "(train.divergence: reverse_kl recommended) and is exported (resumable, round by round).",
+               "distill-llm rounds configs/quickstart.yaml rounds.n=3 student.model=runs/quickstart/student "
+               "train.divergence=reverse_kl"),
     "inspect": ("what a shard set holds",
                 "Rows, prompts, completion tokens, k, bytes per token, finish reasons and the answer pass rate of "
                 "a shard set, computed from its files.",
@@ -106,6 +113,10 @@ def run_stage(stage: str, cfg: Config) -> None:
         from .curation.stage import curate
 
         curate(cfg)
+    elif stage == "rounds":
+        from .rounds.stage import rounds
+
+        rounds(cfg)
     elif stage == "run":
         from .teacher.stage import generate
         from .student.stage import train
@@ -145,6 +156,10 @@ def _job_command(command: str, ns: argparse.Namespace) -> int:
             from .tokenizers import check_pair
 
             check_pair(cfg, "submit", hub_offline)
+        if ns.stage == "rounds":
+            from .rounds.stage import check_rounds
+
+            check_rounds(cfg)
         client, job_id = jobs.submit(address, ns.config, ns.stage, ns.overrides, cfg)
         print(f"submitted job {job_id} ({ns.stage}) to {address}", flush=True)
         if ns.no_wait:

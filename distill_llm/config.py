@@ -214,6 +214,9 @@ class TrainConfig(_Section):
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
     jsd_beta: float = Field(0.5, gt=0, lt=1)
     tail_bucket: bool = False  # keep the teacher's mass outside the top-k as one extra bucket
+    # topk: train.divergence over the buckets; sampled: the one-sample reverse KL at the sampled token's bucket,
+    # for the student's own samples (distill-llm rounds); needs divergence reverse_kl
+    estimator: Literal["topk", "sampled"] = "topk"
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
     batch_size: int = Field(16, ge=1)  # per worker
@@ -377,6 +380,21 @@ class CurateConfig(_Section):
         return [{"dir": i} if isinstance(i, str) else i for i in items] if isinstance(items, list) else items
 
 
+ROUND_TEACHER = "round:"  # teacher.model: round:0 is the rounds' starting student (self-distillation)
+
+
+class RoundsConfig(_Section):
+    """`distill-llm rounds`: on-policy rounds (the student samples, the teacher scores, the student trains)."""
+
+    n: int = Field(1, ge=1)  # rounds run one after another, each starting from the previous round's student
+    samples_per_prompt: int = Field(1, ge=1)  # the student's completions per prompt
+    prompts_per_round: int = Field(64, ge=1)  # drawn from data.prompts without replacement across rounds
+    seed: int = 0  # the draw of prompts and the student's sampling seed (plus the round number)
+    # fraction of each round's training rows drawn from the offline shard sets (data.shards, else output.dir)
+    offline_mix: float = Field(0.0, ge=0, lt=1)
+    dir: str | None = None  # local folder of the rounds; None: rounds/ beside output.dir
+
+
 # Token-level KD over one stored logprob without the tail bucket compares two one-bucket distributions:
 # both are 1 after renormalising, so the KD term and its gradient are exactly zero.
 ONE_BUCKET_KD = ("train.alpha={alpha} with {k} and train.tail_bucket=false trains a KD term that is exactly zero "
@@ -398,11 +416,15 @@ class Config(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)  # only `distill-llm plan` reads it
     curate: CurateConfig | None = None  # only `distill-llm curate` runs it; `plan` counts its output
+    rounds: RoundsConfig | None = None  # only `distill-llm rounds` runs it; `plan` estimates it
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
         if self.train.alpha > 0 and self.generate.top_k_logprobs == 0:
             raise ValueError("train.alpha > 0 needs top-k logprobs: set generate.top_k_logprobs >= 1 or train.alpha=0")
+        if self.train.estimator == "sampled" and self.train.divergence != "reverse_kl":
+            raise ValueError(f"train.estimator=sampled estimates reverse KL; train.divergence={self.train.divergence} "
+                             "would be ignored: set train.divergence=reverse_kl")
         if self.train.alpha > 0 and self.generate.top_k_logprobs == 1 and not self.train.tail_bucket:
             raise ValueError(ONE_BUCKET_KD.format(alpha=self.train.alpha, k="generate.top_k_logprobs=1"))
         for key, location in self._locations():
@@ -420,6 +442,8 @@ class Config(_Section):
         if self.curate is not None:
             pairs += [("curate.output", self.curate.output)] + [("curate.inputs", i.dir) for i in self.curate.inputs]
             pairs += [("curate.decontaminate", f) for f in self.curate.decontaminate]
+        if self.rounds is not None and self.rounds.dir:
+            pairs.append(("rounds.dir", self.rounds.dir))
         return pairs + [("eval.models", m) for m in self.eval.models]
 
     @property

@@ -14,6 +14,8 @@ holding ``name:`` starts a new entry). cluster/runtime.py forwards DISTILL_LLM_*
                                            (a GPU engine slow to release its memory; every time)
     kill_train_worker:step=N[,rank=1][,delay=S]   SIGKILL a Ray Train worker after optimizer step N (once)
     stall_train_worker:step=N[,rank=0][,seconds=S] hold a worker still after step N's checkpoint (once)
+    kill_rounds:round=R,after=STEP             SIGKILL `distill-llm rounds` after STEP (samples, scored) of
+                                           round R, between the stages (once)
 
 A one-shot fault first creates its marker file (``marker=PATH``, else ``$DISTILL_LLM_FAULTS_DIR/<name>.fired``)
 and fires only if it made it, so a restarted actor, worker or task goes on normally. Put markers on shared
@@ -171,17 +173,27 @@ def _on_train_checkpoint(n: int, rank: int, prompts: list[str] | None) -> None:
         time.sleep(float(params.get("seconds", 3600)))
 
 
+def _on_rounds_step(n: int, rank: int, prompts: list[str] | None) -> None:
+    """``kill_rounds``: round ``n`` finished the step named in ``prompts`` (rounds/stage.py)."""
+    params = active("kill_rounds")
+    if (params and n == int(params.get("round", 1)) and prompts == [params.get("after", "scored")]
+            and _claim("kill_rounds", params)):
+        _announce(f"SIGKILL distill-llm rounds after round {n}'s {prompts[0]}")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # ---------------------------------------------------------------- the hook production code calls
 
 _POINTS = {"engine_batch": _on_engine_batch, "engine_prompts": _on_engine_prompts, "engine_close": _on_engine_close,
-           "shard_commit": _on_shard_commit, "train_step": _on_train_step, "train_checkpoint": _on_train_checkpoint}
+           "shard_commit": _on_shard_commit, "train_step": _on_train_step, "train_checkpoint": _on_train_checkpoint,
+           "rounds_step": _on_rounds_step}
 
 
 def point(where: str, n: int = 0, *, rank: int = 0, prompts: list[str] | None = None) -> None:
     """A named drill point: fires the fault ``DISTILL_LLM_FAULTS`` arms there, else does nothing.
 
     ``n`` counts what the point counts (batch, commit, optimizer step), ``rank`` is a Train worker's rank,
-    ``prompts`` the texts an engine is about to generate.
+    ``prompts`` the texts an engine is about to generate (at ``rounds_step``: the step a round finished).
     """
     if where not in _POINTS:
         raise ValueError(f"unknown fault point {where!r}; known: {sorted(_POINTS)}")

@@ -292,3 +292,26 @@ def test_an_unreachable_hub_is_detected_at_once_and_said_once(tmp_path):
     assert out.count("unreachable") == 1 and f"127.0.0.1:{port} unreachable" in proc.stdout
     assert "retry" not in out.lower() and "built-in table" in proc.stdout
     assert elapsed < 30, f"{elapsed:.0f}s"
+
+
+def test_rounds_are_estimated_per_round_by_hand():
+    """A rounds config adds, per round, the student's generation, the teacher's prefill and the training."""
+    c = cfg("rounds.n=3", "rounds.prompts_per_round=100", "rounds.samples_per_prompt=4",
+            "generate.max_new_tokens=1000", "plan.mean_completion_fraction=0.5", "plan.mean_prompt_tokens=200",
+            "plan.train_mfu=0.5", "train.max_steps=10", "train.batch_size=8", "train.num_workers=2",
+            "train.max_seq_len=4096", "student.lora=null")
+    student = ModelShape(vocab=1000, hidden=100, intermediate=0, layers=0, heads=1, kv_heads=1, head_dim=0,
+                         tied=True, max_positions=8192, params=10**9)
+    p = make_plan(c, QWEN7, student).numbers
+    assert p["round: student samples"] == 400 and p["round: student tokens generated"] == 400 * 500
+    gen = 400 * 500 / (18_000 * 3.35 / 1.0) / 3600  # decode rule on one H100 (3.35 TB/s) for 1B params
+    assert p["round: student generation GPU-hours"] == pytest.approx(gen)
+    assert p["round: teacher tokens scored"] == 400 * 700
+    prefill = 2 * QWEN7.active * 400 * 700 / (989e12 * 0.5) / 3600
+    assert p["round: teacher prefill GPU-hours"] == pytest.approx(prefill)
+    assert p["round: train tokens"] == 10 * 8 * 2 * 700
+    train = 6 * 1e9 * 10 * 8 * 2 * 700 / (989e12 * 0.5) / 3600
+    assert p["round: train GPU-hours"] == pytest.approx(train)
+    assert p["rounds GPU-hours"] == pytest.approx(3 * (gen + prefill + train))
+    assert p["total GPU-hours"] == pytest.approx(p["teacher GPU-hours"] + p["train GPU-hours"] + p["rounds GPU-hours"])
+    assert "rounds GPU-hours" not in make_plan(cfg(), QWEN7, student).numbers

@@ -19,7 +19,8 @@ from typing import Any, Callable, TextIO
 from ..config import ENV_CONFIG_PREFIX, Config, ConfigError
 from ..paths import is_url
 
-STAGE_MODULES = {"generate": "generate_teacher", "train": "train_student", "eval": "evaluate", "run": "run"}
+STAGE_MODULES = {"generate": "generate_teacher", "train": "train_student", "eval": "evaluate", "run": "run",
+                 "rounds": "rounds"}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 # The config travels as text in this env var of the job's runtime_env and the entrypoint reads it as

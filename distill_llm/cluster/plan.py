@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import registry
-from ..config import Config, ConfigError
+from ..config import ROUND_TEACHER, Config, ConfigError
 
 EXIT_CANNOT_FIT = 3  # `distill-llm plan` exits with this when an error flag fired
 
@@ -603,6 +603,39 @@ def student_section(plan: Plan, cfg: Config, s: ModelShape, gpu: GpuSpec) -> Non
         plan.flag("warning", "train.use_gpu", f"a {_n(s.total)} student with train.use_gpu=false trains on CPU")
 
 
+def rounds_section(plan: Plan, cfg: Config, teacher: ModelShape, student: ModelShape, gpu: GpuSpec) -> None:
+    """Per round of `distill-llm rounds`: the student's generation, the teacher's prefill, the training; and
+    rounds.n of them. Generation follows the decode rule of thumb on one GPU; prefill and training are
+    compute-bound at plan.train_mfu."""
+    r, t, p = cfg.rounds, cfg.train, cfg.plan
+    completion, how = mean_completion(cfg)
+    rows = r.prompts_per_round * r.samples_per_prompt
+    gen_tokens = rows * completion
+    plan.add("round: student samples", rows, f"{rows:,}",
+             f"rounds.prompts_per_round {r.prompts_per_round:,} x rounds.samples_per_prompt {r.samples_per_prompt}")
+    plan.add("round: student tokens generated", gen_tokens, f"{gen_tokens:,.0f}", f"samples x {how}")
+    student_tps = DECODE_TOKENS_PER_TBPS_B * gpu.bandwidth_tbps / (student.active / 1e9)
+    gen_hours = gen_tokens / student_tps / 3600
+    plan.add("round: student generation GPU-hours", gen_hours, _h(gen_hours),
+             f"at {student_tps:,.0f} tokens/s on one GPU (decode rule of thumb for {_n(student.active)} params)")
+    scored = rows * (p.mean_prompt_tokens + completion)
+    prefill_hours = 2 * teacher.active * scored / (gpu.peak_tflops * 1e12 * p.train_mfu) / 3600
+    plan.add("round: teacher tokens scored", scored, f"{scored:,.0f}",
+             f"samples x (plan.mean_prompt_tokens {p.mean_prompt_tokens:g} + completion), one prefill each")
+    plan.add("round: teacher prefill GPU-hours", prefill_hours, _h(prefill_hours),
+             f"2 x {_n(teacher.active)} x tokens / ({gpu.peak_tflops:g} TFLOP/s x plan.train_mfu {p.train_mfu})")
+    train_rows = t.max_steps * t.batch_size * t.num_workers * t.grad_accum if t.max_steps else rows * t.epochs
+    tokens = train_rows * min(t.max_seq_len, p.mean_prompt_tokens + completion)
+    factor = (4 if cfg.student.lora is not None else 6) + (2 if cfg.student.gradient_checkpointing else 0)
+    train_hours = factor * student.matmul_params * tokens / (gpu.peak_tflops * 1e12 * p.train_mfu) / 3600
+    plan.add("round: train tokens", tokens, f"{tokens:,.0f}",
+             "train.max_steps x rows/step" if t.max_steps else "samples x train.epochs")
+    plan.add("round: train GPU-hours", train_hours, _h(train_hours), f"{factor} x {_n(student.matmul_params)} x tokens "
+             f"/ ({gpu.peak_tflops:g} TFLOP/s x plan.train_mfu {p.train_mfu})")
+    total = r.n * (gen_hours + prefill_hours + train_hours)
+    plan.add("rounds GPU-hours", total, _h(total), f"rounds.n {r.n} x (generation + prefill + training)")
+
+
 def make_plan(cfg: Config, teacher: ModelShape | None, student: ModelShape | None,
               sources: dict[str, str] | None = None) -> Plan:
     """The plan from known shapes (no fetching): what tests and `plan()` both call."""
@@ -623,9 +656,12 @@ def make_plan(cfg: Config, teacher: ModelShape | None, student: ModelShape | Non
         curate_section(plan, cfg)
     if student is not None:
         student_section(plan, cfg, student, gpu)
+    if cfg.rounds is not None and teacher is not None and student is not None:
+        rounds_section(plan, cfg, teacher, student, gpu)
     price = cfg.plan.price_per_gpu_hour
-    total = plan.numbers.get("teacher GPU-hours", 0) + plan.numbers.get("train GPU-hours", 0)
-    plan.add("total GPU-hours", total, _h(total), "teacher + training (evaluation not counted)")
+    total = sum(plan.numbers.get(k, 0) for k in ("teacher GPU-hours", "train GPU-hours", "rounds GPU-hours"))
+    plan.add("total GPU-hours", total, _h(total), "teacher + training" + (" + rounds" if cfg.rounds else "")
+             + " (evaluation not counted)")
     if price is not None:
         plan.add("cost", total * price, f"{total * price:,.0f}", f"x plan.price_per_gpu_hour {price:g}")
     return plan
@@ -634,7 +670,8 @@ def make_plan(cfg: Config, teacher: ModelShape | None, student: ModelShape | Non
 def plan(cfg: Config) -> Plan:
     """Look the models up (config.json, else the built-in table) and plan."""
     shapes, sources = {}, {}
-    for role, m, params_b in (("teacher", cfg.teacher, cfg.plan.teacher_params_b),
+    self_taught = cfg.teacher.model.startswith(ROUND_TEACHER)  # rounds: round:0 is the starting student
+    for role, m, params_b in (("teacher", cfg.student if self_taught else cfg.teacher, cfg.plan.teacher_params_b),
                               ("student", cfg.student, cfg.plan.student_params_b)):
         shape, sources[role] = model_shape(m.model, m.revision, m.trust_remote_code)
         shapes[role] = with_params(shape, params_b, role)

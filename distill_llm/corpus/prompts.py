@@ -23,6 +23,9 @@ PROMPT_SCHEMA = pa.schema([
     (SKIP_REASON, pa.string()), (SKIP_DETAIL, pa.string()),
     # score mode only (generate.mode: score): the trace's final assistant turn and why it ended
     ("completion", pa.string()), ("finish_reason", pa.string()),
+    # score mode, optional: the completion's teacher-tokenizer ids, scored as they are (a sampler's own tokens,
+    # which decoding and re-tokenising the text need not give back)
+    ("completion_token_ids", pa.list_(pa.int32())),
 ])
 FINISH_REASONS = ("stop", "length")
 
@@ -79,7 +82,13 @@ def normalize_prompt(row: dict[str, Any], index: int | None = None, score: bool 
         return _bad(row, index, "bad_finish_reason", f"'finish_reason' must be one of {FINISH_REASONS}, "
                     f"got {finish!r}")
     trace = [*messages, {"role": "assistant", "content": completion}]
-    return {**out, "prompt_id": prompt_id(trace), "completion": completion, "finish_reason": finish}
+    token_ids = row.get("completion_token_ids")
+    if token_ids is not None and (not isinstance(token_ids, list) or not token_ids
+                                  or not all(isinstance(t, int) and t >= 0 for t in token_ids)):
+        return _bad(row, index, "bad_completion_token_ids", "'completion_token_ids' must be a non-empty list of "
+                    "token ids (ints >= 0)")
+    return {**out, "prompt_id": prompt_id(trace), "completion": completion, "finish_reason": finish,
+            "completion_token_ids": token_ids}
 
 
 def _bad(row: Any, index: int | None, reason: str, detail: str) -> dict[str, Any]:

@@ -9,6 +9,9 @@ Bump ``SCHEMA_VERSION`` on any change a reader could notice, and say what change
   2: an optional ``teacher`` column (string, last): the model that wrote the row, carried by curated sets
      (``distill-llm curate``) that merge several teachers; absent, every row is the run's ``teacher.model``.
      v1 sets are read as they are.
+  The run description (file metadata, run.json, the manifest's ``run``) may hold an optional ``rounds`` object
+  on sets `distill-llm rounds` wrote (round, role, the sampling student's checkpoint hash, the teacher): a
+  described key, not a column, so readers that ignore it read the set unchanged; no version bump.
 """
 
 from __future__ import annotations

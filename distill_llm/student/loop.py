@@ -35,7 +35,8 @@ def kd_settings(t, vocab_size: int) -> KDSettings:
     """The loss settings of TrainConfig ``t`` for a student whose output layer has ``vocab_size`` rows;
     an unset train.loss_chunk_size is sized from it."""
     return KDSettings(alpha=t.alpha, temperature=t.temperature, divergence=t.divergence, jsd_beta=t.jsd_beta,
-                      tail_bucket=t.tail_bucket, chunk_size=t.loss_chunk_size or default_chunk_size(vocab_size))
+                      tail_bucket=t.tail_bucket, chunk_size=t.loss_chunk_size or default_chunk_size(vocab_size),
+                      estimator=t.estimator)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ The teacher distribution is its stored top-k log-probabilities renormalised at t
 an optional (k+1)-th bucket for the mass outside the top k. The student distribution is taken over
 the same buckets, built the same way: its probabilities at the teacher's top-k ids (renormalised
 over those k, or with the rest of its mass as the tail bucket), then tempered. D is one of forward_kl, reverse_kl,
-jsd (with beta) or tvd. Pure torch: no Ray, no transformers.
+jsd (with beta) or tvd; or, with estimator "sampled" (on the student's own samples), the one-sample reverse KL
+estimate at the sampled token's bucket (sampled_reverse_kl). Pure torch: no Ray, no transformers.
 
 Shapes: N completion positions, H hidden size, V vocabulary, k top-k size.
 """
@@ -37,6 +38,7 @@ class KDSettings:
     jsd_beta: float = 0.5
     tail_bucket: bool = False
     chunk_size: int = 1024
+    estimator: str = "topk"  # topk: the divergence over the buckets; sampled: sampled_reverse_kl
 
 
 # Logit elements one loss chunk may hold (chunk x vocabulary): 256 MiB of fp32. Its gradient, the
@@ -95,6 +97,26 @@ def divergence(t_logp: torch.Tensor, s_logp: torch.Tensor, kind: str, beta: floa
     raise ValueError(f"unknown divergence {kind!r}; choose one of {DIVERGENCES}")
 
 
+def sampled_bucket(targets: torch.Tensor, topk_ids: torch.Tensor, tail: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N] bucket index, [N] usable) of each sampled token: its place in the teacher's top k, else the tail
+    bucket (index k) when there is one; without it a token outside the top k has no bucket (not usable)."""
+    hit = topk_ids.long() == targets.long().unsqueeze(-1)
+    inside = hit.any(-1)
+    index = torch.where(inside, hit.float().argmax(-1), torch.full_like(targets.long(), topk_ids.shape[-1]))
+    return index, inside | tail
+
+
+def sampled_reverse_kl(t_logp: torch.Tensor, s_logp: torch.Tensor, bucket: torch.Tensor,
+                       usable: torch.Tensor) -> torch.Tensor:
+    """Per-position one-sample estimate of reverse KL from the student's own sampled token (its bucket b):
+    a = log q(b) - log p(b), whose mean over b ~ q is KL(q || p). Its value is a; its gradient a * grad log q(b),
+    the score-function (REINFORCE) gradient, whose mean over b ~ q is the gradient of KL(q || p). [N]."""
+    index = bucket.clamp(max=s_logp.shape[-1] - 1).unsqueeze(-1)  # an unusable position's index is never used
+    s_b = s_logp.gather(-1, index).squeeze(-1)
+    a = (s_b - t_logp.gather(-1, index).squeeze(-1)).detach()
+    return torch.where(usable, a + a * (s_b - s_b.detach()), torch.zeros_like(a))
+
+
 def kd_scale(settings: KDSettings) -> float:
     """The factor on the KD term: T^2 for the KL divergences, 1 for jsd and tvd (module docstring)."""
     return settings.temperature ** 2 if settings.divergence in T2_SCALED else 1.0
@@ -109,7 +131,10 @@ def _chunk_terms(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         return torch.stack([ce, ce.new_zeros(())])
     t_logp = teacher_buckets(topk_logprobs, s.temperature, s.tail_bucket)
     s_logp = student_buckets(logits, topk_ids, s.temperature, s.tail_bucket)
-    kd = divergence(t_logp, s_logp, s.divergence, s.jsd_beta).sum()
+    if s.estimator == "sampled":  # targets are the student's own samples (distill-llm rounds)
+        kd = sampled_reverse_kl(t_logp, s_logp, *sampled_bucket(targets, topk_ids, s.tail_bucket)).sum()
+    else:
+        kd = divergence(t_logp, s_logp, s.divergence, s.jsd_beta).sum()
     return torch.stack([ce, kd])
 
 

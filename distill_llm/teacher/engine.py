@@ -283,7 +283,8 @@ class TeacherEngine:
                 continue
             row["prompt_token_ids"] = ids
             if self.sampling.mode == "score":
-                row["completion_token_ids"] = completion_ids(self.tokenizer, row["completion"], row["finish_reason"])
+                row["completion_token_ids"] = row.get("completion_token_ids") or completion_ids(
+                    self.tokenizer, row["completion"], row["finish_reason"])
                 total = len(ids) + len(row["completion_token_ids"])
                 if total >= self.max_len:  # vLLM takes a prefill only below max_model_len
                     out[i] = self._reject(row, "trace_too_long", f"prompt + completion are {total} tokens >= "

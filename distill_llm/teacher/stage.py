@@ -218,8 +218,12 @@ def use_gpu_for(setting: bool | None) -> bool:
     return installed_engine_build() == "gpu" if setting is None else setting
 
 
-def generate(cfg: Config) -> dict[str, Any]:
-    """Run the teacher stage; returns the manifest. Resumes a matching run found in output.dir."""
+def generate(cfg: Config, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the teacher stage; returns the manifest. Resumes a matching run found in output.dir.
+
+    ``provenance`` (from `distill-llm rounds`: round, the sampling student's checkpoint hash, the teacher)
+    goes into the run record under ``rounds``: run.json, the manifest and every shard's file metadata.
+    """
     from ..corpus.prompts import expand_samples, read_prompts
     from ..corpus.sink import ShardSink
     from ..cluster.plan import hub_offline
@@ -235,6 +239,8 @@ def generate(cfg: Config) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.teacher.tokenizer or model, cfg.teacher.revision, cfg.teacher.trust_remote_code)
     use_gpu = use_gpu_for(cfg.teacher.use_gpu)
     run = run_record(cfg, model, tokenizer, use_gpu)
+    if provenance is not None:
+        run["rounds"] = provenance
     with storage_errors(out_dir):
         resume = prepare_output(out_dir, run, cfg.output.resume, cfg.output.overwrite)
     init_ray(cfg.ray)

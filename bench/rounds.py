@@ -1,0 +1,112 @@
+"""On-policy rounds against the same number of extra offline-KD steps, from the quickstart's distilled student.
+
+    distill-llm run configs/quickstart.yaml          # first: the offline-KD student and its shards
+    PYTHONPATH=$PWD python bench/rounds.py --results bench/RESULTS.md
+    PYTHONPATH=$PWD python bench/rounds.py --rounds 3 --prompts-per-round 256 --samples 2 --steps 100
+
+Two arms, each ``--rounds`` times ``--steps`` training steps on top of ``--student``:
+- rounds: `distill-llm rounds` (the student samples, the toy teacher scores, reverse KL with train.alpha=1);
+- control: ``--steps`` more offline-KD steps per round on the quickstart's own shards (its own train.* settings).
+Every checkpoint is then scored on the held-out toy:eval prompts (greedy pass@1); the table gives, per row,
+the compute each round took (student tokens generated, teacher tokens scored, steps, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import QUICKSTART, ROOT, append_results, header, machine, table
+
+
+def base_config(args, work: Path, *overrides: str):
+    from distill_llm.config import load_config
+
+    return load_config(QUICKSTART, [f"student.model={args.student}", f"data.shards=[{args.shards}]",
+                                    f"output.dir={args.shards}", f"eval.num_prompts={args.eval_prompts}",
+                                    f"output.eval_dir={work / 'eval'}", *overrides])
+
+
+def run_rounds(args, work: Path) -> list[dict]:
+    from distill_llm.rounds.stage import rounds
+
+    cfg = base_config(args, work, f"rounds.n={args.rounds}", f"rounds.prompts_per_round={args.prompts_per_round}",
+                      f"rounds.samples_per_prompt={args.samples}", f"rounds.dir={work / 'rounds'}",
+                      f"train.max_steps={args.steps}", "train.divergence=reverse_kl", "train.alpha=1.0",
+                      f"train.lr={args.lr}", "train.warmup_steps=0", "data.num_prompts=2048")
+    return rounds(cfg)
+
+
+def run_control(args, work: Path) -> list[dict]:
+    """``--steps`` more offline-KD steps per round, each continuing the previous checkpoint."""
+    from distill_llm.student.stage import train
+
+    student, records = args.student, []
+    for r in range(1, args.rounds + 1):
+        start = time.time()
+        folder = work / "control" / f"round-{r}"
+        cfg = base_config(args, work, f"student.model={student}", f"train.max_steps={args.steps}",
+                          f"train.lr={args.lr}", "train.warmup_steps=0", f"train.seed={r}",
+                          f"train.storage_path={folder / 'train'}", f"output.student_dir={folder / 'student'}")
+        student = train(cfg)
+        records.append({"student_out": student, "steps": args.steps, "seconds": round(time.time() - start, 1)})
+    return records
+
+
+def evaluate_all(args, work: Path, models: list[str]) -> dict[str, float]:
+    """pass@1 of each model folder, scored one at a time as the stage's distilled student (eval.models would
+    name its samples file after the folder's path)."""
+    from distill_llm.evaluation.stage import evaluate
+
+    scores = {}
+    for i, model in enumerate(models):
+        cfg = base_config(args, work, "eval.include_teacher=false", "eval.include_base_student=false",
+                          f"output.eval_dir={work / 'eval' / str(i)}")
+        scores[model] = next(iter(evaluate(cfg, student=model).values()))["pass@1"]
+    return scores
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student", default=str(ROOT / "runs/quickstart/student"))
+    parser.add_argument("--shards", default=str(ROOT / "runs/quickstart/shards"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompts-per-round", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--eval-prompts", type=int, default=200)
+    parser.add_argument("--work", default=None, help="folder for both arms (default: a temp folder)")
+    parser.add_argument("--results", default=None, help="append the section to this file (bench/RESULTS.md)")
+    args = parser.parse_args()
+    for what, path in (("--student", args.student), ("--shards", args.shards)):
+        if not Path(path).exists():
+            print(f"{what} {path} does not exist: run `distill-llm run configs/quickstart.yaml` first", file=sys.stderr)
+            return 2
+    info = machine()
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-rounds-"))
+    on_policy, control = run_rounds(args, work), run_control(args, work)
+    scores = evaluate_all(args, work, [args.student] + [r["student_out"] for r in on_policy + control])
+    rows = [{"checkpoint": "quickstart student (offline KD)", "pass@1": f"{scores[args.student]:.1%}"}]
+    for r, (a, b) in enumerate(zip(on_policy, control), start=1):
+        rows.append({"checkpoint": f"after round {r}", "pass@1": f"{scores[a['student_out']]:.1%}",
+                     "student tokens generated": a["student_tokens_generated"],
+                     "teacher tokens scored": a["teacher_tokens_scored"], "steps": a["steps"], "seconds": a["seconds"]})
+        rows.append({"checkpoint": f"control: +{r * args.steps} offline-KD steps", "pass@1":
+                     f"{scores[b['student_out']]:.1%}", "steps": b["steps"], "seconds": b["seconds"]})
+    settings = (f"{args.rounds} rounds x {args.prompts_per_round} prompts x {args.samples} samples, {args.steps} "
+                f"steps per round (reverse KL, alpha 1, lr {args.lr}); control: the quickstart's train.* with "
+                f"lr {args.lr}; held-out toy:eval, {args.eval_prompts} prompts, greedy")
+    columns = ["checkpoint", "pass@1", "student tokens generated", "teacher tokens scored", "steps", "seconds"]
+    append_results(args.results, header("On-policy rounds vs extra offline KD (bench/rounds.py)", info)
+                   + f"\n{settings}\n\n{table(rows, columns)}\n")
+    print(json.dumps({"work": str(work)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
