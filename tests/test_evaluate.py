@@ -140,3 +140,17 @@ def test_wait_for_exit_names_what_outlives_the_deadline_and_skips_a_reused_pid()
         for pid in (child, proc.pid):
             os.kill(pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_samples_files_are_named_safely_whatever_the_model_label():
+    """A model given in eval.models as a folder path or URL gets a plain file name, not a path under the
+    eval dir; two labels that reduce to the same name get two files."""
+    from distill_llm.evaluation.stage import samples_file
+
+    assert samples_file("student (distilled)", {"teacher": {}, "student (distilled)": {}}) == \
+        "samples-student_distilled.parquet"
+    scored = {"/tmp/runs/a b/student": {}}
+    assert samples_file("/tmp/runs/a b/student", scored) == "samples-tmp_runs_a_b_student.parquet"
+    scored["/tmp/runs/a_b/student"] = {}
+    assert samples_file("/tmp/runs/a_b/student", scored) == "samples-tmp_runs_a_b_student-2.parquet"
+    assert "/" not in samples_file("s3://bucket/students/x", {"s3://bucket/students/x": {}})

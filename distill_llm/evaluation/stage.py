@@ -337,6 +337,17 @@ def wait_for_exit(procs: list[tuple[int, float]], deadline: float) -> list[int]:
         time.sleep(0.2)
 
 
+def samples_file(label: str, scored: dict[str, Any]) -> str:
+    """The file name of a model's samples: its label in safe characters (a label may be a folder path or
+    an object-store URL, given in eval.models), numbered after the first when two labels reduce alike."""
+    import re
+
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_.")[-80:] or "model"
+    names = [re.sub(r"[^A-Za-z0-9._-]+", "_", other).strip("_.")[-80:] or "model" for other in scored]
+    same = names.count(stem) - 1  # ``scored`` already holds this label
+    return f"samples-{stem}.parquet" if same <= 0 else f"samples-{stem}-{same + 1}.parquet"
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     ks = sorted({k for r in results.values() for k in r if k.startswith("pass@")}, key=lambda s: int(s[5:]))
     head = "| model | " + " | ".join(ks) + " | mean tokens | prompts |"
@@ -370,8 +381,7 @@ def evaluate(cfg: Config, student: str | None = None) -> dict[str, dict[str, Any
         wait_for_release(label, released)
         results[label] = {"model": model, **result}
         makedirs(fs, out)
-        name = f"samples-{label.replace(' ', '_').replace('(', '').replace(')', '')}.parquet"
-        pq.write_table(table, join(out, name), filesystem=fs)
+        pq.write_table(table, join(out, samples_file(label, results)), filesystem=fs)
     table = format_table(results)
     _write_text(fs, join(out, "report.json"), json.dumps(results, indent=2))
     _write_text(fs, join(out, "report.md"), f"# Evaluation on {cfg.eval.prompts}\n\n{table}\n")
