@@ -185,6 +185,7 @@ class TeacherEngine:
             kwargs["max_num_batched_tokens"] = kwargs["max_num_seqs"] * (engine.max_model_len or 4096)
         kwargs.update(engine.engine_kwargs)
         _quiet_engine_monitor()
+        _mark_engine_processes()
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
@@ -476,6 +477,20 @@ def _quiet_engine_monitor() -> None:
     logger = logging.getLogger("vllm.v1.engine.core_client")
     if not any(isinstance(f, _NoEndOfStageAlarm) for f in logger.filters):
         logger.addFilter(_NoEndOfStageAlarm())
+
+
+# Set in an engine actor before its engine starts, so every process the engine starts (engine cores, their
+# workers) carries this Ray job's id in its environment, found by it even once orphaned.
+ENGINE_JOB_ENV = "DISTILL_LLM_ENGINE_JOB"
+
+
+def _mark_engine_processes() -> None:
+    """Put this Ray job's id into the environment the engine's processes inherit (evaluation waits for them);
+    only in an actor: a driver's later processes (a local Ray it starts) are no engine's."""
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id():
+        os.environ[ENGINE_JOB_ENV] = ray.get_runtime_context().get_job_id()
 
 
 def _shutdown_at_exit(llm) -> None:
