@@ -505,6 +505,33 @@ def _shutdown_at_exit(llm) -> None:
     core = getattr(llm.llm_engine, "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         atexit.register(core.shutdown)
+    _skip_unregister_after_tracker_death()
+
+
+def _skip_unregister_after_tracker_death() -> None:
+    """Drop multiprocessing's resource-tracker bookkeeping once the tracker this process started is gone.
+
+    When Ray ends a released engine actor it kills the actor's child processes, the resource tracker among
+    them, and may do so before Ray Data drops the engine (so before ``close``). The engine's semaphores
+    (``/mp-*``) and shared memory (``/psm_*``) are then finalized in the actor: each is unlinked, then
+    unregistered, and the unregister relaunches an empty tracker that prints a ``KeyError`` traceback for a
+    name it never saw. Unlinking is what frees a resource; without the tracker that recorded it, the
+    unregister only tells a new one about something it does not know, so it is skipped.
+    """
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    started = tracker._pid
+    if started is None or getattr(resource_tracker.unregister, "_distill_llm", False):
+        return
+    unregister = resource_tracker.unregister
+
+    def unregister_while_tracked(name: str, rtype: str) -> None:
+        if tracker._pid == started and tracker._fd is not None and tracker._check_alive():
+            unregister(name, rtype)
+
+    unregister_while_tracked._distill_llm = True
+    resource_tracker.unregister = unregister_while_tracked
 
 
 def _exit_for_restart(reason: str) -> None:
