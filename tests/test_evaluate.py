@@ -123,6 +123,35 @@ def test_wait_for_exit_waits_for_a_process_and_the_processes_under_it():
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
 
 
+def test_wait_for_exit_waits_for_an_orphaned_engine_process_of_its_job():
+    """An engine actor killed in its ``__init__`` leaves its engine core without a parent: found by the job
+    mark in its environment (teacher/engine.py), not under any actor; another job's is not waited for."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from distill_llm.evaluation.stage import wait_for_exit
+    from distill_llm.teacher.engine import ENGINE_JOB_ENV
+
+    def orphan(job: str, seconds: float) -> int:
+        code = (f"import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', 'import time; "
+                f"time.sleep({seconds})'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)")
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, ENGINE_JOB_ENV: job},
+                             capture_output=True, text=True, check=True)
+        return int(out.stdout)
+
+    other = orphan("0b000000", 30)
+    try:
+        mine = orphan("0a000000", 2)
+        began = time.time()
+        assert wait_for_exit([], began + 30, "0a000000") == []
+        assert time.time() - began > 1.0, f"waited for the orphaned engine process {mine} of its job"
+        assert wait_for_exit([], time.time() + 1, "0b000000") == [other], "named when it outlives the deadline"
+    finally:
+        os.kill(other, 9)
+
+
 def test_wait_for_exit_names_what_outlives_the_deadline_and_skips_a_reused_pid():
     import os
     import signal

@@ -15,7 +15,7 @@ from .checkers import get_checker
 from ..config import Config, ConfigError
 from ..paths import (absolute, cache_dir, check_weights_format, filesystem, is_url, join, makedirs, read_text,
                      resolve_model)
-from ..teacher.engine import EngineSpec, SamplingSpec
+from ..teacher.engine import ENGINE_JOB_ENV, EngineSpec, SamplingSpec
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -288,8 +288,12 @@ def engine_processes_left(actors: list[dict[str, Any]], deadline: float) -> list
     for a in actors:
         if a["Pid"]:  # 0: the actor never got a process
             by_node.setdefault(a["Address"]["NodeID"], []).append((a["Pid"], a["EndTime"] / 1000))
+    for node in ray.nodes():  # an engine core orphaned by its killed actor may be on any node, under no actor
+        if node["Alive"]:
+            by_node.setdefault(node["NodeID"], [])
+    job = ray.get_runtime_context().get_job_id()
     waits = {node: ray.remote(wait_for_exit).options(
-        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(procs, deadline)
+        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(procs, deadline, job)
         for node, procs in by_node.items()}
     left = []
     for node, ref in waits.items():
@@ -303,10 +307,12 @@ def engine_processes_left(actors: list[dict[str, Any]], deadline: float) -> list
     return left
 
 
-def wait_for_exit(procs: list[tuple[int, float]], deadline: float) -> list[int]:
+def wait_for_exit(procs: list[tuple[int, float]], deadline: float, job: str | None = None) -> list[int]:
     """On one node: wait until each ``(pid, ended)`` process, and every process found under it, has
-    exited; the pids still alive at ``deadline``. A pid whose process was created after ``ended`` (when Ray
-    marked the actor dead) is another process that reuses the number; a zombie has let go of its memory."""
+    exited, and with ``job`` every process an engine of that Ray job started (its environment says so: found
+    also when its actor was killed and it was left without a parent); the pids still alive at ``deadline``.
+    A pid whose process was created after ``ended`` (when Ray marked the actor dead) is another process that
+    reuses the number; a zombie has let go of its memory."""
     import contextlib
 
     import psutil
@@ -320,6 +326,8 @@ def wait_for_exit(procs: list[tuple[int, float]], deadline: float) -> list[int]:
         except psutil.Error:
             continue
     while True:
+        if job:
+            watched.update(_engine_processes(job))
         for pid, created in list(watched.items()):
             try:
                 p = psutil.Process(pid)
@@ -346,6 +354,25 @@ def samples_file(label: str, scored: dict[str, Any]) -> str:
     names = [re.sub(r"[^A-Za-z0-9._-]+", "_", other).strip("_.")[-80:] or "model" for other in scored]
     same = names.count(stem) - 1  # ``scored`` already holds this label
     return f"samples-{stem}.parquet" if same <= 0 else f"samples-{stem}-{same + 1}.parquet"
+
+
+def _engine_processes(job: str) -> dict[int, float]:
+    """pid -> create_time of the live processes on this machine whose environment marks them as started by
+    an engine of Ray job ``job`` (teacher/engine.py: ENGINE_JOB_ENV)."""
+    import os
+
+    import psutil
+
+    found = {}
+    for p in psutil.process_iter(["pid", "create_time", "status"]):
+        if p.info["pid"] == os.getpid() or p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            if p.environ().get(ENGINE_JOB_ENV) == job:
+                found[p.info["pid"]] = p.info["create_time"]
+        except psutil.Error:  # gone, or another user's
+            continue
+    return found
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:

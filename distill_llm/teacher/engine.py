@@ -185,6 +185,7 @@ class TeacherEngine:
             kwargs["max_num_batched_tokens"] = kwargs["max_num_seqs"] * (engine.max_model_len or 4096)
         kwargs.update(engine.engine_kwargs)
         _quiet_engine_monitor()
+        _mark_engine_processes()
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
@@ -479,6 +480,20 @@ def _quiet_engine_monitor() -> None:
         logger.addFilter(_NoEndOfStageAlarm())
 
 
+# Set in an engine actor before its engine starts, so every process the engine starts (engine cores, their
+# workers) carries this Ray job's id in its environment, found by it even once orphaned.
+ENGINE_JOB_ENV = "DISTILL_LLM_ENGINE_JOB"
+
+
+def _mark_engine_processes() -> None:
+    """Put this Ray job's id into the environment the engine's processes inherit (evaluation waits for them);
+    only in an actor: a driver's later processes (a local Ray it starts) are no engine's."""
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id():
+        os.environ[ENGINE_JOB_ENV] = ray.get_runtime_context().get_job_id()
+
+
 def _shutdown_at_exit(llm) -> None:
     """Shut the engine core down when the actor process exits normally (Ray Data releasing the actor).
 
@@ -491,6 +506,33 @@ def _shutdown_at_exit(llm) -> None:
     core = getattr(llm.llm_engine, "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         atexit.register(core.shutdown)
+    _skip_unregister_after_tracker_death()
+
+
+def _skip_unregister_after_tracker_death() -> None:
+    """Drop multiprocessing's resource-tracker bookkeeping once the tracker this process started is gone.
+
+    When Ray ends a released engine actor it kills the actor's child processes, the resource tracker among
+    them, and may do so before Ray Data drops the engine (so before ``close``). The engine's semaphores
+    (``/mp-*``) and shared memory (``/psm_*``) are then finalized in the actor: each is unlinked, then
+    unregistered, and the unregister relaunches an empty tracker that prints a ``KeyError`` traceback for a
+    name it never saw. Unlinking is what frees a resource; without the tracker that recorded it, the
+    unregister only tells a new one about something it does not know, so it is skipped.
+    """
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    started = tracker._pid
+    if started is None or getattr(resource_tracker.unregister, "_distill_llm", False):
+        return
+    unregister = resource_tracker.unregister
+
+    def unregister_while_tracked(name: str, rtype: str) -> None:
+        if tracker._pid == started and tracker._fd is not None and tracker._check_alive():
+            unregister(name, rtype)
+
+    unregister_while_tracked._distill_llm = True
+    resource_tracker.unregister = unregister_while_tracked
 
 
 def _exit_for_restart(reason: str) -> None:
