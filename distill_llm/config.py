@@ -328,6 +328,7 @@ class CurateInput(_Section):
     dir: str
     weight: float = Field(1.0, gt=0, le=1)  # fraction of this input's surviving rows kept (a mixing weight)
     teacher: str | None = None  # the teacher column's value for its rows; None: the set's teacher.model
+    kd_weight: float = Field(1.0, ge=0)  # the KD term's weight for this input's rows (0: CE only)
 
 
 class CurateNearDup(_Section):
@@ -345,6 +346,14 @@ class CurateVerify(_Section):
     max_correct_per_prompt: int | None = Field(None, ge=1)
     prefer_shortest: bool = False  # with a cap, keep the shortest correct samples (alone: the shortest one)
     drop_truncated: bool = False  # finish_reason == length
+    kd_weight_incorrect: float | None = Field(None, ge=0)  # a failed trace's KD weight (kept for its CE)
+
+    @model_validator(mode="after")
+    def _weight_needs_incorrect_rows(self) -> "CurateVerify":
+        if self.kd_weight_incorrect is not None and self.correct_only:
+            raise ValueError("kd_weight_incorrect weighs failed traces, but correct_only=true removes them: "
+                             "set one of the two")
+        return self
 
 
 class CurateLength(_Section):

@@ -125,9 +125,11 @@ def test_curate_removes_planted_rows_by_reason(ray_session, tmp_path):
     assert manifest["rejected"] == wanted
     out = read_shards(str(tmp_path / "out"))
     assert sorted(out["sample_id"].to_pylist()) == sorted(s for s, r in expect.items() if r is None)
-    # the input's schema, top-k columns included, plus the v2 teacher column
+    # the input's schema, top-k columns included, plus the v2 teacher and kd_weight columns
     assert pq.read_schema(shard_files(str(tmp_path / "out"))[0]).remove_metadata() == \
-        pq.read_schema(shard_files(str(inp))[0]).remove_metadata().append(pa.field("teacher", pa.string()))
+        pq.read_schema(shard_files(str(inp))[0]).remove_metadata().append(pa.field("teacher", pa.string())).append(
+            pa.field("kd_weight", pa.float32()))
+    assert set(out["kd_weight"].to_pylist()) == {1.0}
     assert set(out["teacher"].to_pylist()) == {"t"}
     rejects = pa.concat_tables([pq.read_table(p) for p in (tmp_path / "out" / "rejects").glob("*.parquet")])
     assert dict(zip(rejects["sample_id"].to_pylist(), rejects["reason"].to_pylist())) == \
@@ -153,7 +155,8 @@ def test_curate_merges_two_teachers_and_weights_them(ray_session, tmp_path):
     write_set(tmp_path / "a", [row(p, 0, trace("7", f"a{i}")) for i, p in enumerate(prompts)], teacher="ta", version=1)
     write_set(tmp_path / "b", [row(p, 0, trace("7", f"b{i}")) for i, p in enumerate(prompts)]
               + [row(prompts[0], 1, trace("7", "a0"))], teacher="tb")  # the same completion as teacher a's
-    cfg = build_config({"curate": {"inputs": [str(tmp_path / "a"), {"dir": str(tmp_path / "b"), "weight": 0.5}],
+    cfg = build_config({"curate": {"inputs": [str(tmp_path / "a"),
+                                              {"dir": str(tmp_path / "b"), "weight": 0.5, "kd_weight": 0.0}],
                                    "output": str(tmp_path / "out")}})
     manifest = curate(cfg)
     removed = manifest["curate"]["removed"]
@@ -164,6 +167,18 @@ def test_curate_merges_two_teachers_and_weights_them(ray_session, tmp_path):
     assert len([i for i in ids if i.startswith("t0:")]) == 6  # weight 1: every surviving row
     kept_b = len([i for i in ids if i.startswith("t1:")])
     assert kept_b + removed.get("mixing_weight", 0) == 6 and 0 < kept_b < 6
+    assert {i[:3]: w for i, w in zip(ids, out["kd_weight"].to_pylist())} == {"t0:": 1.0, "t1:": 0.0}
+    # Training reads the weights; a set without them, trained beside, gets weight 1.
+    from distill_llm.student.stage import training_dataset
+
+    files = {str(tmp_path / d): shard_files(str(tmp_path / d)) for d in ("out", "a")}
+    rows = training_dataset(build_config({}), files, with_topk=True).to_arrow_refs()
+    table = pa.concat_tables([__import__("ray").get(r) for r in rows])
+    weight_of = dict(zip(table["sample_id"].to_pylist(), table["kd_weight"].to_pylist()))
+    assert len(weight_of) == out.num_rows + 6
+    assert sorted(set(weight_of.values())) == [0.0, 1.0]
+    assert all(weight_of[i] == 0.0 for i in ids if i.startswith("t1:"))
+    assert "kd_weight" not in training_dataset(build_config({}), files, with_topk=False).schema().names
 
 
 def test_curate_refuses_before_work(tmp_path):
@@ -257,6 +272,11 @@ def test_curate_config_names_bad_keys():
         build_config({"curate": {"inputs": ["a"], "output": "o", "near_dup": {"threshold": 1.5}}})
     with pytest.raises(ConfigError, match="curate.inputs"):
         build_config({"curate": {"inputs": [], "output": "o"}})
+    with pytest.raises(ConfigError, match="curate.verify: kd_weight_incorrect weighs failed traces, but correct_only"):
+        build_config({"curate": {"inputs": ["a"], "output": "o",
+                                 "verify": {"correct_only": True, "kd_weight_incorrect": 0}}})
+    with pytest.raises(ConfigError, match=r"curate.inputs.0.kd_weight|curate.inputs\[0\].kd_weight"):
+        build_config({"curate": {"inputs": [{"dir": "a", "kd_weight": -1}], "output": "o"}})
     with pytest.raises(ConfigError, match="curate.output: the URL carries credentials"):
         build_config({"curate": {"inputs": ["a"], "output": "s3://user:secret@bucket/x"}})
 
@@ -271,11 +291,17 @@ def test_mark_keeps_a_curated_teacher_and_skips_committed_rows():
     batch = batch.drop_columns(["skip_reason", "skip_detail"]).append_column("teacher", pa.array(["old", None, None], pa.string()))
     ids = ["t1:" + s for s in batch["sample_id"].to_pylist()]
     removed = pa.table({"sample_id": [ids[2]], "reason": ["incorrect"], "detail": ["the answer check failed"]})
-    out = mark(batch, (removed, pa.array([ids[0]])), "t1:", "new")
+    out = mark(batch, (removed, pa.array([ids[0]]), pa.array([], pa.string())), "t1:", "new")
     assert out["sample_id"].to_pylist() == ids[1:]
     assert out["teacher"].to_pylist() == ["new", "new"]
     assert out["skip_reason"].to_pylist() == [None, "incorrect"]
-    assert mark(batch, (removed, pa.array([], pa.string())), "t1:", "new")["teacher"].to_pylist()[0] == "old"
+    assert out["kd_weight"].to_pylist() == [1.0, 1.0]
+    none = pa.array([], pa.string())
+    assert mark(batch, (removed, none, none), "t1:", "new")["teacher"].to_pylist()[0] == "old"
+    # KD weights: the input's, times kd_weight_incorrect for a failed row, times a curated input's own.
+    batch = batch.append_column("kd_weight", pa.array([0.5, None, 1.0], pa.float32()))
+    out = mark(batch, (removed, none, pa.array([ids[1]])), "t1:", "new", kd_weight=0.5, kd_weight_incorrect=0.0)
+    assert out["kd_weight"].to_pylist() == [0.25, 0.0, 0.5]
 
 
 @pytest.mark.slow
@@ -340,3 +366,59 @@ def test_decide_length_verdict_and_cap_policies():
     first, again = filters.decide(many, half), filters.decide(many, half)
     assert first.equals(again) and 900 < first.num_rows < 1100
     assert set(first["reason"].to_pylist()) == {"mixing_weight"}
+
+
+# ---------------------------------------------------------------- per-sample KD weights in the student's loss
+
+
+def weighted_rows(weights):
+    rows = [row(sentence(i, 6), 0, trace("7", "s" * (i + 1))) for i in range(len(weights))]
+    table = pa.Table.from_pylist(rows, schema=engine_output_schema(K, "float16"))
+    return table.append_column("kd_weight", pa.array(weights, pa.float32()))
+
+
+def kd_loss_of(batch, hidden, head, alpha=0.5):
+    from distill_llm.student.losses import KDSettings, distill_loss
+
+    return distill_loss(hidden, head, batch["targets"], batch["topk_ids"], batch["topk_logprobs"],
+                        KDSettings(alpha=alpha, chunk_size=3), kd_weights=batch.get("kd_weights"))
+
+
+def test_kd_weight_is_read_per_sample_by_the_loss():
+    """A curated set's kd_weight column reaches the loss: weights of 1 give the unweighted route's loss and
+    gradients exactly; a row of weight 0 contributes CE only (no KD gradient), a row of 0.5 half its KD."""
+    import torch
+
+    from distill_llm.student.batching import build_batch
+
+    plain = weighted_rows([1.0, 1.0, 1.0]).drop_columns(["kd_weight"])
+    args = {"max_seq_len": 64, "pad_id": 0, "with_topk": True}
+    base, _ = build_batch(plain, **args)
+    assert "kd_weights" not in base
+    torch.manual_seed(0)
+    n = base["targets"].numel()
+    hidden, head = torch.randn(n, 8), torch.randn(16, 8)
+
+    def grads(batch, alpha=0.5):
+        h = hidden.clone().requires_grad_(True)
+        out = kd_loss_of(batch, h, head, alpha)
+        out["loss"].backward()
+        return out, h.grad
+
+    ones, _ = build_batch(weighted_rows([1.0, 1.0, 1.0]), **args)
+    assert ones["kd_weights"].tolist() == [1.0] * n
+    (out_base, g_base), (out_ones, g_ones) = grads(base), grads(ones)
+    assert torch.equal(out_base["loss"], out_ones["loss"]) and torch.equal(g_base, g_ones)
+
+    mixed, _ = build_batch(weighted_rows([1.0, 0.0, None]), **args)
+    lengths = [len(c) for c in plain["completion_token_ids"].to_pylist()]
+    zero = slice(lengths[0], lengths[0] + lengths[1])  # the positions of the weight-0 row
+    assert mixed["kd_weights"][zero].eq(0).all() and mixed["kd_weights"].sum() == n - lengths[1]
+    _, g_kd_only = grads(mixed, alpha=1.0)
+    assert g_kd_only[zero].abs().max() == 0, "a weight-0 row has no KD gradient"
+    assert g_kd_only[:lengths[0]].abs().max() > 0
+    (_, g_mixed), (_, g_ce) = grads(mixed), grads(base, alpha=0.0)
+    assert torch.allclose(g_mixed[zero], 0.5 * g_ce[zero]), "alpha=0.5: the weight-0 row's gradient is (1-alpha) CE's"
+    half, _ = build_batch(weighted_rows([0.5, 0.5, 0.5]), **args)
+    full, halved = kd_loss_of(base, hidden, head, 1.0), kd_loss_of(half, hidden, head, 1.0)
+    assert torch.allclose(halved["kd"], 0.5 * full["kd"]) and torch.equal(halved["ce"], full["ce"])

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import Config, ConfigError, CurateConfig, DataConfig
-from ..corpus.schema import SCHEMA_VERSION, SKIP_DETAIL, SKIP_REASON, TEACHER_COLUMN
+from ..corpus.schema import KD_WEIGHT_COLUMN, SCHEMA_VERSION, SKIP_DETAIL, SKIP_REASON, TEACHER_COLUMN
 from ..corpus.shards import (IDENTITY_KEYS, ShardError, ShardWriter, check_compatible, prepare_output, read_manifest,
                              shard_files, storage_errors, write_manifest)
 from ..paths import absolute, check_location, filesystem, join, read_text
@@ -80,7 +80,8 @@ def run_record(cfg: Config, dirs: list[str], manifests: dict[str, dict[str, Any]
     c = cfg.curate
     base = dict(manifests[dirs[0]]["run"])
     inputs = [{"dir": d, "manifest_sha256": manifest_sha256(d), "rows": manifests[d]["totals"]["rows"],
-               "teacher": teacher_label(c, i, manifests[d]), "weight": c.inputs[i].weight}
+               "teacher": teacher_label(c, i, manifests[d]), "weight": c.inputs[i].weight,
+               "kd_weight": c.inputs[i].kd_weight}
               for i, d in enumerate(dirs)]
     settings = c.model_dump(mode="json", exclude={"inputs", "output", "resume", "overwrite", "rows_per_shard"})
     settings["eval_prompts"] = cfg.eval.prompts
@@ -154,10 +155,12 @@ def _fetch(ref):
     return _cache[ref.hex()]
 
 
-def mark(batch: pa.Table, decisions_ref, prefix: str, teacher: str) -> pa.Table:
+def mark(batch: pa.Table, decisions_ref, prefix: str, teacher: str, kd_weight: float = 1.0,
+         kd_weight_incorrect: float | None = None) -> pa.Table:
     """A shard batch as the writer takes it: output sample ids, the teacher column (a curated input's own
-    values kept), rows committed before (a resumed run) left out, and the removal reason (null: kept)."""
-    removed, done = _fetch(decisions_ref)
+    values kept), the KD weight column (see kd_weights), rows committed before (a resumed run) left out,
+    and the removal reason (null: kept). ``decisions_ref``: (removed rows, committed ids, failed ids)."""
+    removed, done, failed = _fetch(decisions_ref)
     label = pa.array([teacher] * batch.num_rows, pa.string())
     if TEACHER_COLUMN in batch.schema.names:
         where = batch.schema.get_field_index(TEACHER_COLUMN)
@@ -166,11 +169,29 @@ def mark(batch: pa.Table, decisions_ref, prefix: str, teacher: str) -> pa.Table:
         batch = batch.append_column(TEACHER_COLUMN, label)
     sample_ids = pc.binary_join_element_wise(pa.scalar(prefix), batch["sample_id"], "") if prefix else batch["sample_id"]
     batch = batch.set_column(batch.schema.get_field_index("sample_id"), "sample_id", sample_ids)
+    weights = kd_weights(batch, kd_weight, failed, kd_weight_incorrect)
+    if KD_WEIGHT_COLUMN in batch.schema.names:
+        batch = batch.set_column(batch.schema.get_field_index(KD_WEIGHT_COLUMN), KD_WEIGHT_COLUMN, weights)
+    else:
+        batch = batch.append_column(KD_WEIGHT_COLUMN, weights)
     if len(done):
         batch = batch.filter(pc.invert(pc.is_in(batch["sample_id"], value_set=done)))
     where = pc.index_in(batch["sample_id"], value_set=removed["sample_id"])
     return (batch.append_column(SKIP_REASON, pc.take(removed["reason"], where))
             .append_column(SKIP_DETAIL, pc.take(removed["detail"], where)))
+
+
+def kd_weights(batch: pa.Table, kd_weight: float, failed: pa.Array, kd_weight_incorrect: float | None) -> pa.Array:
+    """Per row: the input's ``kd_weight``, times ``kd_weight_incorrect`` for a row whose answer check failed
+    (``failed``: output sample ids), times the row's own weight when the input is itself curated."""
+    import numpy as np
+
+    w = np.full(batch.num_rows, kd_weight, dtype=np.float32)
+    if kd_weight_incorrect is not None and len(failed):
+        w[pc.is_in(batch["sample_id"], value_set=failed).to_numpy(zero_copy_only=False)] *= kd_weight_incorrect
+    if KD_WEIGHT_COLUMN in batch.schema.names:
+        w *= pc.fill_null(batch[KD_WEIGHT_COLUMN], 1.0).to_numpy().astype(np.float32)
+    return pa.array(w, pa.float32())
 
 
 def prefixes(dirs: list[str]) -> list[str]:
@@ -185,8 +206,10 @@ def removed_counts(removed: pa.Table) -> dict[str, int]:
     return {reason: found[reason] for reason in filters.REASONS if reason in found}
 
 
-def write_pass(cfg: Config, dirs: list[str], removed: pa.Table, done: set[str], run: dict[str, Any]) -> None:
-    """The second pass: every input row through the teacher stage's writer (shards + rejects, committed)."""
+def write_pass(cfg: Config, dirs: list[str], removed: pa.Table, done: set[str], run: dict[str, Any],
+               failed: pa.Table) -> None:
+    """The second pass: every input row through the teacher stage's writer (shards + rejects, committed);
+    ``failed`` (input, sample_id): the rows whose answer check failed, weighted by kd_weight_incorrect."""
     import ray
 
     from ..corpus.sink import ShardSink
@@ -199,9 +222,12 @@ def write_pass(cfg: Config, dirs: list[str], removed: pa.Table, done: set[str], 
         mine = removed.filter(pc.equal(removed["input"], i))
         mine = mine.set_column(1, "sample_id", pc.binary_join_element_wise(pa.scalar(prefix), mine["sample_id"], "")
                                if prefix else mine["sample_id"])
-        ref = ray.put((mine.drop_columns(["input"]), done_ids))
-        parts.append(read_input(d).map_batches(mark, batch_format="pyarrow",
-                                               fn_kwargs={"decisions_ref": ref, "prefix": prefix, "teacher": labels[i]}))
+        bad = failed.filter(pc.equal(failed["input"], i))["sample_id"]
+        bad = pc.binary_join_element_wise(pa.scalar(prefix), bad, "") if prefix else bad
+        ref = ray.put((mine.drop_columns(["input"]), done_ids, bad.combine_chunks()))
+        parts.append(read_input(d).map_batches(mark, batch_format="pyarrow", fn_kwargs={
+            "decisions_ref": ref, "prefix": prefix, "teacher": labels[i], "kd_weight": c.inputs[i].kd_weight,
+            "kd_weight_incorrect": c.verify.kd_weight_incorrect}))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     writer = ShardWriter(absolute(c.output), run.get("top_k_logprobs") or 0, run.get("logprobs_dtype") or "float16",
                          metadata=run, teacher_column=True)
@@ -229,7 +255,7 @@ def curate(cfg: Config) -> dict[str, Any]:
     with storage_errors(out_dir):
         if resume.committed:
             print(f"curate: resuming {out_dir}: {len(resume.done_sample_ids):,} rows already committed")
-        write_pass(cfg, dirs, removed, resume.done_sample_ids, run)
+        write_pass(cfg, dirs, removed, resume.done_sample_ids, run, failed_rows(table, c))
         extra = {"curate": {**run["curate"], "removed": removed_counts(removed), "eval_ngrams": len(grams)},
                  "config": cfg.model_dump(mode="json")}
         manifest = write_manifest(out_dir, extra=extra, expected=table.num_rows)
@@ -238,6 +264,14 @@ def curate(cfg: Config) -> dict[str, Any]:
           f"{t['rejected']:,} removed ({manifest['curate']['removed'] or 'none'}) in {time.time() - start:.1f}s "
           f"-> {out_dir}")
     return manifest
+
+
+def failed_rows(table: pa.Table, c: CurateConfig) -> pa.Table:
+    """(input, sample_id) of the rows whose answer check failed, when curate.verify.kd_weight_incorrect
+    weighs them; none otherwise."""
+    if c.verify.kd_weight_incorrect is None:
+        table = table.slice(0, 0)
+    return table.filter(pc.equal(pc.fill_null(table["correct"], True), False)).select(["input", "sample_id"])
 
 
 def claim_output(out_dir: str, run: dict[str, Any], c: CurateConfig):
