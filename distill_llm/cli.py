@@ -22,7 +22,7 @@ import traceback
 
 from .config import Config, ConfigError, dump_config, load_config
 
-STAGES = ("generate", "train", "eval", "run")
+STAGES = ("generate", "train", "eval", "run", "curate")
 JOB_COMMANDS = ("submit", "jobs")
 DEBUG_ENV = "DISTILL_LLM_DEBUG"  # 1: print the traceback of an unexpected error (as --debug does)
 
@@ -104,8 +104,9 @@ def run_stage(stage: str, cfg: Config) -> None:
         evaluate(cfg)
     elif stage == "curate":
         from .curation.stage import curate
+        from .evaluation.stage import sample_passes
 
-        curate(cfg)
+        curate(cfg, sample_passes)
     elif stage == "run":
         from .teacher.stage import generate
         from .student.stage import train

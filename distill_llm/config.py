@@ -362,6 +362,17 @@ class CurateLength(_Section):
     require_think: bool = False  # <think>...</think>answer
 
 
+class CurateDifficulty(_Section):
+    """s1's difficulty filter: prompts the base student already solves, prompts no teacher sample solved."""
+
+    student_max_pass_rate: float | None = Field(None, ge=0, lt=1)  # None: no student pass; else drop prompts above it
+    student: str | None = None  # the model of the quick pass; None: student.model
+    samples: int = Field(4, ge=1)  # student samples per prompt
+    temperature: float = Field(1.0, ge=0)
+    max_new_tokens: int | None = Field(None, ge=1)  # None: generate.max_new_tokens
+    drop_unsolved: bool = False  # drop prompts whose every checked teacher sample failed
+
+
 class CurateConfig(_Section):
     """`distill-llm curate`: shard sets in, one filtered shard set out (distill_llm/curation/)."""
 
@@ -377,6 +388,7 @@ class CurateConfig(_Section):
     decontaminate_completions: bool = False
     verify: CurateVerify = Field(default_factory=CurateVerify)
     length: CurateLength = Field(default_factory=CurateLength)
+    difficulty: CurateDifficulty = Field(default_factory=CurateDifficulty)
     rows_per_shard: int = Field(4096, ge=1)
 
     @field_validator("inputs", mode="before")

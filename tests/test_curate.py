@@ -194,6 +194,35 @@ def test_curate_refuses_before_work(tmp_path):
         curate(curate_config(tmp_path, [tmp_path / "missing"]))
     with pytest.raises(ConfigError, match="curate: the config has no curate section"):
         curate(build_config({}))
+    with pytest.raises(ConfigError, match="curate.difficulty.student_max_pass_rate needs an answer checker"):
+        curate(curate_config(tmp_path, [inp], difficulty={"student_max_pass_rate": 0.5}))
+    with pytest.raises(ConfigError, match="curate.difficulty.drop_unsolved needs an answer verdict"):
+        curate(curate_config(tmp_path, [inp], difficulty={"drop_unsolved": True}))
+
+
+def test_submit_curate_is_checked_before_anything_is_sent(tmp_path, monkeypatch, capsys):
+    """`distill-llm submit --stage curate`: the job runs pipelines.curate; a config without a curate section
+    or with relative curate paths is refused here (exit 2), before the job server is contacted."""
+    import shlex
+
+    from distill_llm.cli import main
+    from distill_llm.cluster import jobs
+
+    assert shlex.split(jobs.entrypoint("curate", ["curate.output=s3://b/c"]))[:3] == ["python", "-m", "pipelines.curate"]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    closed = "http://127.0.0.1:9"  # nothing may be sent: every refusal comes before the address is used
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("train: {alpha: 0.5}\n")
+    assert main(["submit", str(plain), "--stage", "curate", "--address", closed]) == 2
+    assert "curate: the config has no curate section" in capsys.readouterr().err
+    curated = tmp_path / "curate.yaml"
+    curated.write_text("curate: {inputs: [/data/shards], output: runs/curated}\n")
+    assert main(["submit", str(curated), "--stage", "curate", "--address", closed]) == 2
+    assert "curate.output=runs/curated is a relative path" in capsys.readouterr().err
+    assert main(["submit", str(curated), "--stage", "curate", "--address", closed,
+                 "curate.inputs=[shards]", "curate.output=s3://b/c"]) == 2
+    assert "curate.inputs[0].dir=shards is a relative path" in capsys.readouterr().err
+    jobs.check_cluster_paths(build_config({"curate": {"inputs": ["s3://b/a"], "output": "/shared/c"}}), "curate")
 
 
 def test_curate_refuses_to_keep_nothing(ray_session, tmp_path):
@@ -309,16 +338,31 @@ def test_curated_generated_set_trains(generated, tmp_path):
     """The session's real shard set curated (verified, shortest correct, no truncated trace) trains a student."""
     from conftest import small_config
     from distill_llm.curation.stage import curate
+    from distill_llm.evaluation.stage import sample_passes
     from distill_llm.student.stage import train
 
     gen, manifest = generated
     cfg = small_config(tmp_path, data={"shards": str(tmp_path / "curated")},
                        train={"max_steps": 1, "num_workers": 1, "batch_size": 4, "log_every": 1})
     cfg.curate = {"inputs": [gen.output.dir], "output": str(tmp_path / "curated"),
-                  "verify": {"correct_only": True, "prefer_shortest": True, "drop_truncated": True}}
-    curated = curate(cfg)
+                  "verify": {"correct_only": True, "prefer_shortest": True, "drop_truncated": True},
+                  "difficulty": {"student_max_pass_rate": 0.0, "samples": 2}}
+    with pytest.raises(ConfigError, match="needs the evaluation stage's student pass"):
+        curate(cfg)
+    curated = curate(cfg, sample_passes)
+    # The base student's quick pass: every prompt sampled twice, its solved prompts' rows removed as too_easy.
+    passes = pq.read_table(tmp_path / "curated" / "difficulty.parquet").to_pylist()
+    assert len(passes) == len(set(read_shards(gen.output.dir, columns=["prompt_id"])["prompt_id"].to_pylist()))
+    assert {p["samples"] for p in passes} == {2}
+    easy = {p["prompt_id"] for p in passes if p["correct"] > 0}
+    rejects = pa.concat_tables([pq.read_table(p) for p in (tmp_path / "curated" / "rejects").glob("*.parquet")])
+    too_easy = {p for p, r in zip(rejects["prompt_id"].to_pylist(), rejects["reason"].to_pylist()) if r == "too_easy"}
+    assert too_easy <= easy and curated["curate"]["student_pass"]["prompts"] == len(passes)
     rows = read_shards(str(tmp_path / "curated"), columns=["prompt_id", "answer_correct", "finish_reason"])
+    assert not easy & set(rows["prompt_id"].to_pylist())
     assert curated["totals"]["rows"] + sum(curated["curate"]["removed"].values()) == manifest["totals"]["rows"]
+    rerun = curate(cfg, lambda *args: pytest.fail("a rerun must read the saved pass rates, not sample again"))
+    assert rerun["shards"] == curated["shards"]
     assert rows.num_rows == curated["totals"]["rows"] > 0
     assert all(rows["answer_correct"].to_pylist()) and "length" not in rows["finish_reason"].to_pylist()
     assert len(set(rows["prompt_id"].to_pylist())) == rows.num_rows, "one (the shortest) correct sample per prompt"
@@ -360,6 +404,17 @@ def test_decide_length_verdict_and_cap_policies():
                    "b-2": "incorrect", "a-1": "over_max_correct"}  # a-0 and b-3: the shortest correct of each
     assert dict(zip(removed["sample_id"].to_pylist(), removed["detail"].to_pylist()))["a-2"] == \
         "500 completion tokens > 100"
+    # Difficulty: prompts the student solved above the rate; prompts whose every checked sample failed.
+    hard = [feat("c-0", "c", 5, correct=False), feat("c-1", "c", 6, correct=False), feat("d-0", "d", 5, correct=None),
+            feat("e-0", "e", 5, correct=False), feat("e-1", "e", 6), feat("f-0", "f", 5), feat("g-0", "g", 5)]
+    table = pa.Table.from_pylist(hard, schema=filters.FEATURE_SCHEMA)
+    policy = filters.Policy(near_duplicates=False, drop_unsolved=True, max_pass_rate=0.5,
+                            pass_rates={"f": (3, 4), "g": (2, 4), "e": (4, 4)})
+    removed = filters.decide(table, policy)
+    got = dict(zip(removed["sample_id"].to_pylist(), removed["reason"].to_pylist()))
+    assert got == {"c-0": "unsolved", "c-1": "unsolved", "f-0": "too_easy", "e-0": "too_easy", "e-1": "too_easy"}
+    assert dict(zip(removed["sample_id"].to_pylist(), removed["detail"].to_pylist()))["f-0"] == \
+        "the student solved 3/4 samples (> 0.5)"
     # Mixing weights draw by sample id: the same rows every time, about the weight's share of them.
     many = pa.Table.from_pylist([feat(f"m-{i}", f"m{i}", 10) for i in range(2000)], schema=filters.FEATURE_SCHEMA)
     half = filters.Policy(near_duplicates=False, weights=(0.5,))
@@ -422,3 +477,57 @@ def test_kd_weight_is_read_per_sample_by_the_loss():
     half, _ = build_batch(weighted_rows([0.5, 0.5, 0.5]), **args)
     full, halved = kd_loss_of(base, hidden, head, 1.0), kd_loss_of(half, hidden, head, 1.0)
     assert torch.allclose(halved["kd"], 0.5 * full["kd"]) and torch.equal(halved["ce"], full["ce"])
+
+
+@pytest.mark.slow
+def test_killed_curate_run_reruns_to_the_same_set(ray_session, tmp_path):
+    """`python -m pipelines.curate` SIGKILLed after its first shard commit, then the same command again: the
+    curated set equals an uninterrupted run's, the committed shards are kept and no row is written twice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from distill_llm.curation.stage import curate
+    from test_generate_faults import kill_session
+
+    rows = [row(sentence(i, 30), s, trace("7" if (i + s) % 3 else "8", f"steps {i} {s}"), correct=bool((i + s) % 3))
+            for i in range(120) for s in range(2)]
+    write_set(tmp_path / "in", rows)
+    tree = {"curate": {"inputs": [str(tmp_path / "in")], "output": str(tmp_path / "out"), "rows_per_shard": 3,
+                       "verify": {"kd_weight_incorrect": 0.0, "max_correct_per_prompt": 1}},
+            "eval": {"num_prompts": 8}, "ray": {"num_cpus": 2}}
+    config = tmp_path / "curate.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray of its own
+    log = tmp_path / "driver.log"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.curate", str(config)], cwd=root, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True, env={**env, "PYTHONPATH": str(root)})
+    commits = tmp_path / "out" / "_commits"
+    try:
+        while not list(commits.glob("*.json")):
+            assert proc.poll() is None, "the driver ended before its first commit:\n" + log.read_text()[-3000:]
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        kill_session(proc.pid)  # the killed driver's local Ray
+    assert not (tmp_path / "out" / "manifest.json").exists(), "the run finished before it was killed"
+    before = {p.name: p.read_bytes() for p in commits.glob("*.json")}
+
+    cfg = build_config(tree)
+    resumed = curate(cfg)  # the same command again
+    tree["curate"]["output"] = str(tmp_path / "reference")
+    reference = curate(build_config(tree))
+    out, ref = read_shards(str(tmp_path / "out")), read_shards(str(tmp_path / "reference"))
+    ids = out["sample_id"].to_pylist()
+    assert len(ids) == len(set(ids)), "a row was committed twice"
+    assert out.sort_by("sample_id").equals(ref.sort_by("sample_id"))
+    assert resumed["rejected"] == reference["rejected"] and resumed["totals"]["rows"] == reference["totals"]["rows"]
+    assert set(out["kd_weight"].to_pylist()) == {0.0, 1.0}
+    for name, record in before.items():  # what the killed run committed stays, byte for byte
+        assert (commits / name).read_bytes() == record

@@ -21,16 +21,18 @@ from ..config import Config, ConfigError, CurateConfig, DataConfig
 from ..corpus.schema import KD_WEIGHT_COLUMN, SCHEMA_VERSION, SKIP_DETAIL, SKIP_REASON, TEACHER_COLUMN
 from ..corpus.shards import (IDENTITY_KEYS, ShardError, ShardWriter, check_compatible, prepare_output, read_manifest,
                              shard_files, storage_errors, write_manifest)
-from ..paths import absolute, check_location, filesystem, join, read_text
+from ..paths import absolute, check_location, filesystem, join, makedirs, read_text
 from . import filters
 
 CURATE_IDENTITY = (*IDENTITY_KEYS, "curate")
 VERDICT_KEYS = ("correct_only", "max_correct_per_prompt", "prefer_shortest")
 
 
-def policy(c: CurateConfig) -> filters.Policy:
+def policy(c: CurateConfig, pass_rates: dict[str, tuple[int, int]] | None = None) -> filters.Policy:
     v, length = c.verify, c.length
     return filters.Policy(
+        drop_unsolved=c.difficulty.drop_unsolved, max_pass_rate=c.difficulty.student_max_pass_rate,
+        pass_rates=pass_rates or {},
         dedup_prompts=c.dedup_prompts, dedup_completions=c.dedup_completions, near_duplicates=c.near_dup.enabled,
         decontaminate=True, drop_truncated=v.drop_truncated, min_tokens=length.min_completion_tokens,
         max_tokens=length.max_completion_tokens, require_think=length.require_think, correct_only=v.correct_only,
@@ -56,19 +58,31 @@ def check_inputs(cfg: Config) -> tuple[list[str], dict[str, dict[str, Any]]]:
             raise ConfigError(f"curate.inputs[{index}].dir={d} is listed twice")
     manifests = {d: read_manifest(d) for d in dirs}
     check_compatible(manifests)
-    asked = [k for k in VERDICT_KEYS if getattr(c.verify, k) not in (False, None)]
+    asked = [f"verify.{k}" for k in VERDICT_KEYS if getattr(c.verify, k) not in (False, None)]
+    asked += ["difficulty.drop_unsolved"] if c.difficulty.drop_unsolved else []
     if asked and c.verify.checker is None:
         blind = [d for d, m in manifests.items() if (m["run"].get("prompts") or {}).get("checker", "none") == "none"]
         if blind:
-            raise ConfigError(f"curate.verify.{asked[0]} needs an answer verdict, but {blind[0]} was generated with "
+            raise ConfigError(f"curate.{asked[0]} needs an answer verdict, but {blind[0]} was generated with "
                               "data.checker=none (its rows carry no answer_correct): set curate.verify.checker "
                               "(math, exact, toy or pkg.module:function) to check the answers now")
+    if c.difficulty.student_max_pass_rate is not None and student_checker(c, manifests) is None:
+        raise ConfigError("curate.difficulty.student_max_pass_rate needs an answer checker for the student's "
+                          "samples, but the inputs were generated with data.checker=none: set curate.verify.checker")
     if c.verify.checker is not None:
         try:
             filters.resolve_checker(c.verify.checker)
         except (ImportError, AttributeError, ConfigError) as err:
             raise ConfigError(f"curate.verify.checker={c.verify.checker}: {err}") from None
     return dirs, manifests
+
+
+def student_checker(c: CurateConfig, manifests: dict[str, dict[str, Any]]) -> str | None:
+    """The checker of the difficulty pass: curate.verify.checker, else the inputs' data.checker."""
+    if c.verify.checker is not None:
+        return c.verify.checker
+    names = [(m["run"].get("prompts") or {}).get("checker", "none") for m in manifests.values()]
+    return next((n for n in names if n != "none"), None)
 
 
 def teacher_label(c: CurateConfig, index: int, manifest: dict[str, Any]) -> str:
@@ -234,8 +248,10 @@ def write_pass(cfg: Config, dirs: list[str], removed: pa.Table, done: set[str], 
     ds.write_datasink(ShardSink(writer, c.rows_per_shard))
 
 
-def curate(cfg: Config) -> dict[str, Any]:
-    """Run the curation stage; returns the manifest of the curated set. Resumes a matching run."""
+def curate(cfg: Config, sample_passes=None) -> dict[str, Any]:
+    """Run the curation stage; returns the manifest of the curated set. Resumes a matching run.
+    ``sample_passes``: evaluation.stage.sample_passes, for curate.difficulty.student_max_pass_rate (curation
+    never imports the evaluation stage; the front door hands it in)."""
     from ..cluster.runtime import init_ray
 
     if cfg.curate is None:
@@ -245,18 +261,24 @@ def curate(cfg: Config) -> dict[str, Any]:
     out_dir = absolute(c.output)
     check_location(out_dir, "curate.output")
     dirs, manifests = check_inputs(cfg)
+    if c.difficulty.student_max_pass_rate is not None and sample_passes is None:
+        raise ConfigError("curate.difficulty.student_max_pass_rate needs the evaluation stage's student pass: "
+                          "run it as `distill-llm curate` (or pass sample_passes to curate())")
     run = run_record(cfg, dirs, manifests)
     with storage_errors(out_dir):  # another run's set in curate.output is refused before any work
         resume = claim_output(out_dir, run, c)
     init_ray(cfg.ray)
     grams = eval_ngrams(cfg)
     table = features(dirs, feature_spec(c, grams))
-    removed = decide_or_refuse(table, policy(c))
+    rates = (student_pass_rates(cfg, dirs, manifests, out_dir, sample_passes)
+             if c.difficulty.student_max_pass_rate is not None else {})
+    removed = decide_or_refuse(table, policy(c, rates))
     with storage_errors(out_dir):
         if resume.committed:
             print(f"curate: resuming {out_dir}: {len(resume.done_sample_ids):,} rows already committed")
         write_pass(cfg, dirs, removed, resume.done_sample_ids, run, failed_rows(table, c))
-        extra = {"curate": {**run["curate"], "removed": removed_counts(removed), "eval_ngrams": len(grams)},
+        extra = {"curate": {**run["curate"], "removed": removed_counts(removed), "eval_ngrams": len(grams),
+                            **({"student_pass": pass_summary(rates)} if rates else {})},
                  "config": cfg.model_dump(mode="json")}
         manifest = write_manifest(out_dir, extra=extra, expected=table.num_rows)
     t = manifest["totals"]
@@ -292,3 +314,54 @@ def decide_or_refuse(table: pa.Table, pol: filters.Policy) -> pa.Table:
         raise ConfigError(f"curate: every one of the {table.num_rows:,} input rows would be removed "
                           f"({removed_counts(removed)}); loosen the filters that removed the most")
     return removed
+
+
+# ---------------------------------------------------------------- the difficulty pass (s1)
+
+DIFFICULTY_FILE = "difficulty.parquet"  # per prompt: the student's correct samples of how many; kept for reruns
+DIFFICULTY_SCHEMA = pa.schema([("prompt_id", pa.string()), ("correct", pa.int32()), ("samples", pa.int32())])
+
+
+def input_prompts(dirs: list[str]) -> pa.Table:
+    """Every distinct prompt of the inputs (prompt_id, messages, answer), in the prompt reader's schema."""
+    from ..corpus.prompts import PROMPT_SCHEMA
+
+    seen: dict[str, dict[str, Any]] = {}
+    for d in dirs:
+        for batch in read_input(d, ["prompt_id", "messages", "answer"]).iter_batches(batch_format="pyarrow"):
+            for r in batch.to_pylist():
+                seen.setdefault(r["prompt_id"], r)
+    schema = pa.schema([PROMPT_SCHEMA.field(n) for n in ("prompt_id", "messages", "answer")])
+    return pa.Table.from_pylist([seen[p] for p in sorted(seen)], schema=schema)
+
+
+def student_pass_rates(cfg: Config, dirs: list[str], manifests: dict[str, dict[str, Any]], out_dir: str,
+                       sample_passes) -> dict[str, tuple[int, int]]:
+    """prompt_id -> (correct, samples) of the base student on every input prompt, from ``sample_passes``
+    (the evaluation stage's quick pass, evaluation.stage.sample_passes, handed in by the front door),
+    checked like the teacher's rows. Saved beside the curated set, so a resumed run reuses it and decides
+    the same."""
+    import pyarrow.parquet as pq
+
+    c, d = cfg.curate, cfg.curate.difficulty
+    fs, root = filesystem(out_dir)
+    path = join(root, DIFFICULTY_FILE)
+    if fs.get_file_info(path).type.name == "File":
+        saved = pq.read_table(path, filesystem=fs)
+        print(f"curate: the student's pass rates of {saved.num_rows:,} prompts read from {out_dir}/{DIFFICULTY_FILE}")
+        return {r["prompt_id"]: (r["correct"], r["samples"]) for r in saved.to_pylist()}
+    counts = sample_passes(cfg, input_prompts(dirs), d.student or cfg.student.model, d.samples, d.temperature,
+                           d.max_new_tokens, filters.resolve_checker(student_checker(c, manifests)))
+    table = pa.table({"prompt_id": list(counts), "correct": [v[0] for v in counts.values()],
+                      "samples": [v[1] for v in counts.values()]}, schema=DIFFICULTY_SCHEMA)
+    makedirs(fs, root)
+    pq.write_table(table.sort_by("prompt_id"), path + ".tmp", filesystem=fs)
+    fs.move(path + ".tmp", path)  # whole or absent: a killed pass is rerun, never read half-written
+    return counts
+
+
+def pass_summary(rates: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """The manifest's record of the difficulty pass: prompts, samples, and the mean pass rate."""
+    samples = sum(n for _, n in rates.values())
+    return {"prompts": len(rates), "samples": samples,
+            "pass_rate": sum(c for c, _ in rates.values()) / samples if samples else 0.0}
