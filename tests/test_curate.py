@@ -351,7 +351,7 @@ def test_curated_generated_set_trains(generated, tmp_path):
         curate(cfg)
     curated = curate(cfg, sample_passes)
     # The base student's quick pass: every prompt sampled twice, its solved prompts' rows removed as too_easy.
-    passes = pq.read_table(tmp_path / "curated" / "difficulty.parquet").to_pylist()
+    passes = pq.read_table(tmp_path / "curated" / "difficulty" / "student_passes.parquet").to_pylist()
     assert len(passes) == len(set(read_shards(gen.output.dir, columns=["prompt_id"])["prompt_id"].to_pylist()))
     assert {p["samples"] for p in passes} == {2}
     easy = {p["prompt_id"] for p in passes if p["correct"] > 0}

@@ -318,7 +318,9 @@ def decide_or_refuse(table: pa.Table, pol: filters.Policy) -> pa.Table:
 
 # ---------------------------------------------------------------- the difficulty pass (s1)
 
-DIFFICULTY_FILE = "difficulty.parquet"  # per prompt: the student's correct samples of how many; kept for reruns
+# Per prompt: the student's correct samples of how many; kept for reruns, in a folder of its own (a
+# top-level .parquet that is no shard would be cleared as an orphan when the manifest is written).
+DIFFICULTY_FILE = "difficulty/student_passes.parquet"
 DIFFICULTY_SCHEMA = pa.schema([("prompt_id", pa.string()), ("correct", pa.int32()), ("samples", pa.int32())])
 
 
@@ -354,7 +356,7 @@ def student_pass_rates(cfg: Config, dirs: list[str], manifests: dict[str, dict[s
                            d.max_new_tokens, filters.resolve_checker(student_checker(c, manifests)))
     table = pa.table({"prompt_id": list(counts), "correct": [v[0] for v in counts.values()],
                       "samples": [v[1] for v in counts.values()]}, schema=DIFFICULTY_SCHEMA)
-    makedirs(fs, root)
+    makedirs(fs, join(root, DIFFICULTY_FILE.split("/")[0]))
     pq.write_table(table.sort_by("prompt_id"), path + ".tmp", filesystem=fs)
     fs.move(path + ".tmp", path)  # whole or absent: a killed pass is rerun, never read half-written
     return counts
