@@ -23,7 +23,7 @@ import traceback
 
 from .config import Config, ConfigError, dump_config, load_config
 
-STAGES = ("generate", "train", "eval", "run", "rounds")
+STAGES = ("generate", "train", "eval", "run", "curate", "rounds")
 JOB_COMMANDS = ("submit", "jobs")
 DEBUG_ENV = "DISTILL_LLM_DEBUG"  # 1: print the traceback of an unexpected error (as --debug does)
 
@@ -111,8 +111,9 @@ def run_stage(stage: str, cfg: Config) -> None:
         evaluate(cfg)
     elif stage == "curate":
         from .curation.stage import curate
+        from .evaluation.stage import sample_passes
 
-        curate(cfg)
+        curate(cfg, sample_passes)
     elif stage == "rounds":
         from .rounds.stage import rounds
 

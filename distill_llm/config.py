@@ -331,6 +331,7 @@ class CurateInput(_Section):
     dir: str
     weight: float = Field(1.0, gt=0, le=1)  # fraction of this input's surviving rows kept (a mixing weight)
     teacher: str | None = None  # the teacher column's value for its rows; None: the set's teacher.model
+    kd_weight: float = Field(1.0, ge=0)  # the KD term's weight for this input's rows (0: CE only)
 
 
 class CurateNearDup(_Section):
@@ -348,12 +349,31 @@ class CurateVerify(_Section):
     max_correct_per_prompt: int | None = Field(None, ge=1)
     prefer_shortest: bool = False  # with a cap, keep the shortest correct samples (alone: the shortest one)
     drop_truncated: bool = False  # finish_reason == length
+    kd_weight_incorrect: float | None = Field(None, ge=0)  # a failed trace's KD weight (kept for its CE)
+
+    @model_validator(mode="after")
+    def _weight_needs_incorrect_rows(self) -> "CurateVerify":
+        if self.kd_weight_incorrect is not None and self.correct_only:
+            raise ValueError("kd_weight_incorrect weighs failed traces, but correct_only=true removes them: "
+                             "set one of the two")
+        return self
 
 
 class CurateLength(_Section):
     min_completion_tokens: int = Field(0, ge=0)
     max_completion_tokens: int | None = Field(None, ge=1)
     require_think: bool = False  # <think>...</think>answer
+
+
+class CurateDifficulty(_Section):
+    """s1's difficulty filter: prompts the base student already solves, prompts no teacher sample solved."""
+
+    student_max_pass_rate: float | None = Field(None, ge=0, lt=1)  # None: no student pass; else drop prompts above it
+    student: str | None = None  # the model of the quick pass; None: student.model
+    samples: int = Field(4, ge=1)  # student samples per prompt
+    temperature: float = Field(1.0, ge=0)
+    max_new_tokens: int | None = Field(None, ge=1)  # None: generate.max_new_tokens
+    drop_unsolved: bool = False  # drop prompts whose every checked teacher sample failed
 
 
 class CurateConfig(_Section):
@@ -371,6 +391,7 @@ class CurateConfig(_Section):
     decontaminate_completions: bool = False
     verify: CurateVerify = Field(default_factory=CurateVerify)
     length: CurateLength = Field(default_factory=CurateLength)
+    difficulty: CurateDifficulty = Field(default_factory=CurateDifficulty)
     rows_per_shard: int = Field(4096, ge=1)
 
     @field_validator("inputs", mode="before")

@@ -125,9 +125,11 @@ def test_curate_removes_planted_rows_by_reason(ray_session, tmp_path):
     assert manifest["rejected"] == wanted
     out = read_shards(str(tmp_path / "out"))
     assert sorted(out["sample_id"].to_pylist()) == sorted(s for s, r in expect.items() if r is None)
-    # the input's schema, top-k columns included, plus the v2 teacher column
+    # the input's schema, top-k columns included, plus the v2 teacher and kd_weight columns
     assert pq.read_schema(shard_files(str(tmp_path / "out"))[0]).remove_metadata() == \
-        pq.read_schema(shard_files(str(inp))[0]).remove_metadata().append(pa.field("teacher", pa.string()))
+        pq.read_schema(shard_files(str(inp))[0]).remove_metadata().append(pa.field("teacher", pa.string())).append(
+            pa.field("kd_weight", pa.float32()))
+    assert set(out["kd_weight"].to_pylist()) == {1.0}
     assert set(out["teacher"].to_pylist()) == {"t"}
     rejects = pa.concat_tables([pq.read_table(p) for p in (tmp_path / "out" / "rejects").glob("*.parquet")])
     assert dict(zip(rejects["sample_id"].to_pylist(), rejects["reason"].to_pylist())) == \
@@ -153,7 +155,8 @@ def test_curate_merges_two_teachers_and_weights_them(ray_session, tmp_path):
     write_set(tmp_path / "a", [row(p, 0, trace("7", f"a{i}")) for i, p in enumerate(prompts)], teacher="ta", version=1)
     write_set(tmp_path / "b", [row(p, 0, trace("7", f"b{i}")) for i, p in enumerate(prompts)]
               + [row(prompts[0], 1, trace("7", "a0"))], teacher="tb")  # the same completion as teacher a's
-    cfg = build_config({"curate": {"inputs": [str(tmp_path / "a"), {"dir": str(tmp_path / "b"), "weight": 0.5}],
+    cfg = build_config({"curate": {"inputs": [str(tmp_path / "a"),
+                                              {"dir": str(tmp_path / "b"), "weight": 0.5, "kd_weight": 0.0}],
                                    "output": str(tmp_path / "out")}})
     manifest = curate(cfg)
     removed = manifest["curate"]["removed"]
@@ -164,6 +167,18 @@ def test_curate_merges_two_teachers_and_weights_them(ray_session, tmp_path):
     assert len([i for i in ids if i.startswith("t0:")]) == 6  # weight 1: every surviving row
     kept_b = len([i for i in ids if i.startswith("t1:")])
     assert kept_b + removed.get("mixing_weight", 0) == 6 and 0 < kept_b < 6
+    assert {i[:3]: w for i, w in zip(ids, out["kd_weight"].to_pylist())} == {"t0:": 1.0, "t1:": 0.0}
+    # Training reads the weights; a set without them, trained beside, gets weight 1.
+    from distill_llm.student.stage import training_dataset
+
+    files = {str(tmp_path / d): shard_files(str(tmp_path / d)) for d in ("out", "a")}
+    rows = training_dataset(build_config({}), files, with_topk=True).to_arrow_refs()
+    table = pa.concat_tables([__import__("ray").get(r) for r in rows])
+    weight_of = dict(zip(table["sample_id"].to_pylist(), table["kd_weight"].to_pylist()))
+    assert len(weight_of) == out.num_rows + 6
+    assert sorted(set(weight_of.values())) == [0.0, 1.0]
+    assert all(weight_of[i] == 0.0 for i in ids if i.startswith("t1:"))
+    assert "kd_weight" not in training_dataset(build_config({}), files, with_topk=False).schema().names
 
 
 def test_curate_refuses_before_work(tmp_path):
@@ -179,6 +194,35 @@ def test_curate_refuses_before_work(tmp_path):
         curate(curate_config(tmp_path, [tmp_path / "missing"]))
     with pytest.raises(ConfigError, match="curate: the config has no curate section"):
         curate(build_config({}))
+    with pytest.raises(ConfigError, match="curate.difficulty.student_max_pass_rate needs an answer checker"):
+        curate(curate_config(tmp_path, [inp], difficulty={"student_max_pass_rate": 0.5}))
+    with pytest.raises(ConfigError, match="curate.difficulty.drop_unsolved needs an answer verdict"):
+        curate(curate_config(tmp_path, [inp], difficulty={"drop_unsolved": True}))
+
+
+def test_submit_curate_is_checked_before_anything_is_sent(tmp_path, monkeypatch, capsys):
+    """`distill-llm submit --stage curate`: the job runs pipelines.curate; a config without a curate section
+    or with relative curate paths is refused here (exit 2), before the job server is contacted."""
+    import shlex
+
+    from distill_llm.cli import main
+    from distill_llm.cluster import jobs
+
+    assert shlex.split(jobs.entrypoint("curate", ["curate.output=s3://b/c"]))[:3] == ["python", "-m", "pipelines.curate"]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    closed = "http://127.0.0.1:9"  # nothing may be sent: every refusal comes before the address is used
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("train: {alpha: 0.5}\n")
+    assert main(["submit", str(plain), "--stage", "curate", "--address", closed]) == 2
+    assert "curate: the config has no curate section" in capsys.readouterr().err
+    curated = tmp_path / "curate.yaml"
+    curated.write_text("curate: {inputs: [/data/shards], output: runs/curated}\n")
+    assert main(["submit", str(curated), "--stage", "curate", "--address", closed]) == 2
+    assert "curate.output=runs/curated is a relative path" in capsys.readouterr().err
+    assert main(["submit", str(curated), "--stage", "curate", "--address", closed,
+                 "curate.inputs=[shards]", "curate.output=s3://b/c"]) == 2
+    assert "curate.inputs[0].dir=shards is a relative path" in capsys.readouterr().err
+    jobs.check_cluster_paths(build_config({"curate": {"inputs": ["s3://b/a"], "output": "/shared/c"}}), "curate")
 
 
 def test_curate_refuses_to_keep_nothing(ray_session, tmp_path):
@@ -257,6 +301,11 @@ def test_curate_config_names_bad_keys():
         build_config({"curate": {"inputs": ["a"], "output": "o", "near_dup": {"threshold": 1.5}}})
     with pytest.raises(ConfigError, match="curate.inputs"):
         build_config({"curate": {"inputs": [], "output": "o"}})
+    with pytest.raises(ConfigError, match="curate.verify: kd_weight_incorrect weighs failed traces, but correct_only"):
+        build_config({"curate": {"inputs": ["a"], "output": "o",
+                                 "verify": {"correct_only": True, "kd_weight_incorrect": 0}}})
+    with pytest.raises(ConfigError, match=r"curate.inputs.0.kd_weight|curate.inputs\[0\].kd_weight"):
+        build_config({"curate": {"inputs": [{"dir": "a", "kd_weight": -1}], "output": "o"}})
     with pytest.raises(ConfigError, match="curate.output: the URL carries credentials"):
         build_config({"curate": {"inputs": ["a"], "output": "s3://user:secret@bucket/x"}})
 
@@ -271,11 +320,17 @@ def test_mark_keeps_a_curated_teacher_and_skips_committed_rows():
     batch = batch.drop_columns(["skip_reason", "skip_detail"]).append_column("teacher", pa.array(["old", None, None], pa.string()))
     ids = ["t1:" + s for s in batch["sample_id"].to_pylist()]
     removed = pa.table({"sample_id": [ids[2]], "reason": ["incorrect"], "detail": ["the answer check failed"]})
-    out = mark(batch, (removed, pa.array([ids[0]])), "t1:", "new")
+    out = mark(batch, (removed, pa.array([ids[0]]), pa.array([], pa.string())), "t1:", "new")
     assert out["sample_id"].to_pylist() == ids[1:]
     assert out["teacher"].to_pylist() == ["new", "new"]
     assert out["skip_reason"].to_pylist() == [None, "incorrect"]
-    assert mark(batch, (removed, pa.array([], pa.string())), "t1:", "new")["teacher"].to_pylist()[0] == "old"
+    assert out["kd_weight"].to_pylist() == [1.0, 1.0]
+    none = pa.array([], pa.string())
+    assert mark(batch, (removed, none, none), "t1:", "new")["teacher"].to_pylist()[0] == "old"
+    # KD weights: the input's, times kd_weight_incorrect for a failed row, times a curated input's own.
+    batch = batch.append_column("kd_weight", pa.array([0.5, None, 1.0], pa.float32()))
+    out = mark(batch, (removed, none, pa.array([ids[1]])), "t1:", "new", kd_weight=0.5, kd_weight_incorrect=0.0)
+    assert out["kd_weight"].to_pylist() == [0.25, 0.0, 0.5]
 
 
 @pytest.mark.slow
@@ -283,16 +338,31 @@ def test_curated_generated_set_trains(generated, tmp_path):
     """The session's real shard set curated (verified, shortest correct, no truncated trace) trains a student."""
     from conftest import small_config
     from distill_llm.curation.stage import curate
+    from distill_llm.evaluation.stage import sample_passes
     from distill_llm.student.stage import train
 
     gen, manifest = generated
     cfg = small_config(tmp_path, data={"shards": str(tmp_path / "curated")},
                        train={"max_steps": 1, "num_workers": 1, "batch_size": 4, "log_every": 1})
     cfg.curate = {"inputs": [gen.output.dir], "output": str(tmp_path / "curated"),
-                  "verify": {"correct_only": True, "prefer_shortest": True, "drop_truncated": True}}
-    curated = curate(cfg)
+                  "verify": {"correct_only": True, "prefer_shortest": True, "drop_truncated": True},
+                  "difficulty": {"student_max_pass_rate": 0.0, "samples": 2}}
+    with pytest.raises(ConfigError, match="needs the evaluation stage's student pass"):
+        curate(cfg)
+    curated = curate(cfg, sample_passes)
+    # The base student's quick pass: every prompt sampled twice, its solved prompts' rows removed as too_easy.
+    passes = pq.read_table(tmp_path / "curated" / "difficulty" / "student_passes.parquet").to_pylist()
+    assert len(passes) == len(set(read_shards(gen.output.dir, columns=["prompt_id"])["prompt_id"].to_pylist()))
+    assert {p["samples"] for p in passes} == {2}
+    easy = {p["prompt_id"] for p in passes if p["correct"] > 0}
+    rejects = pa.concat_tables([pq.read_table(p) for p in (tmp_path / "curated" / "rejects").glob("*.parquet")])
+    too_easy = {p for p, r in zip(rejects["prompt_id"].to_pylist(), rejects["reason"].to_pylist()) if r == "too_easy"}
+    assert too_easy <= easy and curated["curate"]["student_pass"]["prompts"] == len(passes)
     rows = read_shards(str(tmp_path / "curated"), columns=["prompt_id", "answer_correct", "finish_reason"])
+    assert not easy & set(rows["prompt_id"].to_pylist())
     assert curated["totals"]["rows"] + sum(curated["curate"]["removed"].values()) == manifest["totals"]["rows"]
+    rerun = curate(cfg, lambda *args: pytest.fail("a rerun must read the saved pass rates, not sample again"))
+    assert rerun["shards"] == curated["shards"]
     assert rows.num_rows == curated["totals"]["rows"] > 0
     assert all(rows["answer_correct"].to_pylist()) and "length" not in rows["finish_reason"].to_pylist()
     assert len(set(rows["prompt_id"].to_pylist())) == rows.num_rows, "one (the shortest) correct sample per prompt"
@@ -334,9 +404,130 @@ def test_decide_length_verdict_and_cap_policies():
                    "b-2": "incorrect", "a-1": "over_max_correct"}  # a-0 and b-3: the shortest correct of each
     assert dict(zip(removed["sample_id"].to_pylist(), removed["detail"].to_pylist()))["a-2"] == \
         "500 completion tokens > 100"
+    # Difficulty: prompts the student solved above the rate; prompts whose every checked sample failed.
+    hard = [feat("c-0", "c", 5, correct=False), feat("c-1", "c", 6, correct=False), feat("d-0", "d", 5, correct=None),
+            feat("e-0", "e", 5, correct=False), feat("e-1", "e", 6), feat("f-0", "f", 5), feat("g-0", "g", 5)]
+    table = pa.Table.from_pylist(hard, schema=filters.FEATURE_SCHEMA)
+    policy = filters.Policy(near_duplicates=False, drop_unsolved=True, max_pass_rate=0.5,
+                            pass_rates={"f": (3, 4), "g": (2, 4), "e": (4, 4)})
+    removed = filters.decide(table, policy)
+    got = dict(zip(removed["sample_id"].to_pylist(), removed["reason"].to_pylist()))
+    assert got == {"c-0": "unsolved", "c-1": "unsolved", "f-0": "too_easy", "e-0": "too_easy", "e-1": "too_easy"}
+    assert dict(zip(removed["sample_id"].to_pylist(), removed["detail"].to_pylist()))["f-0"] == \
+        "the student solved 3/4 samples (> 0.5)"
     # Mixing weights draw by sample id: the same rows every time, about the weight's share of them.
     many = pa.Table.from_pylist([feat(f"m-{i}", f"m{i}", 10) for i in range(2000)], schema=filters.FEATURE_SCHEMA)
     half = filters.Policy(near_duplicates=False, weights=(0.5,))
     first, again = filters.decide(many, half), filters.decide(many, half)
     assert first.equals(again) and 900 < first.num_rows < 1100
     assert set(first["reason"].to_pylist()) == {"mixing_weight"}
+
+
+# ---------------------------------------------------------------- per-sample KD weights in the student's loss
+
+
+def weighted_rows(weights):
+    rows = [row(sentence(i, 6), 0, trace("7", "s" * (i + 1))) for i in range(len(weights))]
+    table = pa.Table.from_pylist(rows, schema=engine_output_schema(K, "float16"))
+    return table.append_column("kd_weight", pa.array(weights, pa.float32()))
+
+
+def kd_loss_of(batch, hidden, head, alpha=0.5):
+    from distill_llm.student.losses import KDSettings, distill_loss
+
+    return distill_loss(hidden, head, batch["targets"], batch["topk_ids"], batch["topk_logprobs"],
+                        KDSettings(alpha=alpha, chunk_size=3), kd_weights=batch.get("kd_weights"))
+
+
+def test_kd_weight_is_read_per_sample_by_the_loss():
+    """A curated set's kd_weight column reaches the loss: weights of 1 give the unweighted route's loss and
+    gradients exactly; a row of weight 0 contributes CE only (no KD gradient), a row of 0.5 half its KD."""
+    import torch
+
+    from distill_llm.student.batching import build_batch
+
+    plain = weighted_rows([1.0, 1.0, 1.0]).drop_columns(["kd_weight"])
+    args = {"max_seq_len": 64, "pad_id": 0, "with_topk": True}
+    base, _ = build_batch(plain, **args)
+    assert "kd_weights" not in base
+    torch.manual_seed(0)
+    n = base["targets"].numel()
+    hidden, head = torch.randn(n, 8), torch.randn(16, 8)
+
+    def grads(batch, alpha=0.5):
+        h = hidden.clone().requires_grad_(True)
+        out = kd_loss_of(batch, h, head, alpha)
+        out["loss"].backward()
+        return out, h.grad
+
+    ones, _ = build_batch(weighted_rows([1.0, 1.0, 1.0]), **args)
+    assert ones["kd_weights"].tolist() == [1.0] * n
+    (out_base, g_base), (out_ones, g_ones) = grads(base), grads(ones)
+    assert torch.equal(out_base["loss"], out_ones["loss"]) and torch.equal(g_base, g_ones)
+
+    mixed, _ = build_batch(weighted_rows([1.0, 0.0, None]), **args)
+    lengths = [len(c) for c in plain["completion_token_ids"].to_pylist()]
+    zero = slice(lengths[0], lengths[0] + lengths[1])  # the positions of the weight-0 row
+    assert mixed["kd_weights"][zero].eq(0).all() and mixed["kd_weights"].sum() == n - lengths[1]
+    _, g_kd_only = grads(mixed, alpha=1.0)
+    assert g_kd_only[zero].abs().max() == 0, "a weight-0 row has no KD gradient"
+    assert g_kd_only[:lengths[0]].abs().max() > 0
+    (_, g_mixed), (_, g_ce) = grads(mixed), grads(base, alpha=0.0)
+    assert torch.allclose(g_mixed[zero], 0.5 * g_ce[zero]), "alpha=0.5: the weight-0 row's gradient is (1-alpha) CE's"
+    half, _ = build_batch(weighted_rows([0.5, 0.5, 0.5]), **args)
+    full, halved = kd_loss_of(base, hidden, head, 1.0), kd_loss_of(half, hidden, head, 1.0)
+    assert torch.allclose(halved["kd"], 0.5 * full["kd"]) and torch.equal(halved["ce"], full["ce"])
+
+
+@pytest.mark.slow
+def test_killed_curate_run_reruns_to_the_same_set(ray_session, tmp_path):
+    """`python -m pipelines.curate` SIGKILLed after its first shard commit, then the same command again: the
+    curated set equals an uninterrupted run's, the committed shards are kept and no row is written twice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from distill_llm.curation.stage import curate
+    from test_generate_faults import kill_session
+
+    rows = [row(sentence(i, 30), s, trace("7" if (i + s) % 3 else "8", f"steps {i} {s}"), correct=bool((i + s) % 3))
+            for i in range(120) for s in range(2)]
+    write_set(tmp_path / "in", rows)
+    tree = {"curate": {"inputs": [str(tmp_path / "in")], "output": str(tmp_path / "out"), "rows_per_shard": 3,
+                       "verify": {"kd_weight_incorrect": 0.0, "max_correct_per_prompt": 1}},
+            "eval": {"num_prompts": 8}, "ray": {"num_cpus": 2}}
+    config = tmp_path / "curate.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray of its own
+    log = tmp_path / "driver.log"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.curate", str(config)], cwd=root, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True, env={**env, "PYTHONPATH": str(root)})
+    commits = tmp_path / "out" / "_commits"
+    try:
+        while not list(commits.glob("*.json")):
+            assert proc.poll() is None, "the driver ended before its first commit:\n" + log.read_text()[-3000:]
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        kill_session(proc.pid)  # the killed driver's local Ray
+    assert not (tmp_path / "out" / "manifest.json").exists(), "the run finished before it was killed"
+    before = {p.name: p.read_bytes() for p in commits.glob("*.json")}
+
+    cfg = build_config(tree)
+    resumed = curate(cfg)  # the same command again
+    tree["curate"]["output"] = str(tmp_path / "reference")
+    reference = curate(build_config(tree))
+    out, ref = read_shards(str(tmp_path / "out")), read_shards(str(tmp_path / "reference"))
+    ids = out["sample_id"].to_pylist()
+    assert len(ids) == len(set(ids)), "a row was committed twice"
+    assert out.sort_by("sample_id").equals(ref.sort_by("sample_id"))
+    assert resumed["rejected"] == reference["rejected"] and resumed["totals"]["rows"] == reference["totals"]["rows"]
+    assert set(out["kd_weight"].to_pylist()) == {0.0, 1.0}
+    for name, record in before.items():  # what the killed run committed stays, byte for byte
+        assert (commits / name).read_bytes() == record

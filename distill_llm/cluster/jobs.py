@@ -20,7 +20,7 @@ from ..config import ENV_CONFIG_PREFIX, Config, ConfigError
 from ..paths import is_url
 
 STAGE_MODULES = {"generate": "generate_teacher", "train": "train_student", "eval": "evaluate", "run": "run",
-                 "rounds": "rounds"}
+                 "rounds": "rounds", "curate": "curate"}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 # The config travels as text in this env var of the job's runtime_env and the entrypoint reads it as
@@ -98,6 +98,12 @@ def _stage_paths(cfg: Config, stage: str) -> list[tuple[str, str]]:
     generate = [("output.dir", cfg.output.dir)]
     train = [*shards, ("output.student_dir", cfg.output.student_dir), ("train.storage_path", cfg.train.storage_path)]
     evaluate = [("output.student_dir", cfg.output.student_dir), ("output.eval_dir", cfg.eval_dir)]
+    if stage == "curate":
+        if cfg.curate is None:
+            raise ConfigError("curate: the config has no curate section; add curate.inputs (shard sets) and "
+                              "curate.output (a new folder)")
+        return [*((f"curate.inputs[{i}].dir", c.dir) for i, c in enumerate(cfg.curate.inputs)),
+                ("curate.output", cfg.curate.output)]
     return {"generate": generate, "train": train, "eval": evaluate, "run": generate + train + evaluate}[stage]
 
 

@@ -8,7 +8,9 @@ Bump ``SCHEMA_VERSION`` on any change a reader could notice, and say what change
   1: first version.
   2: an optional ``teacher`` column (string, last): the model that wrote the row, carried by curated sets
      (``distill-llm curate``) that merge several teachers; absent, every row is the run's ``teacher.model``.
-     v1 sets are read as they are.
+    v1 sets are read as they are. Curated sets also carry ``kd_weight`` (float32, after ``teacher``): the
+    weight of the row's KD term in the student's loss (1: as an uncurated row; 0: cross-entropy only);
+    a set without it trains every row at weight 1.
   The run description (file metadata, run.json, the manifest's ``run``) may hold an optional ``rounds`` object
   on sets `distill-llm rounds` wrote (round, role, the sampling student's checkpoint hash, the teacher): a
   described key, not a column, so readers that ignore it read the set unchanged; no version bump.
@@ -24,6 +26,7 @@ import pyarrow as pa
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # what read_manifest accepts: v2 only adds an optional column
 TEACHER_COLUMN = "teacher"
+KD_WEIGHT_COLUMN = "kd_weight"
 METADATA_KEY = b"distill_llm"
 MANIFEST_NAME = "manifest.json"
 SHARD_PREFIX = "part-"
@@ -40,8 +43,8 @@ MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
 def shard_schema(k: int, logprobs_dtype: str = "float16", metadata: dict[str, Any] | None = None,
                  teacher: bool = False) -> pa.Schema:
-    """Arrow schema of a shard file for top-k size ``k`` (k = 0: no logprob columns), with the optional
-    ``teacher`` column last when asked."""
+    """Arrow schema of a shard file for top-k size ``k`` (k = 0: no logprob columns), with the curated
+    columns ``teacher`` and ``kd_weight`` last when ``teacher`` is asked."""
     fields = [
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("prompt_id", pa.string(), nullable=False),
@@ -60,7 +63,7 @@ def shard_schema(k: int, logprobs_dtype: str = "float16", metadata: dict[str, An
             pa.field("topk_logprobs", pa.list_(pa.list_(pa.from_numpy_dtype(logprobs_dtype), k))),
         ]
     if teacher:
-        fields.append(pa.field(TEACHER_COLUMN, pa.string()))
+        fields += [pa.field(TEACHER_COLUMN, pa.string()), pa.field(KD_WEIGHT_COLUMN, pa.float32())]
     schema = pa.schema(fields)
     if metadata is not None:
         schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})

@@ -21,7 +21,8 @@ import pyarrow.compute as pc
 
 # Removal reasons, in the order a row's reason is chosen (rejects/ and the manifest use these names).
 REASONS = ("duplicate_prompt", "near_duplicate_prompt", "contaminated", "truncated", "too_short", "too_long",
-           "bad_format", "no_verdict", "incorrect", "duplicate_completion", "over_max_correct", "mixing_weight")
+           "bad_format", "no_verdict", "incorrect", "unsolved", "too_easy", "duplicate_completion",
+           "over_max_correct", "mixing_weight")
 
 # Columns the feature pass reads from a shard (never the top-k columns: they are most of the bytes).
 FEATURE_COLUMNS = ["sample_id", "prompt_id", "messages", "completion_text", "completion_token_ids",
@@ -214,6 +215,9 @@ class Policy:
     max_correct: int | None = None
     prefer_shortest: bool = False
     weights: tuple[float, ...] = ()  # per input: the fraction of its surviving rows kept
+    drop_unsolved: bool = False
+    max_pass_rate: float | None = None  # with pass_rates: prompts the student solves more often are dropped
+    pass_rates: dict[str, tuple[int, int]] = field(default_factory=dict)  # prompt_id -> (correct, samples)
 
 
 def clusters(keys: np.ndarray, bands: np.ndarray) -> np.ndarray:
@@ -276,6 +280,12 @@ def decide(features: pa.Table, policy: Policy) -> pa.Table:
     if policy.correct_only:
         remove(df["correct"].isna(), "no_verdict", "no reference answer to check")
         remove(df["correct"] == False, "incorrect", "the answer check failed")  # noqa: E712 (a pandas mask)
+    if policy.drop_unsolved:  # every verdict of the prompt (all inputs, before any removal) failed
+        solved = (df["correct"] == True).groupby(df["key"]).transform("any")  # noqa: E712
+        checked = df["correct"].notna().groupby(df["key"]).transform("any")
+        remove(checked & ~solved, "unsolved", "no teacher sample of this prompt is correct")
+    if policy.max_pass_rate is not None:
+        remove_too_easy(df, policy, remove)
     alive = df["reason"].isna()
     if policy.dedup_completions:
         first = df[alive].groupby(["key", "completion"], sort=False)["sample_id"].transform("first")
@@ -298,6 +308,15 @@ def decide(features: pa.Table, policy: Policy) -> pa.Table:
     gone = df[df["reason"].notna()]
     return pa.table({"input": pa.array(gone["input"], pa.int32()), "sample_id": pa.array(gone["sample_id"], pa.string()),
                      "reason": pa.array(gone["reason"], pa.string()), "detail": pa.array(gone["detail"], pa.string())})
+
+
+def remove_too_easy(df, policy: Policy, remove) -> None:
+    """Rows of prompts the student solved at a pass rate above ``policy.max_pass_rate`` (s1's difficulty)."""
+    rates = {pid: (c, n) for pid, (c, n) in policy.pass_rates.items() if n and c / n > policy.max_pass_rate}
+    easy = df["prompt_id"].map(lambda pid: rates.get(pid))
+    detail = easy.map(lambda r: f"the student solved {r[0]}/{r[1]} samples (> {policy.max_pass_rate:g})"
+                      if r else None)
+    remove(easy.notna().to_numpy(), "too_easy", detail.to_numpy())
 
 
 def near_duplicate_of(features: pa.Table, df) -> Any:

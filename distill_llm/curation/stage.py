@@ -18,19 +18,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import Config, ConfigError, CurateConfig, DataConfig
-from ..corpus.schema import SCHEMA_VERSION, SKIP_DETAIL, SKIP_REASON, TEACHER_COLUMN
+from ..corpus.schema import KD_WEIGHT_COLUMN, SCHEMA_VERSION, SKIP_DETAIL, SKIP_REASON, TEACHER_COLUMN
 from ..corpus.shards import (IDENTITY_KEYS, ShardError, ShardWriter, check_compatible, prepare_output, read_manifest,
                              shard_files, storage_errors, write_manifest)
-from ..paths import absolute, check_location, filesystem, join, read_text
+from ..paths import absolute, check_location, filesystem, join, makedirs, read_text
 from . import filters
 
 CURATE_IDENTITY = (*IDENTITY_KEYS, "curate")
 VERDICT_KEYS = ("correct_only", "max_correct_per_prompt", "prefer_shortest")
 
 
-def policy(c: CurateConfig) -> filters.Policy:
+def policy(c: CurateConfig, pass_rates: dict[str, tuple[int, int]] | None = None) -> filters.Policy:
     v, length = c.verify, c.length
     return filters.Policy(
+        drop_unsolved=c.difficulty.drop_unsolved, max_pass_rate=c.difficulty.student_max_pass_rate,
+        pass_rates=pass_rates or {},
         dedup_prompts=c.dedup_prompts, dedup_completions=c.dedup_completions, near_duplicates=c.near_dup.enabled,
         decontaminate=True, drop_truncated=v.drop_truncated, min_tokens=length.min_completion_tokens,
         max_tokens=length.max_completion_tokens, require_think=length.require_think, correct_only=v.correct_only,
@@ -56,19 +58,31 @@ def check_inputs(cfg: Config) -> tuple[list[str], dict[str, dict[str, Any]]]:
             raise ConfigError(f"curate.inputs[{index}].dir={d} is listed twice")
     manifests = {d: read_manifest(d) for d in dirs}
     check_compatible(manifests)
-    asked = [k for k in VERDICT_KEYS if getattr(c.verify, k) not in (False, None)]
+    asked = [f"verify.{k}" for k in VERDICT_KEYS if getattr(c.verify, k) not in (False, None)]
+    asked += ["difficulty.drop_unsolved"] if c.difficulty.drop_unsolved else []
     if asked and c.verify.checker is None:
         blind = [d for d, m in manifests.items() if (m["run"].get("prompts") or {}).get("checker", "none") == "none"]
         if blind:
-            raise ConfigError(f"curate.verify.{asked[0]} needs an answer verdict, but {blind[0]} was generated with "
+            raise ConfigError(f"curate.{asked[0]} needs an answer verdict, but {blind[0]} was generated with "
                               "data.checker=none (its rows carry no answer_correct): set curate.verify.checker "
                               "(math, exact, toy or pkg.module:function) to check the answers now")
+    if c.difficulty.student_max_pass_rate is not None and student_checker(c, manifests) is None:
+        raise ConfigError("curate.difficulty.student_max_pass_rate needs an answer checker for the student's "
+                          "samples, but the inputs were generated with data.checker=none: set curate.verify.checker")
     if c.verify.checker is not None:
         try:
             filters.resolve_checker(c.verify.checker)
         except (ImportError, AttributeError, ConfigError) as err:
             raise ConfigError(f"curate.verify.checker={c.verify.checker}: {err}") from None
     return dirs, manifests
+
+
+def student_checker(c: CurateConfig, manifests: dict[str, dict[str, Any]]) -> str | None:
+    """The checker of the difficulty pass: curate.verify.checker, else the inputs' data.checker."""
+    if c.verify.checker is not None:
+        return c.verify.checker
+    names = [(m["run"].get("prompts") or {}).get("checker", "none") for m in manifests.values()]
+    return next((n for n in names if n != "none"), None)
 
 
 def teacher_label(c: CurateConfig, index: int, manifest: dict[str, Any]) -> str:
@@ -80,7 +94,8 @@ def run_record(cfg: Config, dirs: list[str], manifests: dict[str, dict[str, Any]
     c = cfg.curate
     base = dict(manifests[dirs[0]]["run"])
     inputs = [{"dir": d, "manifest_sha256": manifest_sha256(d), "rows": manifests[d]["totals"]["rows"],
-               "teacher": teacher_label(c, i, manifests[d]), "weight": c.inputs[i].weight}
+               "teacher": teacher_label(c, i, manifests[d]), "weight": c.inputs[i].weight,
+               "kd_weight": c.inputs[i].kd_weight}
               for i, d in enumerate(dirs)]
     settings = c.model_dump(mode="json", exclude={"inputs", "output", "resume", "overwrite", "rows_per_shard"})
     settings["eval_prompts"] = cfg.eval.prompts
@@ -154,10 +169,12 @@ def _fetch(ref):
     return _cache[ref.hex()]
 
 
-def mark(batch: pa.Table, decisions_ref, prefix: str, teacher: str) -> pa.Table:
+def mark(batch: pa.Table, decisions_ref, prefix: str, teacher: str, kd_weight: float = 1.0,
+         kd_weight_incorrect: float | None = None) -> pa.Table:
     """A shard batch as the writer takes it: output sample ids, the teacher column (a curated input's own
-    values kept), rows committed before (a resumed run) left out, and the removal reason (null: kept)."""
-    removed, done = _fetch(decisions_ref)
+    values kept), the KD weight column (see kd_weights), rows committed before (a resumed run) left out,
+    and the removal reason (null: kept). ``decisions_ref``: (removed rows, committed ids, failed ids)."""
+    removed, done, failed = _fetch(decisions_ref)
     label = pa.array([teacher] * batch.num_rows, pa.string())
     if TEACHER_COLUMN in batch.schema.names:
         where = batch.schema.get_field_index(TEACHER_COLUMN)
@@ -166,11 +183,29 @@ def mark(batch: pa.Table, decisions_ref, prefix: str, teacher: str) -> pa.Table:
         batch = batch.append_column(TEACHER_COLUMN, label)
     sample_ids = pc.binary_join_element_wise(pa.scalar(prefix), batch["sample_id"], "") if prefix else batch["sample_id"]
     batch = batch.set_column(batch.schema.get_field_index("sample_id"), "sample_id", sample_ids)
+    weights = kd_weights(batch, kd_weight, failed, kd_weight_incorrect)
+    if KD_WEIGHT_COLUMN in batch.schema.names:
+        batch = batch.set_column(batch.schema.get_field_index(KD_WEIGHT_COLUMN), KD_WEIGHT_COLUMN, weights)
+    else:
+        batch = batch.append_column(KD_WEIGHT_COLUMN, weights)
     if len(done):
         batch = batch.filter(pc.invert(pc.is_in(batch["sample_id"], value_set=done)))
     where = pc.index_in(batch["sample_id"], value_set=removed["sample_id"])
     return (batch.append_column(SKIP_REASON, pc.take(removed["reason"], where))
             .append_column(SKIP_DETAIL, pc.take(removed["detail"], where)))
+
+
+def kd_weights(batch: pa.Table, kd_weight: float, failed: pa.Array, kd_weight_incorrect: float | None) -> pa.Array:
+    """Per row: the input's ``kd_weight``, times ``kd_weight_incorrect`` for a row whose answer check failed
+    (``failed``: output sample ids), times the row's own weight when the input is itself curated."""
+    import numpy as np
+
+    w = np.full(batch.num_rows, kd_weight, dtype=np.float32)
+    if kd_weight_incorrect is not None and len(failed):
+        w[pc.is_in(batch["sample_id"], value_set=failed).to_numpy(zero_copy_only=False)] *= kd_weight_incorrect
+    if KD_WEIGHT_COLUMN in batch.schema.names:
+        w *= pc.fill_null(batch[KD_WEIGHT_COLUMN], 1.0).to_numpy().astype(np.float32)
+    return pa.array(w, pa.float32())
 
 
 def prefixes(dirs: list[str]) -> list[str]:
@@ -185,8 +220,10 @@ def removed_counts(removed: pa.Table) -> dict[str, int]:
     return {reason: found[reason] for reason in filters.REASONS if reason in found}
 
 
-def write_pass(cfg: Config, dirs: list[str], removed: pa.Table, done: set[str], run: dict[str, Any]) -> None:
-    """The second pass: every input row through the teacher stage's writer (shards + rejects, committed)."""
+def write_pass(cfg: Config, dirs: list[str], removed: pa.Table, done: set[str], run: dict[str, Any],
+               failed: pa.Table) -> None:
+    """The second pass: every input row through the teacher stage's writer (shards + rejects, committed);
+    ``failed`` (input, sample_id): the rows whose answer check failed, weighted by kd_weight_incorrect."""
     import ray
 
     from ..corpus.sink import ShardSink
@@ -199,17 +236,22 @@ def write_pass(cfg: Config, dirs: list[str], removed: pa.Table, done: set[str], 
         mine = removed.filter(pc.equal(removed["input"], i))
         mine = mine.set_column(1, "sample_id", pc.binary_join_element_wise(pa.scalar(prefix), mine["sample_id"], "")
                                if prefix else mine["sample_id"])
-        ref = ray.put((mine.drop_columns(["input"]), done_ids))
-        parts.append(read_input(d).map_batches(mark, batch_format="pyarrow",
-                                               fn_kwargs={"decisions_ref": ref, "prefix": prefix, "teacher": labels[i]}))
+        bad = failed.filter(pc.equal(failed["input"], i))["sample_id"]
+        bad = pc.binary_join_element_wise(pa.scalar(prefix), bad, "") if prefix else bad
+        ref = ray.put((mine.drop_columns(["input"]), done_ids, bad.combine_chunks()))
+        parts.append(read_input(d).map_batches(mark, batch_format="pyarrow", fn_kwargs={
+            "decisions_ref": ref, "prefix": prefix, "teacher": labels[i], "kd_weight": c.inputs[i].kd_weight,
+            "kd_weight_incorrect": c.verify.kd_weight_incorrect}))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     writer = ShardWriter(absolute(c.output), run.get("top_k_logprobs") or 0, run.get("logprobs_dtype") or "float16",
                          metadata=run, teacher_column=True)
     ds.write_datasink(ShardSink(writer, c.rows_per_shard))
 
 
-def curate(cfg: Config) -> dict[str, Any]:
-    """Run the curation stage; returns the manifest of the curated set. Resumes a matching run."""
+def curate(cfg: Config, sample_passes=None) -> dict[str, Any]:
+    """Run the curation stage; returns the manifest of the curated set. Resumes a matching run.
+    ``sample_passes``: evaluation.stage.sample_passes, for curate.difficulty.student_max_pass_rate (curation
+    never imports the evaluation stage; the front door hands it in)."""
     from ..cluster.runtime import init_ray
 
     if cfg.curate is None:
@@ -219,18 +261,24 @@ def curate(cfg: Config) -> dict[str, Any]:
     out_dir = absolute(c.output)
     check_location(out_dir, "curate.output")
     dirs, manifests = check_inputs(cfg)
+    if c.difficulty.student_max_pass_rate is not None and sample_passes is None:
+        raise ConfigError("curate.difficulty.student_max_pass_rate needs the evaluation stage's student pass: "
+                          "run it as `distill-llm curate` (or pass sample_passes to curate())")
     run = run_record(cfg, dirs, manifests)
     with storage_errors(out_dir):  # another run's set in curate.output is refused before any work
         resume = claim_output(out_dir, run, c)
     init_ray(cfg.ray)
     grams = eval_ngrams(cfg)
     table = features(dirs, feature_spec(c, grams))
-    removed = decide_or_refuse(table, policy(c))
+    rates = (student_pass_rates(cfg, dirs, manifests, out_dir, sample_passes)
+             if c.difficulty.student_max_pass_rate is not None else {})
+    removed = decide_or_refuse(table, policy(c, rates))
     with storage_errors(out_dir):
         if resume.committed:
             print(f"curate: resuming {out_dir}: {len(resume.done_sample_ids):,} rows already committed")
-        write_pass(cfg, dirs, removed, resume.done_sample_ids, run)
-        extra = {"curate": {**run["curate"], "removed": removed_counts(removed), "eval_ngrams": len(grams)},
+        write_pass(cfg, dirs, removed, resume.done_sample_ids, run, failed_rows(table, c))
+        extra = {"curate": {**run["curate"], "removed": removed_counts(removed), "eval_ngrams": len(grams),
+                            **({"student_pass": pass_summary(rates)} if rates else {})},
                  "config": cfg.model_dump(mode="json")}
         manifest = write_manifest(out_dir, extra=extra, expected=table.num_rows)
     t = manifest["totals"]
@@ -238,6 +286,14 @@ def curate(cfg: Config) -> dict[str, Any]:
           f"{t['rejected']:,} removed ({manifest['curate']['removed'] or 'none'}) in {time.time() - start:.1f}s "
           f"-> {out_dir}")
     return manifest
+
+
+def failed_rows(table: pa.Table, c: CurateConfig) -> pa.Table:
+    """(input, sample_id) of the rows whose answer check failed, when curate.verify.kd_weight_incorrect
+    weighs them; none otherwise."""
+    if c.verify.kd_weight_incorrect is None:
+        table = table.slice(0, 0)
+    return table.filter(pc.equal(pc.fill_null(table["correct"], True), False)).select(["input", "sample_id"])
 
 
 def claim_output(out_dir: str, run: dict[str, Any], c: CurateConfig):
@@ -258,3 +314,56 @@ def decide_or_refuse(table: pa.Table, pol: filters.Policy) -> pa.Table:
         raise ConfigError(f"curate: every one of the {table.num_rows:,} input rows would be removed "
                           f"({removed_counts(removed)}); loosen the filters that removed the most")
     return removed
+
+
+# ---------------------------------------------------------------- the difficulty pass (s1)
+
+# Per prompt: the student's correct samples of how many; kept for reruns, in a folder of its own (a
+# top-level .parquet that is no shard would be cleared as an orphan when the manifest is written).
+DIFFICULTY_FILE = "difficulty/student_passes.parquet"
+DIFFICULTY_SCHEMA = pa.schema([("prompt_id", pa.string()), ("correct", pa.int32()), ("samples", pa.int32())])
+
+
+def input_prompts(dirs: list[str]) -> pa.Table:
+    """Every distinct prompt of the inputs (prompt_id, messages, answer), in the prompt reader's schema."""
+    from ..corpus.prompts import PROMPT_SCHEMA
+
+    seen: dict[str, dict[str, Any]] = {}
+    for d in dirs:
+        for batch in read_input(d, ["prompt_id", "messages", "answer"]).iter_batches(batch_format="pyarrow"):
+            for r in batch.to_pylist():
+                seen.setdefault(r["prompt_id"], r)
+    schema = pa.schema([PROMPT_SCHEMA.field(n) for n in ("prompt_id", "messages", "answer")])
+    return pa.Table.from_pylist([seen[p] for p in sorted(seen)], schema=schema)
+
+
+def student_pass_rates(cfg: Config, dirs: list[str], manifests: dict[str, dict[str, Any]], out_dir: str,
+                       sample_passes) -> dict[str, tuple[int, int]]:
+    """prompt_id -> (correct, samples) of the base student on every input prompt, from ``sample_passes``
+    (the evaluation stage's quick pass, evaluation.stage.sample_passes, handed in by the front door),
+    checked like the teacher's rows. Saved beside the curated set, so a resumed run reuses it and decides
+    the same."""
+    import pyarrow.parquet as pq
+
+    c, d = cfg.curate, cfg.curate.difficulty
+    fs, root = filesystem(out_dir)
+    path = join(root, DIFFICULTY_FILE)
+    if fs.get_file_info(path).type.name == "File":
+        saved = pq.read_table(path, filesystem=fs)
+        print(f"curate: the student's pass rates of {saved.num_rows:,} prompts read from {out_dir}/{DIFFICULTY_FILE}")
+        return {r["prompt_id"]: (r["correct"], r["samples"]) for r in saved.to_pylist()}
+    counts = sample_passes(cfg, input_prompts(dirs), d.student or cfg.student.model, d.samples, d.temperature,
+                           d.max_new_tokens, filters.resolve_checker(student_checker(c, manifests)))
+    table = pa.table({"prompt_id": list(counts), "correct": [v[0] for v in counts.values()],
+                      "samples": [v[1] for v in counts.values()]}, schema=DIFFICULTY_SCHEMA)
+    makedirs(fs, join(root, DIFFICULTY_FILE.split("/")[0]))
+    pq.write_table(table.sort_by("prompt_id"), path + ".tmp", filesystem=fs)
+    fs.move(path + ".tmp", path)  # whole or absent: a killed pass is rerun, never read half-written
+    return counts
+
+
+def pass_summary(rates: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """The manifest's record of the difficulty pass: prompts, samples, and the mean pass rate."""
+    samples = sum(n for _, n in rates.values())
+    return {"prompts": len(rates), "samples": samples,
+            "pass_rate": sum(c for c, _ in rates.values()) / samples if samples else 0.0}

@@ -431,3 +431,35 @@ def _add_to_card(cfg: Config, student: str | None, table: str) -> None:
         text = text.split("\n## Evaluation\n")[0].rstrip()
         _write_text(fs, card, f"{text}\n\n## Evaluation\n\nHeld-out prompts `{cfg.eval.prompts}` "
                               f"(n={cfg.eval.num_prompts}), checker `{cfg.data.checker}`:\n\n{table}\n")
+
+
+def sample_passes(cfg: Config, prompts: pa.Table, model: str, samples: int, temperature: float,
+                  max_new_tokens: int | None, checker) -> dict[str, tuple[int, int]]:
+    """prompt_id -> (correct, samples): ``model`` served as the base student (student.*, eval.engine) on
+    ``prompts`` (prompt_id, messages, answer), ``samples`` each, answers checked by ``checker`` (a callable).
+    Curation's difficulty pass (curate.difficulty)."""
+    import ray.data
+
+    from ..corpus.prompts import PROMPT_SCHEMA, expand_samples
+    from ..corpus.schema import SKIP_REASON
+    from ..teacher.stage import apply_engine
+    from .checkers import check
+
+    full = pa.table({f.name: prompts[f.name] if f.name in prompts.schema.names else pa.nulls(prompts.num_rows, f.type)
+                     for f in PROMPT_SCHEMA}, schema=PROMPT_SCHEMA)
+    served = served_model(cfg, "student (before)", model)
+    use_gpu = eval_use_gpu(cfg)
+    sampling = SamplingSpec(max_new_tokens=max_new_tokens or cfg.generate.max_new_tokens, temperature=temperature,
+                            top_p=1.0, seed=cfg.eval.seed, top_k_logprobs=0, checker="none",
+                            system_prompt=cfg.data.system_prompt)
+    rows = apply_engine(expand_samples(ray.data.from_arrow(full), samples, set()),
+                        eval_engine_spec(cfg, served, use_gpu), sampling, eval_replicas(cfg, served), use_gpu,
+                        cfg.eval.batch_size, cfg.eval.max_restarts)
+    counts: dict[str, tuple[int, int]] = {}
+    for batch in rows.select_columns(["prompt_id", "completion_text", "answer", SKIP_REASON]).iter_batches(
+            batch_format="pyarrow"):
+        for r in batch.to_pylist():
+            if r[SKIP_REASON] is None:
+                c, n = counts.get(r["prompt_id"], (0, 0))
+                counts[r["prompt_id"]] = (c + bool(check(checker, r["completion_text"] or "", r["answer"])), n + 1)
+    return counts

@@ -21,6 +21,8 @@ def build_batch(table, *, max_seq_len: int, pad_id: int, with_topk: bool, retoke
     ``id_lookup`` (tokenizers.TokenizerRoute.lookup: teacher id -> student id, -1 dropped) translates the
     stored completion and top-k ids; a row whose completion holds a dropped id is skipped, dropped top-k
     entries are counted (see ``translate_topk``). ``reprompt(row) -> prompt_ids`` renders prompts anew.
+    With top-k and a ``kd_weight`` column (curated sets), ``kd_weights`` holds each completion position's
+    sample weight for the KD term (a null weight is 1).
     """
     import numpy as np
     import torch
@@ -42,7 +44,9 @@ def build_batch(table, *, max_seq_len: int, pad_id: int, with_topk: bool, retoke
             sampled = table.column("completion_token_ids").combine_chunks().values.to_numpy(zero_copy_only=False)
             flat_ids, flat_lps, dropped = translate_topk(flat_ids, flat_lps, id_lookup, spare_row,
                                                          sampled if len(sampled) == len(flat_ids) else None)
-    seqs, gathers, targets, tk_rows = [], [], [], []
+    weighted = with_topk and "kd_weight" in table.column_names
+    row_weights = table.column("kd_weight").to_pylist() if weighted else None
+    seqs, gathers, targets, tk_rows, kd_weights = [], [], [], [], []
     stats = {"rows": 0, "truncated": 0, "skipped_prompt_too_long": 0, "skipped_empty": 0,
              "skipped_non_finite": 0, **({"skipped_unmapped_token": 0} if id_lookup is not None else {}),
              **({"topk_ids_dropped": int(dropped)} if with_topk and id_lookup is not None else {})}
@@ -74,6 +78,8 @@ def build_batch(table, *, max_seq_len: int, pad_id: int, with_topk: bool, retoke
         base = kept * max_seq_len  # flat index into [B, max_seq_len] before trimming
         gathers.append((base, len(p), keep_c))
         targets.extend(c[:keep_c])
+        if weighted:
+            kd_weights.extend([1.0 if row_weights[i] is None else row_weights[i]] * keep_c)
         kept += 1
     stats["rows"] = kept
     batch = _layout(seqs, [(n_p, n_c) for _, n_p, n_c in gathers], max_seq_len if pack else None, pad_id)
@@ -82,6 +88,8 @@ def build_batch(table, *, max_seq_len: int, pad_id: int, with_topk: bool, retoke
         sel = np.concatenate([np.arange(r.start, r.stop) for r in tk_rows]) if tk_rows else np.zeros(0, dtype=int)
         batch["topk_ids"] = torch.from_numpy(flat_ids[sel].astype(np.int64))
         batch["topk_logprobs"] = torch.from_numpy(flat_lps[sel])
+    if weighted:
+        batch["kd_weights"] = torch.tensor(kd_weights, dtype=torch.float32)
     return batch, stats
 
 

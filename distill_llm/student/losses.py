@@ -123,8 +123,9 @@ def kd_scale(settings: KDSettings) -> float:
 
 
 def _chunk_terms(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, topk_ids: torch.Tensor | None,
-                 topk_logprobs: torch.Tensor | None, s: KDSettings) -> torch.Tensor:
-    """Summed (CE, KD) of one chunk as a [2] tensor; the chunk's logits live only inside this call."""
+                 topk_logprobs: torch.Tensor | None, s: KDSettings, kd_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed (CE, KD) of one chunk as a [2] tensor; the chunk's logits live only inside this call. With
+    ``kd_weights`` [N] each position's KD term is scaled by its sample's weight."""
     logits = (hidden @ weight.t()).float()
     ce = F.cross_entropy(logits, targets.long(), reduction="sum")
     if topk_ids is None:  # with top-k given, kd is computed (and logged) even at alpha = 0
@@ -132,21 +133,24 @@ def _chunk_terms(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     t_logp = teacher_buckets(topk_logprobs, s.temperature, s.tail_bucket)
     s_logp = student_buckets(logits, topk_ids, s.temperature, s.tail_bucket)
     if s.estimator == "sampled":  # targets are the student's own samples (distill-llm rounds)
-        kd = sampled_reverse_kl(t_logp, s_logp, *sampled_bucket(targets, topk_ids, s.tail_bucket)).sum()
+        kd = sampled_reverse_kl(t_logp, s_logp, *sampled_bucket(targets, topk_ids, s.tail_bucket))
     else:
-        kd = divergence(t_logp, s_logp, s.divergence, s.jsd_beta).sum()
+        kd = divergence(t_logp, s_logp, s.divergence, s.jsd_beta)
+    kd = (kd * kd_weights).sum() if kd_weights is not None else kd.sum()
     return torch.stack([ce, kd])
 
 
 def distill_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                  topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor | None,
-                 settings: KDSettings, normalizer: float | None = None) -> dict[str, torch.Tensor]:
+                 settings: KDSettings, normalizer: float | None = None,
+                 kd_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Mixed CE + KD over N completion positions, computed ``settings.chunk_size`` rows at a time.
 
     hidden [N, H] are the student's final hidden states at the positions that predict each
     completion token; weight [V, H] its output embedding; targets [N] the teacher's sampled tokens;
     topk_ids [N, k] and topk_logprobs [N, k] the stored teacher top-k. Each chunk is recomputed in
     backward (activation checkpointing), so peak memory is O(chunk_size x V), not O(N x V).
+    kd_weights [N] (optional): the KD term's weight at each position, its sample's ``kd_weight`` (0: CE only).
     Returns loss (the mean over ``normalizer`` positions, default N), ce and kd (means, detached).
     """
     n = hidden.shape[0]
@@ -156,7 +160,8 @@ def distill_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         sl = slice(start, start + settings.chunk_size)
         ids = topk_ids[sl] if topk_ids is not None else None
         lps = topk_logprobs[sl] if topk_logprobs is not None else None
-        args = (hidden[sl], weight, targets[sl], ids, lps, settings)
+        args = (hidden[sl], weight, targets[sl], ids, lps, settings,
+                kd_weights[sl] if kd_weights is not None and ids is not None else None)
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
             terms = checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:

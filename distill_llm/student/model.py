@@ -80,13 +80,14 @@ class StudentWithLoss(nn.Module):
         self.head = base.get_output_embeddings()
 
     def forward(self, input_ids, gather_index, targets, attention_mask=None, topk_ids=None, topk_logprobs=None,
-                normalizer: float | None = None, position_ids=None) -> dict[str, torch.Tensor]:
+                normalizer: float | None = None, position_ids=None, kd_weights=None) -> dict[str, torch.Tensor]:
         """A packed batch (batching.build_batch with pack=True) has no attention mask and position ids that
         restart at every sequence: transformers then keeps attention inside each sequence."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False).last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather_index)
-        out = distill_loss(flat, self.head.weight, targets, topk_ids, topk_logprobs, self.settings, normalizer)
+        out = distill_loss(flat, self.head.weight, targets, topk_ids, topk_logprobs, self.settings, normalizer,
+                           kd_weights)
         if gather_index.numel() == 0:  # keep every parameter in the graph so DDP's reducer stays in step
             out["loss"] = out["loss"] + 0.0 * (hidden.sum() + self.head.weight.sum())
         return out

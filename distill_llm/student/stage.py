@@ -176,23 +176,48 @@ def training_dataset(cfg: Config, files: dict[str, list[str]], with_topk: bool, 
     import pyarrow.compute as pc
     import ray.data
 
-    groups: list[tuple[Any, list[str]]] = []  # (file system, its files), sets on one file system merged
+    # (file system, has kd_weight, its files): sets on one file system with the same columns merged
+    groups: list[tuple[Any, bool, list[str]]] = []
     for d, paths in files.items():
         fs = filesystem(d)[0]
-        same = next((g for g in groups if g[0].equals(fs)), None)
+        weighted = with_topk and has_kd_weight(fs, paths)
+        same = next((g for g in groups if g[0].equals(fs) and g[1] == weighted), None)
         if same is None:
-            groups.append((fs, list(paths)))
+            groups.append((fs, weighted, list(paths)))
         else:
-            same[1].extend(paths)
+            same[2].extend(paths)
     if order_seed is not None:
-        for _, paths in groups:
+        for _, _, paths in groups:
             random.Random(order_seed).shuffle(paths)
     columns = TRAIN_COLUMNS + (["topk_token_ids", "topk_logprobs"] if with_topk else [])
-    parts = [ray.data.read_parquet(paths, filesystem=fs).select_columns(columns) for fs, paths in groups]
+    any_weighted = any(g[1] for g in groups)
+    parts = [with_kd_weight(ray.data.read_parquet(paths, filesystem=fs).select_columns(
+        columns + (["kd_weight"] if weighted else [])), any_weighted and not weighted) for fs, weighted, paths in groups]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if cfg.train.filter_correct:
         ds = ds.map_batches(lambda t: t.filter(pc.fill_null(t["answer_correct"], False)), batch_format="pyarrow")
     return ds
+
+
+def has_kd_weight(fs, paths: list[str]) -> bool:
+    """Whether a shard set's files carry per-sample KD weights (curated sets do): its first file's schema."""
+    import pyarrow.parquet as pq
+
+    return bool(paths) and "kd_weight" in pq.read_schema(paths[0], filesystem=fs).names
+
+
+def with_kd_weight(ds, add: bool):
+    """A dataset of an unweighted set given a kd_weight column of 1 (KD as usual), when another set in the
+    same training has weights (the parts' columns must agree)."""
+    if not add:
+        return ds
+
+    def ones(table):
+        import pyarrow as pa
+
+        return table.append_column("kd_weight", pa.array([1.0] * table.num_rows, pa.float32()))
+
+    return ds.map_batches(ones, batch_format="pyarrow")
 
 
 # A streamed corpus is shuffled by row inside windows of about this many shard bytes (one Ray Data task
