@@ -5,6 +5,7 @@
     distill-llm eval     CONFIG.yaml [model=PATH ...]  teacher and students scored side by side
     distill-llm run      CONFIG.yaml [key=value ...]   generate -> train -> eval
     distill-llm curate   CONFIG.yaml [key=value ...]   shard sets -> filtered shard set in curate.output
+    distill-llm quantize CONFIG.yaml [key=value ...]   student -> one quantised folder per quantize.schemes
     distill-llm inspect  DIR                           what a shard set holds
     distill-llm config   CONFIG.yaml [key=value ...]   print the validated config
     distill-llm plan     CONFIG.yaml [key=value ...]   tokens, bytes, GPU-hours and fit, before anything runs
@@ -47,6 +48,10 @@ COMMANDS = {
                "Deduplicate, decontaminate, verify and filter the shard sets of curate.inputs into a new shard set "
                "(resumable; removed rows are kept in rejects/ with their reason).",
                "distill-llm curate configs/curate.yaml curate.verify.correct_only=true"),
+    "quantize": ("student -> one quantised folder per quantize.schemes",
+                 "Quantise the exported student (or quantize.model) into one compressed-tensors folder per scheme "
+                 "(w8a8-int8, w4a16, fp8-dynamic) that vLLM serves, with a model card; corpus rows measure the cost.",
+                 "distill-llm quantize configs/quickstart.yaml 'quantize.schemes=[w8a8-int8,w4a16]'"),
     "inspect": ("what a shard set holds",
                 "Rows, prompts, completion tokens, k, bytes per token, finish reasons and the answer pass rate of "
                 "a shard set, computed from its files.",
@@ -106,13 +111,21 @@ def run_stage(stage: str, cfg: Config) -> None:
         from .curation.stage import curate
 
         curate(cfg)
+    elif stage == "quantize":
+        from .quantize.stage import quantize
+
+        quantize(cfg)
     elif stage == "run":
         from .teacher.stage import generate
         from .student.stage import train
         from .evaluation.stage import evaluate
+        from .quantize.stage import check_quantize, quantize
 
+        check_quantize(cfg)  # a scheme this device cannot serve stops the run before the teacher starts
         generate(cfg)
         student = train(cfg)
+        if cfg.quantize is not None:
+            quantize(cfg)
         evaluate(cfg, student=student)
 
 
