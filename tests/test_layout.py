@@ -7,6 +7,8 @@ against the directions:
 - ``corpus`` (the shard format) imports neither ``teacher`` nor ``student``;
 - ``curation`` (shard sets in, a shard set out) imports ``corpus``, the answer checkers of ``evaluation`` and
   ``cluster.runtime`` (to start Ray), never ``teacher`` or ``student`` or the evaluation stage;
+- ``quantize`` (the exported student -> quantised folders) reads the shards through ``corpus`` and nothing
+  else of the wings (tokenizers and paths come from the ground);
 - no module imports a private name (``_x``) of another package;
 - nothing imports the toy world, a plug-in that registers itself (``registry.py``);
 - the pure-torch student modules never import Ray.
@@ -18,9 +20,10 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "distill_llm"
-WINGS = {"teacher", "corpus", "student", "evaluation", "cluster", "curation"}
+WINGS = {"teacher", "corpus", "student", "evaluation", "cluster", "curation", "quantize"}
 # What curation may import from the other wings: the shard format, the checkers, starting Ray.
 CURATION_MAY_IMPORT = ("distill_llm.corpus", "distill_llm.evaluation.checkers", "distill_llm.cluster.runtime")
+QUANTIZE_MAY_IMPORT = ("distill_llm.corpus",)  # the shard reader, for calibration rows
 FRONT_DOOR = {"distill_llm", "distill_llm.cli"}
 PLUGINS = {"distill_llm.toy"}
 NO_RAY = {"distill_llm.student.losses", "distill_llm.student.model", "distill_llm.student.batching"}
@@ -83,6 +86,8 @@ def violations() -> list[str]:
                 found.append(f"{where}: corpus (the shard format) imports neither teacher nor student")
             if mine == "curation" and theirs in WINGS - {"curation"} and not target.startswith(CURATION_MAY_IMPORT):
                 found.append(f"{where}: curation imports only corpus, evaluation.checkers and cluster.runtime")
+            if mine == "quantize" and theirs in WINGS - {"quantize"} and not target.startswith(QUANTIZE_MAY_IMPORT):
+                found.append(f"{where}: quantize imports only corpus of the wings")
             private = (name or "").startswith("_") or any(p.startswith("_") and p != "__init__"
                                                           for p in target.split("."))
             if private and (mine != theirs or mine == "ground" and me != target):
@@ -97,7 +102,7 @@ def test_imports_run_one_way():
 def test_the_checker_sees_each_kind_of_violation(tmp_path, monkeypatch):
     """The rules fire: plant one module breaking each and find every one reported."""
     fake = tmp_path / "distill_llm"
-    for sub in ("", "corpus", "student", "teacher", "curation"):
+    for sub in ("", "corpus", "student", "teacher", "curation", "quantize"):
         (fake / sub).mkdir(parents=True, exist_ok=True)
         (fake / sub / "__init__.py").write_text("")
     (fake / "paths.py").write_text("from .teacher import stage\n")
@@ -107,6 +112,7 @@ def test_the_checker_sees_each_kind_of_violation(tmp_path, monkeypatch):
     (fake / "student" / "loop.py").write_text("run = 1\n")
     (fake / "student" / "losses.py").write_text("import ray.train\n")
     (fake / "curation" / "stage.py").write_text("from ..teacher import stage\nfrom ..corpus import shards\n")
+    (fake / "quantize" / "stage.py").write_text("from ..corpus import shards\nfrom ..student import loop\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     found = "\n".join(violations())
     for expected in ("distill_llm.paths:1 imports distill_llm.teacher.stage: the ground never imports a stage",
@@ -114,7 +120,8 @@ def test_the_checker_sees_each_kind_of_violation(tmp_path, monkeypatch):
                      "distill_llm.teacher.stage:2 imports distill_llm.corpus.shards._read_json: a private name",
                      "distill_llm.corpus.shards:1 imports distill_llm.student.loop.run: corpus",
                      "distill_llm.student.losses:1 imports ray.train: the pure-torch student modules",
-                     "distill_llm.curation.stage:1 imports distill_llm.teacher.stage: curation imports only"):
+                     "distill_llm.curation.stage:1 imports distill_llm.teacher.stage: curation imports only",
+                     "distill_llm.quantize.stage:2 imports distill_llm.student.loop: quantize imports only corpus"):
         assert expected in found, found
 
 
