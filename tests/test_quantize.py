@@ -98,3 +98,13 @@ def test_quantised_students_are_int8_and_int4_and_vllm_cpu_serves_them(generated
     for label, row in results.items():
         assert row["prompts"] == 8 and row["mean_completion_tokens"] > 0 and "pass@1" in row
         assert row["weight_bytes"] == sum(p.stat().st_size for p in Path(row["model"]).glob("*.safetensors"))
+
+
+def test_run_refuses_an_unservable_scheme_before_the_teacher_starts(tmp_path, capsys):
+    from distill_llm.cli import main
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+    code = main(["run", str(config), f"output.dir={tmp_path / 'shards'}", "quantize.schemes=[fp8-dynamic]",
+                 "quantize.use_gpu=false"])
+    assert code == 2 and "fp8-dynamic cannot be served by the installed vLLM on CPU" in capsys.readouterr().err
+    assert not (tmp_path / "shards").exists()
