@@ -177,6 +177,7 @@ def weight_bytes(folder: str | Path) -> int:
 
 def quantize_one(cfg: Config, source: str, name: str, rows, sample_ids: list[str], tokenizer) -> dict[str, Any]:
     """Quantise ``source`` with one scheme into its folder; returns what the model card records."""
+    import torch
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus, apply_quantization_config,
                                                  preset_name_to_scheme)
@@ -185,6 +186,8 @@ def quantize_one(cfg: Config, source: str, name: str, rows, sample_ids: list[str
     spec = SCHEMES[name]
     model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", use_safetensors=True,
                                                  trust_remote_code=cfg.student.trust_remote_code).eval()
+    if model.dtype == torch.float32:  # vLLM's int4/int8 kernels take 16-bit activations (CPU: no float32 wna16)
+        model = model.to(torch.bfloat16)
     scheme = preset_name_to_scheme(spec.preset, ["Linear"])
     if scheme.weights is not None and scheme.weights.group_size is not None:
         scheme.weights.group_size = cfg.quantize.group_size
@@ -199,6 +202,7 @@ def quantize_one(cfg: Config, source: str, name: str, rows, sample_ids: list[str
             if hasattr(module, "quantization_scheme"):
                 module.quantization_enabled = enabled
         losses[state] = completion_loss(model, rows, pad)
+    model_dtype = model.dtype
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     out = output_folder(cfg, name)
@@ -212,6 +216,7 @@ def quantize_one(cfg: Config, source: str, name: str, rows, sample_ids: list[str
     del model
     info = {"scheme": name, "preset": spec.preset, "description": spec.note, "weight_bits": spec.weight_bits,
             "group_size": cfg.quantize.group_size if name == "w4a16" else None, "method": "round-to-nearest (min-max)",
+            "dtype": str(model_dtype).removeprefix("torch."),
             "format": json.loads((tmp / "config.json").read_text())["quantization_config"].get("format"),
             "source": source, "serves_on": list(spec.devices),
             "calibration": {"shards": list(cfg.shard_dirs), "rows": len(rows), "seed": cfg.quantize.seed,
@@ -234,14 +239,14 @@ def model_card(info: dict[str, Any]) -> str:
         f"# {Path(info['source']).name}, {info['scheme']}", "",
         f"Quantised by `distill-llm quantize` from `{info['source']}` with compressed-tensors "
         f"(format `{info['format']}`, preset `{info['preset']}`): {info['description']}. Weights rounded to "
-        "nearest from min-max statistics; lm_head and embeddings kept.", "",
+        f"nearest from min-max statistics; lm_head, embeddings and norms kept in {info['dtype']}.", "",
         f"- served by vLLM on: {', '.join(d.upper() for d in info['serves_on'])}",
         f"- size on disk: {info['bytes'] / 1e6:.2f} MB (weights {info['weight_bytes'] / 1e6:.2f} MB; the source "
         f"{info['source_bytes'] / 1e6:.2f} MB, weights {info['source_weight_bytes'] / 1e6:.2f} MB)",
         f"- calibration set: {cal['rows']} rows ({cal['tokens']} tokens) of {', '.join(cal['shards'])}, "
         f"seed {cal['seed']}, sample ids sha256 {cal['sample_ids_sha256'][:16]}",
-        f"- loss per completion token on those rows: {loss['original']:.4f} before, {loss['quantised']:.4f} "
-        "after quantisation", ""])
+        f"- loss per completion token on those rows ({info['dtype']}): {loss['original']:.4f} before, "
+        f"{loss['quantised']:.4f} after quantisation", ""])
 
 
 def check_quantize(cfg: Config) -> None:
