@@ -256,6 +256,9 @@ def check_quantize(cfg: Config) -> None:
     check_servable(cfg.quantize.schemes, quantize_device(cfg))
     if cfg.output.quant_dir:
         output_folder(cfg, cfg.quantize.schemes[0])
+    elif is_url(cfg.quantize.model or cfg.output.student_dir):
+        raise ConfigError(f"{cfg.quantize.model or cfg.output.student_dir} is no local folder to write beside: set "
+                          "output.quant_dir (quantize writes local folders)")
 
 
 def quantize(cfg: Config) -> list[str]:
