@@ -6,6 +6,7 @@
     distill-llm run      CONFIG.yaml [key=value ...]   generate -> train -> eval
     distill-llm curate   CONFIG.yaml [key=value ...]   shard sets -> filtered shard set in curate.output
     distill-llm rounds   CONFIG.yaml [key=value ...]   on-policy rounds: student samples, teacher scores, student trains
+    distill-llm quantize CONFIG.yaml [key=value ...]   student -> one quantised folder per quantize.schemes
     distill-llm inspect  DIR                           what a shard set holds
     distill-llm config   CONFIG.yaml [key=value ...]   print the validated config
     distill-llm plan     CONFIG.yaml [key=value ...]   tokens, bytes, GPU-hours and fit, before anything runs
@@ -54,6 +55,10 @@ COMMANDS = {
                "(train.divergence: reverse_kl recommended) and is exported (resumable, round by round).",
                "distill-llm rounds configs/quickstart.yaml rounds.n=3 student.model=runs/quickstart/student "
                "train.divergence=reverse_kl"),
+    "quantize": ("student -> one quantised folder per quantize.schemes",
+                 "Quantise the exported student (or quantize.model) into one compressed-tensors folder per scheme "
+                 "(w8a8-int8, w4a16, fp8-dynamic) that vLLM serves, with a model card; corpus rows measure the cost.",
+                 "distill-llm quantize configs/quickstart.yaml 'quantize.schemes=[w8a8-int8,w4a16]'"),
     "inspect": ("what a shard set holds",
                 "Rows, prompts, completion tokens, k, bytes per token, finish reasons and the answer pass rate of "
                 "a shard set, computed from its files.",
@@ -118,13 +123,21 @@ def run_stage(stage: str, cfg: Config) -> None:
         from .rounds.stage import rounds
 
         rounds(cfg)
+    elif stage == "quantize":
+        from .quantize.stage import quantize
+
+        quantize(cfg)
     elif stage == "run":
         from .teacher.stage import generate
         from .student.stage import train
         from .evaluation.stage import evaluate
+        from .quantize.stage import check_quantize, quantize
 
+        check_quantize(cfg)  # a scheme this device cannot serve stops the run before the teacher starts
         generate(cfg)
         student = train(cfg)
+        if cfg.quantize is not None:
+            quantize(cfg)
         evaluate(cfg, student=student)
 
 

@@ -182,6 +182,7 @@ class OutputConfig(_Section):
     dir: str = "runs/quickstart/shards"  # local path or s3:// / gs:// URL
     student_dir: str = "runs/quickstart/student"
     eval_dir: str | None = None  # None: <student_dir>/../eval
+    quant_dir: str | None = None  # quantised students: <quant_dir>/<scheme>; None: <student_dir>-<scheme>
     resume: bool = True  # reuse committed shards of the same run in output.dir
     overwrite: bool = False  # delete a different run's shards in output.dir instead of refusing
 
@@ -424,6 +425,31 @@ ONE_BUCKET_KD = ("train.alpha={alpha} with {k} and train.tail_bucket=false train
                  "train.alpha=0")
 
 
+QUANT_SCHEMES = ("w8a8-int8", "w4a16", "fp8-dynamic")
+
+
+class QuantizeConfig(_Section):
+    """Post-training quantisation of the exported student (``distill-llm quantize``; a step of ``run`` when the
+    section is present): one compressed-tensors folder per scheme, which vLLM loads as is."""
+
+    schemes: list[Literal["w8a8-int8", "w4a16", "fp8-dynamic"]] = Field(default_factory=lambda: ["w8a8-int8",
+                                                                                                  "w4a16"])
+    model: str | None = None  # the model to quantise; None: output.student_dir
+    calibration_samples: int = Field(64, ge=1)  # corpus rows (prompt + completion) the quantised model is checked on
+    seed: int = 0  # which rows of the shards are drawn
+    group_size: int = Field(128, ge=8)  # w4a16: input columns sharing one scale (vLLM's kernels: a multiple of 8)
+    use_gpu: bool | None = None  # the device the folders are for; None: as eval.use_gpu, then teacher.use_gpu
+
+    @field_validator("schemes")
+    @classmethod
+    def _some_distinct(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one scheme (w8a8-int8, w4a16, fp8-dynamic), or remove the quantize section")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a scheme is named twice in {v}")
+        return v
+
+
 class Config(_Section):
     """The whole job: sections named like the YAML keys."""
 
@@ -438,6 +464,7 @@ class Config(_Section):
     plan: PlanConfig = Field(default_factory=PlanConfig)  # only `distill-llm plan` reads it
     curate: CurateConfig | None = None  # only `distill-llm curate` runs it; `plan` counts its output
     rounds: RoundsConfig | None = None  # only `distill-llm rounds` runs it; `plan` estimates it
+    quantize: QuantizeConfig | None = None  # `distill-llm quantize`, and a step of `run` when present
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -465,6 +492,8 @@ class Config(_Section):
             pairs += [("curate.decontaminate", f) for f in self.curate.decontaminate]
         if self.rounds is not None and self.rounds.dir:
             pairs.append(("rounds.dir", self.rounds.dir))
+        if self.quantize is not None:
+            pairs += [("quantize.model", self.quantize.model or ""), ("output.quant_dir", self.output.quant_dir or "")]
         return pairs + [("eval.models", m) for m in self.eval.models]
 
     @property

@@ -9,6 +9,8 @@ against the directions:
   ``cluster.runtime`` (to start Ray), never ``teacher`` or ``student`` or the evaluation stage;
 - ``rounds`` (the on-policy loop) composes the stages only through their public stage functions: it imports
   ``teacher.stage``, ``student.stage``, ``corpus`` and ``cluster.runtime``, and no other wing imports it;
+- ``quantize`` (the exported student -> quantised folders) reads the shards through ``corpus`` and nothing
+  else of the wings (tokenizers and paths come from the ground);
 - no module imports a private name (``_x``) of another package;
 - nothing imports the toy world, a plug-in that registers itself (``registry.py``);
 - the pure-torch student modules never import Ray.
@@ -20,12 +22,13 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "distill_llm"
-WINGS = {"teacher", "corpus", "student", "evaluation", "cluster", "curation", "rounds"}
+WINGS = {"teacher", "corpus", "student", "evaluation", "cluster", "curation", "rounds", "quantize"}
 # What curation may import from the other wings: the shard format, the checkers, starting Ray.
 CURATION_MAY_IMPORT = ("distill_llm.corpus", "distill_llm.evaluation.checkers", "distill_llm.cluster.runtime")
 # What rounds may import from the other wings: the two stages' entry modules, the shard format, starting Ray.
 ROUNDS_MAY_IMPORT = ("distill_llm.teacher.stage", "distill_llm.student.stage", "distill_llm.corpus",
                      "distill_llm.cluster.runtime")
+QUANTIZE_MAY_IMPORT = ("distill_llm.corpus",)  # the shard reader, for calibration rows
 FRONT_DOOR = {"distill_llm", "distill_llm.cli"}
 PLUGINS = {"distill_llm.toy"}
 NO_RAY = {"distill_llm.student.losses", "distill_llm.student.model", "distill_llm.student.batching"}
@@ -92,6 +95,8 @@ def violations() -> list[str]:
                 found.append(f"{where}: rounds imports only the stages' entry modules, corpus and cluster.runtime")
             if theirs == "rounds" and mine in WINGS - {"rounds"}:
                 found.append(f"{where}: no wing imports rounds (it sits above the stages)")
+            if mine == "quantize" and theirs in WINGS - {"quantize"} and not target.startswith(QUANTIZE_MAY_IMPORT):
+                found.append(f"{where}: quantize imports only corpus of the wings")
             private = (name or "").startswith("_") or any(p.startswith("_") and p != "__init__"
                                                           for p in target.split("."))
             if private and (mine != theirs or mine == "ground" and me != target):
@@ -106,7 +111,7 @@ def test_imports_run_one_way():
 def test_the_checker_sees_each_kind_of_violation(tmp_path, monkeypatch):
     """The rules fire: plant one module breaking each and find every one reported."""
     fake = tmp_path / "distill_llm"
-    for sub in ("", "corpus", "student", "teacher", "curation", "rounds"):
+    for sub in ("", "corpus", "student", "teacher", "curation", "rounds", "quantize"):
         (fake / sub).mkdir(parents=True, exist_ok=True)
         (fake / sub / "__init__.py").write_text("")
     (fake / "paths.py").write_text("from .teacher import stage\n")
@@ -118,6 +123,7 @@ def test_the_checker_sees_each_kind_of_violation(tmp_path, monkeypatch):
     (fake / "curation" / "stage.py").write_text("from ..teacher import stage\nfrom ..corpus import shards\n")
     (fake / "rounds" / "stage.py").write_text("from ..student.loop import run\n")
     (fake / "student" / "stage.py").write_text("from ..rounds import stage\n")
+    (fake / "quantize" / "stage.py").write_text("from ..corpus import shards\nfrom ..student import loop\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     found = "\n".join(violations())
     for expected in ("distill_llm.paths:1 imports distill_llm.teacher.stage: the ground never imports a stage",
@@ -127,7 +133,9 @@ def test_the_checker_sees_each_kind_of_violation(tmp_path, monkeypatch):
                      "distill_llm.student.losses:1 imports ray.train: the pure-torch student modules",
                      "distill_llm.curation.stage:1 imports distill_llm.teacher.stage: curation imports only",
                      "distill_llm.rounds.stage:1 imports distill_llm.student.loop.run: rounds imports only",
-                     "distill_llm.student.stage:1 imports distill_llm.rounds.stage: no wing imports rounds"):
+                     "distill_llm.student.stage:1 imports distill_llm.rounds.stage: no wing imports rounds",
+
+                     "distill_llm.quantize.stage:2 imports distill_llm.student.loop: quantize imports only corpus"):
         assert expected in found, found
 
 

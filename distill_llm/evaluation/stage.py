@@ -15,6 +15,7 @@ from .checkers import get_checker
 from ..config import Config, ConfigError
 from ..paths import (absolute, cache_dir, check_weights_format, filesystem, is_url, join, makedirs, read_text,
                      resolve_model)
+from ..quantize.stage import quantized_folders, weight_bytes
 from ..teacher.engine import ENGINE_JOB_ENV, EngineSpec, SamplingSpec
 
 
@@ -53,6 +54,7 @@ def models_to_score(cfg: Config, student: str | None) -> list[tuple[str, str]]:
     trained = student or (cfg.output.student_dir if _exported(cfg.output.student_dir) else None)
     if trained:
         models.append(("student (distilled)", trained))
+    models += [(f"student ({scheme})", folder) for scheme, folder in quantized_folders(cfg)]
     models += [(m, m) for m in cfg.eval.models]
     if not models:
         raise ConfigError("nothing to evaluate: pass model=PATH or enable eval.include_teacher")
@@ -377,11 +379,12 @@ def _engine_processes(job: str) -> dict[int, float]:
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     ks = sorted({k for r in results.values() for k in r if k.startswith("pass@")}, key=lambda s: int(s[5:]))
-    head = "| model | " + " | ".join(ks) + " | mean tokens | prompts |"
-    lines = [head, "|" + "---|" * (len(ks) + 3)]
+    head = "| model | " + " | ".join(ks) + " | mean tokens | prompts | weights on disk |"
+    lines = [head, "|" + "---|" * (len(ks) + 4)]
     for label, r in results.items():
+        size = f"{r['weight_bytes'] / 1e6:.2f} MB" if r.get("weight_bytes") else "-"
         lines.append(f"| {label} | " + " | ".join(f"{r[k]:.1%}" for k in ks)
-                     + f" | {r['mean_completion_tokens']:.1f} | {r['prompts']} |")
+                     + f" | {r['mean_completion_tokens']:.1f} | {r['prompts']} | {size} |")
     return "\n".join(lines)
 
 
@@ -406,7 +409,8 @@ def evaluate(cfg: Config, student: str | None = None) -> dict[str, dict[str, Any
         label = one.label
         result, table = evaluate_model(cfg, one, use_gpu)
         wait_for_release(label, released)
-        results[label] = {"model": model, **result}
+        local = Path(one.model)  # a hub id has no size here
+        results[label] = {"model": model, **result, "weight_bytes": weight_bytes(local) if local.is_dir() else None}
         makedirs(fs, out)
         pq.write_table(table, join(out, samples_file(label, results)), filesystem=fs)
     table = format_table(results)

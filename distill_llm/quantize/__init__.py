@@ -1,0 +1,1 @@
+"""Post-training quantisation of the exported student into compressed-tensors folders vLLM serves."""
