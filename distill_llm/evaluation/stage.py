@@ -352,9 +352,11 @@ def samples_file(label: str, scored: dict[str, Any]) -> str:
     an object-store URL, given in eval.models), numbered after the first when two labels reduce alike."""
     import re
 
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_.")[-80:] or "model"
-    names = [re.sub(r"[^A-Za-z0-9._-]+", "_", other).strip("_.")[-80:] or "model" for other in scored]
-    same = names.count(stem) - 1  # ``scored`` already holds this label
+    def safe(name: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.")[-80:] or "model"
+
+    stem = safe(label)
+    same = [safe(other) for other in scored].count(stem) - 1  # ``scored`` already holds this label
     return f"samples-{stem}.parquet" if same <= 0 else f"samples-{stem}-{same + 1}.parquet"
 
 
