@@ -11,8 +11,10 @@ from typing import Any
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of what decides token ids: the vocabulary, added tokens and the chat template."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    added = sorted((t, bool(getattr(tokenizer, "all_special_tokens", None) and t in tokenizer.all_special_tokens))
-                   for t in tokenizer.get_vocab() if t in getattr(tokenizer, "added_tokens_encoder", {}))
+    # transformers rebuilds both properties on every access: read each once (per token it was minutes at 129k)
+    added_tokens = getattr(tokenizer, "added_tokens_encoder", {})
+    special = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    added = sorted((t, t in special) for t, _ in vocab if t in added_tokens)
     blob = json.dumps({"vocab": vocab, "added": added, "eos": tokenizer.eos_token,
                        "template": getattr(tokenizer, "chat_template", None)}, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -112,6 +112,29 @@ def test_prompt_ids_are_the_chat_template_s_without_a_doubled_bos(toks, family):
     assert tok.decode(ids, skip_special_tokens=True).count("12 + 30?") == 1
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fingerprint_reads_the_added_tokens_once(toks, family):
+    """transformers rebuilds `added_tokens_encoder` on every access; read per token, fingerprinting
+    DeepSeek-V3's tokenizer took a minute in every teacher run record (and every test writing shards)."""
+    from distill_llm.tokenizers import tokenizer_fingerprint
+
+    tok, reads = toks[family], []
+
+    class Counting(type(tok)):
+        @property
+        def added_tokens_encoder(self):
+            reads.append(1)
+            return super().added_tokens_encoder
+
+    before = tokenizer_fingerprint(tok)
+    tok.__class__ = Counting
+    try:
+        assert tokenizer_fingerprint(tok) == before
+    finally:
+        tok.__class__ = Counting.__mro__[1]
+    assert len(reads) == 1
+
+
 @pytest.mark.parametrize("family", ["deepseek-v3", "r1-distill-qwen"])
 def test_deepseek_tokenizer_keeps_its_spaces(toks, family):
     """transformers 5 rebuilds DeepSeek's byte-level tokenizers (tokenizer_class LlamaTokenizerFast) with a
