@@ -186,6 +186,7 @@ class TeacherEngine:
         kwargs.update(engine.engine_kwargs)
         _quiet_engine_monitor()
         _mark_engine_processes()
+        _skip_unregister_after_tracker_death()
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
@@ -506,33 +507,41 @@ def _shutdown_at_exit(llm) -> None:
     core = getattr(llm.llm_engine, "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         atexit.register(core.shutdown)
-    _skip_unregister_after_tracker_death()
 
 
 def _skip_unregister_after_tracker_death() -> None:
-    """Drop multiprocessing's resource-tracker bookkeeping once the tracker this process started is gone.
+    """Tell multiprocessing's resource tracker of an unlinked resource only while the tracker it was
+    registered with is still alive.
 
-    When Ray ends a released engine actor it kills the actor's child processes, the resource tracker among
-    them, and may do so before Ray Data drops the engine (so before ``close``). The engine's semaphores
-    (``/mp-*``) and shared memory (``/psm_*``) are then finalized in the actor: each is unlinked, then
-    unregistered, and the unregister relaunches an empty tracker that prints a ``KeyError`` traceback for a
-    name it never saw. Unlinking is what frees a resource; without the tracker that recorded it, the
-    unregister only tells a new one about something it does not know, so it is skipped.
+    When Ray ends an engine actor (released by Ray Data, or failing in ``__init__``) it kills the actor's
+    child processes, the resource tracker among them, and may do so before the engine is dropped. The
+    engine's semaphores (``/mp-*``) and shared memory (``/psm_*``) are then finalized in the actor: each is
+    unlinked, then unregistered, and the unregister relaunches an empty tracker that prints a ``KeyError``
+    traceback for a name it never saw. Unlinking is what frees a resource; a tracker that did not record
+    it has nothing to forget, so the unregister is skipped. Installed before the engine starts, so names
+    registered while it starts (and an engine that dies there) are covered; forked engine processes
+    inherit it.
     """
     from multiprocessing import resource_tracker
 
-    tracker = resource_tracker._resource_tracker
-    started = tracker._pid
-    if started is None or getattr(resource_tracker.unregister, "_distill_llm", False):
+    if getattr(resource_tracker.unregister, "_distill_llm", False):
         return
-    unregister = resource_tracker.unregister
+    tracker = resource_tracker._resource_tracker
+    register, unregister = resource_tracker.register, resource_tracker.unregister
+    before = tracker._pid  # the tracker told of names registered before this guard (None: no tracker yet)
+    told: dict[tuple[str, str], int | None] = {}
+
+    def register_noting_tracker(name: str, rtype: str) -> None:
+        register(name, rtype)
+        told[(name, rtype)] = tracker._pid
 
     def unregister_while_tracked(name: str, rtype: str) -> None:
-        if tracker._pid == started and tracker._fd is not None and tracker._check_alive():
+        pid = told.pop((name, rtype), before)
+        if pid is not None and tracker._pid == pid and tracker._fd is not None and tracker._check_alive():
             unregister(name, rtype)
 
     unregister_while_tracked._distill_llm = True
-    resource_tracker.unregister = unregister_while_tracked
+    resource_tracker.register, resource_tracker.unregister = register_noting_tracker, unregister_while_tracked
 
 
 def _exit_for_restart(reason: str) -> None:
