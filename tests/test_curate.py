@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -531,3 +532,151 @@ def test_killed_curate_run_reruns_to_the_same_set(ray_session, tmp_path):
     assert set(out["kd_weight"].to_pylist()) == {0.0, 1.0}
     for name, record in before.items():  # what the killed run committed stays, byte for byte
         assert (commits / name).read_bytes() == record
+
+
+# ---------------------------------------------------------------- decisions per key partition vs the whole
+
+
+def decide_before(features, policy):
+    """filters.decide as it was before the key partitions (pandas over every row at once): the oracle."""
+    import pandas as pd
+
+    df = features.drop_columns(["bands"]).to_pandas()
+    df["reason"] = pd.Series([None] * len(df), dtype=object)
+    df["detail"] = pd.Series([None] * len(df), dtype=object)
+    df = df.sort_values(["input", "prompt_id", "sample_id"], kind="stable").reset_index(drop=True)
+
+    def remove(mask, reason: str, detail=None) -> None:
+        mask = np.asarray(mask, dtype=bool) & df["reason"].isna().to_numpy()
+        df.loc[mask, "reason"] = reason
+        if isinstance(detail, str):
+            df.loc[mask, "detail"] = detail
+        elif detail is not None:
+            df.loc[mask, "detail"] = np.asarray(detail, dtype=object)[mask]
+
+    # One prompt_id stands for each normalised prompt: the first by (input, prompt_id).
+    rep = df.groupby("key", sort=False)["prompt_id"].transform("first")
+    if policy.dedup_prompts:
+        remove(df["prompt_id"] != rep, "duplicate_prompt", "same normalised prompt as " + rep)
+    if policy.near_duplicates:
+        near = near_duplicate_before(features, df)
+        remove(near.notna(), "near_duplicate_prompt", "near-duplicate of prompt " + near.fillna(""))
+    if policy.decontaminate:
+        remove(df["contaminated"], "contaminated", "shares a word n-gram with an evaluation prompt")
+    if policy.drop_truncated:
+        remove(df["truncated"], "truncated", "finish_reason=length")
+    count = df["tokens"].astype(str) + " completion tokens"
+    remove(df["tokens"] < policy.min_tokens, "too_short", count + f" < {policy.min_tokens}")
+    if policy.max_tokens is not None:
+        remove(df["tokens"] > policy.max_tokens, "too_long", count + f" > {policy.max_tokens}")
+    if policy.require_think:
+        remove(~df["think"], "bad_format", "no <think>...</think>answer structure")
+    if policy.correct_only:
+        remove(df["correct"].isna(), "no_verdict", "no reference answer to check")
+        remove(df["correct"] == False, "incorrect", "the answer check failed")  # noqa: E712 (a pandas mask)
+    if policy.drop_unsolved:  # every verdict of the prompt (all inputs, before any removal) failed
+        solved = (df["correct"] == True).groupby(df["key"]).transform("any")  # noqa: E712
+        checked = df["correct"].notna().groupby(df["key"]).transform("any")
+        remove(checked & ~solved, "unsolved", "no teacher sample of this prompt is correct")
+    if policy.max_pass_rate is not None:
+        filters.remove_too_easy(df, policy, remove)
+    alive = df["reason"].isna()
+    if policy.dedup_completions:
+        first = df[alive].groupby(["key", "completion"], sort=False)["sample_id"].transform("first")
+        dup = pd.Series(False, index=df.index)
+        dup[first.index] = df.loc[first.index, "sample_id"] != first
+        remove(dup, "duplicate_completion", "same completion as " + first.reindex(df.index).fillna(""))
+    cap = policy.max_correct if policy.max_correct is not None else (1 if policy.prefer_shortest else None)
+    if cap is not None:
+        alive = df["reason"].isna() & (df["correct"] == True)  # noqa: E712
+        order = ["key", "tokens", "input", "sample_id"] if policy.prefer_shortest else ["key", "input", "sample_id"]
+        ranked = df[alive].sort_values(order, kind="stable")
+        rank = ranked.groupby("key", sort=False).cumcount()
+        over = pd.Series(False, index=df.index)
+        over[rank.index] = rank >= cap
+        remove(over, "over_max_correct", f"{cap} correct samples of this prompt kept"
+               + (", shortest first" if policy.prefer_shortest else ""))
+    if policy.weights and any(w < 1 for w in policy.weights):
+        weight = df["input"].map(lambda i: policy.weights[i]).to_numpy()
+        remove(np.array([filters.stable_hash("mix:" + s) / 2.0 ** 64 for s in df["sample_id"]]) >= weight, "mixing_weight", "not drawn at its input's weight")
+    gone = df[df["reason"].notna()]
+    return pa.table({"input": pa.array(gone["input"], pa.int32()), "sample_id": pa.array(gone["sample_id"], pa.string()),
+                     "reason": pa.array(gone["reason"], pa.string()), "detail": pa.array(gone["detail"], pa.string())})
+
+
+def near_duplicate_before(features, df):
+    """Per row of ``df``: the prompt_id that stands for its near-duplicate cluster when that is another
+    prompt's, else None. Clusters are over distinct normalised prompts; the first by (input, prompt_id)
+    stands for its cluster."""
+    import pandas as pd
+
+    banded = features.filter(pc.invert(pc.is_null(features["bands"])))
+    if banded.num_rows == 0:
+        return pd.Series([None] * len(df), index=df.index, dtype=object)
+    bands = pd.DataFrame({"input": banded["input"].to_numpy(), "prompt_id": banded["prompt_id"].to_pylist(),
+                          "key": banded["key"].to_numpy(),
+                          "row": list(np.array(banded["bands"].to_pylist(), dtype=np.uint64))})
+    prompts = bands.sort_values(["input", "prompt_id"], kind="stable").drop_duplicates("key").reset_index(drop=True)
+    component = filters.clusters(prompts["key"].to_numpy(), np.stack(prompts["row"].to_list()))
+    prompts["head"] = pd.Series(prompts["prompt_id"].to_numpy()).groupby(component).transform("first")
+    head_of_key = dict(zip(prompts["key"], prompts["head"]))
+    own = df.groupby("key", sort=False)["prompt_id"].transform("first")
+    head = df["key"].map(head_of_key)
+    return head.where(head.notna() & (head != own), None)
+
+
+def planted_features():
+    """A feature table of two inputs (through filters.row_features, in batches of 10 rows) with exact and
+    near-duplicate prompts within and across inputs, contamination, truncation, failing, unchecked and
+    format-less traces, identical completions and ties of length."""
+    rng = np.random.default_rng(3)
+    base = [sentence(100 + i, 60) for i in range(24)]
+    prompts = list(base)
+    for i in range(0, 24, 4):
+        prompts.append(base[i].upper())  # an exact duplicate
+        words = base[i + 1].split()
+        words[7] = "zebra"
+        prompts.append(" ".join(words))  # a near-duplicate
+    eval_problem = sentence(900, 12)
+    prompts.append(" ".join(sentence(901, 6).split() + eval_problem.split()[:8]))
+    spec = filters.FeatureSpec(eval_ngrams=frozenset(filters.word_ngrams(eval_problem, 8)), ngram=8,
+                               minhash=filters.MinHasher(64, 3))
+    spec.bands, spec.rows = filters.lsh_params(0.8, 64)
+    tables = []
+    for input_index, chosen in ((0, prompts), (1, prompts[::2] + [sentence(950 + i, 30) for i in range(5)])):
+        rows = []
+        for p in chosen:
+            for s in range(4):
+                step = int(rng.integers(0, 10))
+                text = trace("7" if step % 3 else "8", " ".join(["s"] * step)) if step != 5 else "7 no think"
+                r = row(p, s, text, correct=None if step == 4 else bool(step % 3), finish="length" if step == 1 and s == 3 else "stop")
+                rows.append(r)
+        order = rng.permutation(len(rows))
+        table = pa.Table.from_pylist([rows[i] for i in order], schema=engine_output_schema(K, "float16"))
+        tables += [filters.row_features(table.slice(start, 10).select(filters.FEATURE_COLUMNS), spec, input_index)
+                   for start in range(0, table.num_rows, 10)]
+    return pa.concat_tables(tables)
+
+
+def test_decisions_per_key_partition_are_the_decisions_over_every_row():
+    """The stage's decision path (filters.decide per hash partition of the prompt keys, with the
+    near-duplicate map over every row) removes exactly the rows, reasons and details that the decision over
+    the whole table did before the partitions, under two sets of policies that use every filter."""
+    table = planted_features()
+    rates = {r["prompt_id"]: (3, 4) for r in table.slice(0, 10).to_pylist()}
+    policies = [filters.Policy(drop_truncated=True, min_tokens=2, max_tokens=8, require_think=True,
+                               correct_only=True, max_correct=2, prefer_shortest=True),
+                filters.Policy(drop_unsolved=True, max_pass_rate=0.5, pass_rates=rates, max_correct=1,
+                               weights=(0.7, 0.9))]
+    heads = filters.near_duplicate_heads(table)
+    assert heads  # the planted near-duplicates form clusters
+    for policy in policies:
+        before = decide_before(table, policy)
+        assert set(before["reason"].to_pylist()) >= ({"duplicate_prompt", "near_duplicate_prompt", "contaminated",
+                                                      "over_max_correct"})
+        for parts in (1, 3, 7):
+            got = pa.concat_tables([filters.decide(filters.key_partition(table, j, parts), policy, heads)
+                                    for j in range(parts)])
+            key = [("input", "ascending"), ("sample_id", "ascending")]
+            assert got.sort_by(key).equals(before.sort_by(key)), parts
+        assert filters.decide(table, policy).sort_by(key).equals(before.sort_by(key))

@@ -449,9 +449,9 @@ def teacher_section(plan: Plan, cfg: Config, teacher: ModelShape | None, gpu: Gp
     teacher_fit(plan, cfg, teacher, gpu)
 
 
-# Bytes of driver memory per input row of curation (its feature table and decisions), from the driver's
+# Bytes of driver memory per input row of curation (the decisions run in Ray tasks), from the driver's
 # peak RSS as rows grow in bench/curate.py (bench/RESULTS.md).
-CURATE_DRIVER_BYTES_PER_ROW = 700
+CURATE_DRIVER_BYTES_PER_ROW = 150
 
 
 def curate_section(plan: Plan, cfg: Config) -> None:
@@ -482,7 +482,7 @@ def curate_section(plan: Plan, cfg: Config) -> None:
     plan.add("curate output rows", kept, f"{kept:,}", how)
     memory = rows * CURATE_DRIVER_BYTES_PER_ROW
     plan.add("curate driver memory", memory, _bytes(memory), f"input rows x {CURATE_DRIVER_BYTES_PER_ROW} B "
-             "(the feature table of every row; the rows themselves stream)")
+             "(decisions in Ray tasks per key partition; the rows themselves stream)")
 
 
 def teacher_fit(plan: Plan, cfg: Config, s: ModelShape, gpu: GpuSpec) -> None:

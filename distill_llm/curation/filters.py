@@ -238,13 +238,23 @@ def clusters(keys: np.ndarray, bands: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
+def key_partition(features: pa.Table, part: int, parts: int) -> pa.Table:
+    """The rows whose prompt key falls in hash partition ``part`` of ``parts`` (every row of a key in one)."""
+    if parts == 1:
+        return features
+    return features.filter(pa.array(features["key"].to_numpy() % np.uint64(parts) == part))
+
+
 def _unit(sample_ids: Iterable[str]) -> np.ndarray:
     """A number in [0, 1) per sample id, the same in every run (the mixing draw)."""
     return np.array([stable_hash("mix:" + s) / 2.0 ** 64 for s in sample_ids])
 
 
-def decide(features: pa.Table, policy: Policy) -> pa.Table:
-    """(input, sample_id, reason, detail) for every removed row; rows not listed are kept."""
+def decide(features: pa.Table, policy: Policy, heads: dict[int, str] | None = None) -> pa.Table:
+    """(input, sample_id, reason, detail) for every removed row; rows not listed are kept. ``heads``: the
+    near-duplicate map of ``near_duplicate_heads`` over every row, when ``features`` is one key partition
+    (every decision but the near-duplicate clusters is made within the rows of one prompt key); computed
+    from ``features`` when None."""
     import pandas as pd
 
     df = features.drop_columns(["bands"]).to_pandas()
@@ -265,7 +275,8 @@ def decide(features: pa.Table, policy: Policy) -> pa.Table:
     if policy.dedup_prompts:
         remove(df["prompt_id"] != rep, "duplicate_prompt", "same normalised prompt as " + rep)
     if policy.near_duplicates:
-        near = near_duplicate_of(features, df)
+        near = pd.Series(looked_up(near_duplicate_heads(features) if heads is None else heads,
+                                   df["key"].to_numpy()), index=df.index)
         remove(near.notna(), "near_duplicate_prompt", "near-duplicate of prompt " + near.fillna(""))
     if policy.decontaminate:
         remove(df["contaminated"], "contaminated", "shares a word n-gram with an evaluation prompt")
@@ -319,22 +330,34 @@ def remove_too_easy(df, policy: Policy, remove) -> None:
     remove(easy.notna().to_numpy(), "too_easy", detail.to_numpy())
 
 
-def near_duplicate_of(features: pa.Table, df) -> Any:
-    """Per row of ``df``: the prompt_id that stands for its near-duplicate cluster when that is another
-    prompt's, else None. Clusters are over distinct normalised prompts; the first by (input, prompt_id)
-    stands for its cluster."""
-    import pandas as pd
+def looked_up(heads: dict[int, str], keys: np.ndarray) -> np.ndarray:
+    """``heads[key]`` per key (uint64), None where absent."""
+    out = np.full(len(keys), None, dtype=object)
+    if heads:
+        known = np.array(list(heads), dtype=np.uint64)
+        order = np.argsort(known)
+        known, values = known[order], np.array(list(heads.values()), dtype=object)[order]
+        at = np.minimum(np.searchsorted(known, keys), len(known) - 1)
+        hit = known[at] == keys
+        out[hit] = values[at[hit]]
+    return out
 
-    banded = features.filter(pc.invert(pc.is_null(features["bands"])))
+
+def near_duplicate_heads(features: pa.Table) -> dict[int, str]:
+    """Prompt key -> the prompt_id standing for its near-duplicate cluster, for the keys whose cluster is
+    headed by another prompt. Clusters are over distinct normalised prompts (the rows carrying LSH bands);
+    the first by (input, prompt_id) stands for its cluster, and for its own key."""
+    banded = features.select(["input", "prompt_id", "key", "bands"]).filter(pc.invert(pc.is_null(features["bands"])))
     if banded.num_rows == 0:
-        return pd.Series([None] * len(df), index=df.index, dtype=object)
-    bands = pd.DataFrame({"input": banded["input"].to_numpy(), "prompt_id": banded["prompt_id"].to_pylist(),
-                          "key": banded["key"].to_numpy(),
-                          "row": list(np.array(banded["bands"].to_pylist(), dtype=np.uint64))})
-    prompts = bands.sort_values(["input", "prompt_id"], kind="stable").drop_duplicates("key").reset_index(drop=True)
-    component = clusters(prompts["key"].to_numpy(), np.stack(prompts["row"].to_list()))
-    prompts["head"] = pd.Series(prompts["prompt_id"].to_numpy()).groupby(component).transform("first")
-    head_of_key = dict(zip(prompts["key"], prompts["head"]))
-    own = df.groupby("key", sort=False)["prompt_id"].transform("first")
-    head = df["key"].map(head_of_key)
-    return head.where(head.notna() & (head != own), None)
+        return {}
+    banded = banded.take(pc.sort_indices(banded, [("input", "ascending"), ("prompt_id", "ascending")]))
+    keys = banded["key"].to_numpy()
+    _, first = np.unique(keys, return_index=True)  # a stable sort: each key's first row in (input, prompt_id) order
+    first = np.sort(first)
+    flat = pc.list_flatten(banded["bands"].take(pa.array(first))).to_numpy()
+    component = clusters(keys[first], flat.reshape(len(first), -1))
+    _, head_at = np.unique(component, return_index=True)  # each cluster's first prompt
+    heads = head_at[np.unique(component, return_inverse=True)[1]]
+    pids = banded["prompt_id"].take(pa.array(first[heads])).to_pylist()
+    own = banded["prompt_id"].take(pa.array(first)).to_pylist()
+    return {int(k): h for k, h, o in zip(keys[first], pids, own) if h != o}

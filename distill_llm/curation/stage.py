@@ -1,9 +1,10 @@
 """The curation stage: shard sets in (``curate.inputs``) -> filters -> one shard set out (``curate.output``).
 
 Two passes over the inputs on Ray Data. The first reads a few light columns and computes each row's
-features in parallel (filters.row_features); the driver decides over the slim feature table which rows
-go (filters.decide). The second streams every column of every row through the shard writer of the
-teacher stage: kept rows become shards, removed rows go to rejects/ with their reason, under the same
+features in parallel (filters.row_features) into the object store. Ray tasks then decide which rows go
+(filters.decide), one task per hash partition of the prompt keys, so each holds a bounded share of the
+rows and the driver holds only object refs and counts. The second streams every column of every row
+through the shard writer of the teacher stage: kept rows become shards, removed rows go to rejects/ with their reason, under the same
 commit protocol (a rerun resumes; a killed run never commits a row twice) and a manifest listing the
 inputs, their manifests' sha256 and the rows each filter removed.
 """
@@ -140,17 +141,66 @@ def read_input(shard_dir: str, columns: list[str] | None = None):
     return ds.select_columns(columns) if columns else ds
 
 
-def features(dirs: list[str], spec: filters.FeatureSpec) -> pa.Table:
-    """The first pass: the slim feature table of every input row, gathered on the driver."""
-    import ray
+# Input rows per decision task (a hash partition of the prompt keys): bounds each task's memory.
+PARTITION_ROWS = 50_000
 
+
+def features(dirs: list[str], spec: filters.FeatureSpec) -> tuple[list, int]:
+    """The first pass: the slim feature table of every input row as object refs of its blocks (left in the
+    object store), and its row count."""
     parts = [read_input(d, filters.FEATURE_COLUMNS).map_batches(
         filters.row_features, batch_format="pyarrow", fn_kwargs={"spec": spec, "input_index": i})
         for i, d in enumerate(dirs)]
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    tables = [ray.get(ref) for ref in ds.to_arrow_refs()]
+    ds = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
+    return ds.to_arrow_refs(), ds.count()
+
+
+def feature_rows(refs: list, part: int = 0, parts: int = 1, columns: list[str] | None = None) -> pa.Table:
+    """The feature rows whose prompt key falls in hash partition ``part`` of ``parts`` (in a Ray task)."""
+    import ray
+
+    tables = []
+    for ref in refs:
+        table = filters.key_partition(ray.get(ref), part, parts)
+        tables.append(table.select(columns) if columns else table)
     tables = [t for t in tables if t.num_rows]
-    return pa.concat_tables(tables).cast(filters.FEATURE_SCHEMA) if tables else filters.FEATURE_SCHEMA.empty_table()
+    schema = pa.schema([filters.FEATURE_SCHEMA.field(c) for c in columns]) if columns else filters.FEATURE_SCHEMA
+    return pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()
+
+
+def heads_task(refs: list) -> dict[int, str]:
+    """The near-duplicate map over every prompt (a Ray task: only the rows carrying LSH bands, one per prompt
+    and block, are gathered)."""
+    table = feature_rows(refs, columns=["input", "prompt_id", "key", "bands"])
+    return filters.near_duplicate_heads(table.filter(pc.invert(pc.is_null(table["bands"]))))
+
+
+def decide_task(refs: list, part: int, parts: int, pol: filters.Policy, heads: dict[int, str] | None,
+                weigh_failed: bool) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+    """One key partition's decisions (a Ray task): its removed rows, its failed rows (see failed_rows) and
+    {rows, removed: counts by reason}. Every decision but the near-duplicate clusters (``heads``, over
+    every prompt) depends on the rows of one prompt key only, so the partitions decide as the whole would."""
+    table = feature_rows(refs, part, parts)
+    removed = filters.decide(table, pol, heads if pol.near_duplicates else {})
+    return removed, failed_rows(table, weigh_failed), {"rows": table.num_rows, "removed": removed_counts(removed)}
+
+
+def decide_all(refs: list, rows: int, pol: filters.Policy, weigh_failed: bool) -> tuple[list, list, dict[str, int]]:
+    """Every partition decided by Ray tasks: refs of the removed and failed rows per partition, and the
+    removed counts; refuses a curation that keeps nothing (it would train nothing), before writing."""
+    import ray
+
+    heads = ray.remote(heads_task).remote(refs) if pol.near_duplicates else None
+    parts, pol_ref = max(1, -(-rows // PARTITION_ROWS)), ray.put(pol)
+    task = ray.remote(decide_task).options(num_returns=3)
+    outs = [task.remote(refs, j, parts, pol_ref, heads, weigh_failed) for j in range(parts)]
+    stats = ray.get([o[2] for o in outs])
+    counts = {r: sum(s["removed"].get(r, 0) for s in stats) for r in filters.REASONS}
+    counts = {r: n for r, n in counts.items() if n}
+    if rows and sum(counts.values()) == rows:
+        raise ConfigError(f"curate: every one of the {rows:,} input rows would be removed "
+                          f"({counts}); loosen the filters that removed the most")
+    return [o[0] for o in outs], [o[1] for o in outs], counts
 
 
 _cache: dict[Any, Any] = {}
@@ -220,10 +270,25 @@ def removed_counts(removed: pa.Table) -> dict[str, int]:
     return {reason: found[reason] for reason in filters.REASONS if reason in found}
 
 
-def write_pass(cfg: Config, dirs: list[str], removed: pa.Table, done: set[str], run: dict[str, Any],
-               failed: pa.Table) -> None:
-    """The second pass: every input row through the teacher stage's writer (shards + rejects, committed);
-    ``failed`` (input, sample_id): the rows whose answer check failed, weighted by kd_weight_incorrect."""
+def input_decisions(index: int, prefix: str, removed: list, failed: list, done_ids: pa.Array) -> tuple:
+    """mark's decisions for input ``index`` (a Ray task, from every partition's refs): its removed rows and
+    failed rows by output sample id, and the ids committed before."""
+    import ray
+
+    def mine(refs: list) -> pa.Table:
+        table = pa.concat_tables([ray.get(r) for r in refs])
+        table = table.filter(pc.equal(table["input"], index)).drop_columns(["input"])
+        ids = pc.binary_join_element_wise(pa.scalar(prefix), table["sample_id"], "") if prefix else table["sample_id"]
+        return table.set_column(table.schema.get_field_index("sample_id"), "sample_id", ids.combine_chunks())
+
+    return mine(removed).combine_chunks(), done_ids, mine(failed)["sample_id"].combine_chunks()
+
+
+def write_pass(cfg: Config, dirs: list[str], removed: list, done: set[str], run: dict[str, Any],
+               failed: list) -> None:
+    """The second pass: every input row through the teacher stage's writer (shards + rejects, committed).
+    ``removed``, ``failed``: refs of decide_task's removed and failed rows (the rows whose answer check
+    failed, weighted by kd_weight_incorrect), per partition; each input's share is gathered by a task."""
     import ray
 
     from ..corpus.sink import ShardSink
@@ -232,13 +297,9 @@ def write_pass(cfg: Config, dirs: list[str], removed: pa.Table, done: set[str], 
     done_ids = pa.array(sorted(done), pa.string())
     parts = []
     labels = [t["teacher"] for t in run["curate"]["inputs"]]
+    gather = ray.remote(input_decisions)
     for i, (d, prefix) in enumerate(zip(dirs, prefixes(dirs))):
-        mine = removed.filter(pc.equal(removed["input"], i))
-        mine = mine.set_column(1, "sample_id", pc.binary_join_element_wise(pa.scalar(prefix), mine["sample_id"], "")
-                               if prefix else mine["sample_id"])
-        bad = failed.filter(pc.equal(failed["input"], i))["sample_id"]
-        bad = pc.binary_join_element_wise(pa.scalar(prefix), bad, "") if prefix else bad
-        ref = ray.put((mine.drop_columns(["input"]), done_ids, bad.combine_chunks()))
+        ref = gather.remote(i, prefix, removed, failed, done_ids)
         parts.append(read_input(d).map_batches(mark, batch_format="pyarrow", fn_kwargs={
             "decisions_ref": ref, "prefix": prefix, "teacher": labels[i], "kd_weight": c.inputs[i].kd_weight,
             "kd_weight_incorrect": c.verify.kd_weight_incorrect}))
@@ -269,29 +330,30 @@ def curate(cfg: Config, sample_passes=None) -> dict[str, Any]:
         resume = claim_output(out_dir, run, c)
     init_ray(cfg.ray)
     grams = eval_ngrams(cfg)
-    table = features(dirs, feature_spec(c, grams))
+    refs, rows = features(dirs, feature_spec(c, grams))
     rates = (student_pass_rates(cfg, dirs, manifests, out_dir, sample_passes)
              if c.difficulty.student_max_pass_rate is not None else {})
-    removed = decide_or_refuse(table, policy(c, rates))
+    removed, failed, counts = decide_all(refs, rows, policy(c, rates), c.verify.kd_weight_incorrect is not None)
+    del refs  # the feature blocks leave the object store
     with storage_errors(out_dir):
         if resume.committed:
             print(f"curate: resuming {out_dir}: {len(resume.done_sample_ids):,} rows already committed")
-        write_pass(cfg, dirs, removed, resume.done_sample_ids, run, failed_rows(table, c))
-        extra = {"curate": {**run["curate"], "removed": removed_counts(removed), "eval_ngrams": len(grams),
+        write_pass(cfg, dirs, removed, resume.done_sample_ids, run, failed)
+        extra = {"curate": {**run["curate"], "removed": counts, "eval_ngrams": len(grams),
                             **({"student_pass": pass_summary(rates)} if rates else {})},
                  "config": cfg.model_dump(mode="json")}
-        manifest = write_manifest(out_dir, extra=extra, expected=table.num_rows)
+        manifest = write_manifest(out_dir, extra=extra, expected=rows)
     t = manifest["totals"]
-    print(f"curate: {table.num_rows:,} rows from {len(dirs)} shard sets -> {t['rows']:,} kept, "
+    print(f"curate: {rows:,} rows from {len(dirs)} shard sets -> {t['rows']:,} kept, "
           f"{t['rejected']:,} removed ({manifest['curate']['removed'] or 'none'}) in {time.time() - start:.1f}s "
           f"-> {out_dir}")
     return manifest
 
 
-def failed_rows(table: pa.Table, c: CurateConfig) -> pa.Table:
+def failed_rows(table: pa.Table, weigh: bool) -> pa.Table:
     """(input, sample_id) of the rows whose answer check failed, when curate.verify.kd_weight_incorrect
-    weighs them; none otherwise."""
-    if c.verify.kd_weight_incorrect is None:
+    weighs them (``weigh``); none otherwise."""
+    if not weigh:
         table = table.slice(0, 0)
     return table.filter(pc.equal(pc.fill_null(table["correct"], True), False)).select(["input", "sample_id"])
 
@@ -305,15 +367,6 @@ def claim_output(out_dir: str, run: dict[str, Any], c: CurateConfig):
         for key in ("output.dir", "output.overwrite", "output.resume"):
             text = text.replace(key, "curate." + key.split(".")[1].replace("dir", "output"))
         raise ShardError(text) from None
-
-
-def decide_or_refuse(table: pa.Table, pol: filters.Policy) -> pa.Table:
-    """The removed rows; refuses a curation that keeps nothing (it would train nothing), before writing."""
-    removed = filters.decide(table, pol)
-    if table.num_rows and removed.num_rows == table.num_rows:
-        raise ConfigError(f"curate: every one of the {table.num_rows:,} input rows would be removed "
-                          f"({removed_counts(removed)}); loosen the filters that removed the most")
-    return removed
 
 
 # ---------------------------------------------------------------- the difficulty pass (s1)
