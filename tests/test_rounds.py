@@ -152,7 +152,7 @@ def test_one_round_killed_between_stages_resumes_and_trains_the_student(ray_sess
     sampled = {(json.dumps(r["messages"]), r["completion_text"]): r["completion_token_ids"]
                for r in read_shards(str(round1 / "samples")).to_pylist()}
     scored = read_shards(str(round1 / "scored")).to_pylist()
-    assert len(sampled) == 8 and len(scored) == record["rows"] >= 7  # an identical second sample is one trace
+    assert len(scored) == record["rows"] == sum(1 for _ in read_shards(str(round1 / "samples")).to_pylist())
     assert all(r["completion_token_ids"] == sampled[(json.dumps(r["messages"]), r["completion_text"])]
                for r in scored)  # the teacher scored the student's own tokens (not its text re-tokenised)
     assert_teacher_scores_match_transformers(round1 / "scored")
@@ -173,6 +173,35 @@ def test_score_mode_takes_a_traces_own_token_ids():
     for bad in ([], [1, -1], "12", [1.5]):
         got = normalize_prompt({**trace, "completion_token_ids": bad}, 0, score=True)
         assert got[SKIP_REASON] == "bad_completion_token_ids"
+
+
+def test_identical_samples_of_one_prompt_stay_two_scored_rows(tmp_path):
+    """Two equal samples of one prompt are two draws of the student: as traces to score they keep two rows with
+    sample ids of their own (the duplicate pass would otherwise skip the second as a repeated trace), while two
+    equal traces without a trace_id are still one."""
+    import pyarrow as pa
+    from test_shards import engine_rows, write_set
+
+    from distill_llm.corpus.prompts import drop_duplicates, normalize_prompt
+    from distill_llm.corpus.schema import SKIP_REASON
+    from distill_llm.rounds.stage import traces
+
+    rows = engine_rows(3)
+    same = {"messages": rows.column("messages")[0], "completion_text": rows.column("completion_text")[0],
+            "completion_token_ids": rows.column("completion_token_ids")[0]}
+    for name, value in same.items():  # sample 1 of p0 repeats sample 0 word for word
+        column = rows.column(name).to_pylist()
+        column[1] = value.as_py()
+        rows = rows.set_column(rows.schema.get_field_index(name), name, pa.array(column, rows.schema.field(name).type))
+    rows = rows.set_column(rows.schema.get_field_index("sample_id"), "sample_id", pa.array(["p0-0", "p0-1", "p2-0"]))
+    write_set(tmp_path / "samples", [rows])
+    got = drop_duplicates([normalize_prompt(t, i, score=True) for i, t in enumerate(traces(tmp_path / "samples"))])
+    assert got.num_rows == 3 and got.column(SKIP_REASON).null_count == 3
+    assert len(set(got.column("prompt_id").to_pylist())) == 3
+    bare = [{k: v for k, v in t.items() if k != "trace_id"} for t in traces(tmp_path / "samples")]
+    assert drop_duplicates([normalize_prompt(t, i, score=True) for i, t in enumerate(bare)]).column(
+        SKIP_REASON).null_count == 2
+    assert normalize_prompt({**bare[0], "trace_id": 7}, 0, score=True)[SKIP_REASON] == "bad_trace_id"
 
 
 def test_offline_mix_writes_a_seeded_sample_of_the_offline_corpus(tmp_path):
