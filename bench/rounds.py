@@ -1,12 +1,14 @@
-"""On-policy rounds against the same number of extra offline-KD steps, from the quickstart's distilled student.
+"""On-policy rounds against the same number of extra offline-KD steps, from a weak offline-KD student.
 
-    distill-llm run configs/quickstart.yaml          # first: the offline-KD student and its shards
     PYTHONPATH=$PWD python bench/rounds.py --results bench/RESULTS.md
-    PYTHONPATH=$PWD python bench/rounds.py --rounds 3 --prompts-per-round 256 --samples 2 --steps 100
+    PYTHONPATH=$PWD python bench/rounds.py --student runs/quickstart/student --shards runs/quickstart/shards
 
-Two arms, each ``--rounds`` times ``--steps`` training steps on top of ``--student``:
+The quickstart's fully distilled student already scores near the teacher on toy:eval, so by default the start is
+made here: the quickstart's teacher shards (``--offline-prompts`` prompts) and a student trained on them with the
+quickstart's train.* for only ``--start-steps`` steps (``--student``/``--shards`` start from existing ones).
+Two arms, each ``--rounds`` times ``--steps`` training steps on top of that student:
 - rounds: `distill-llm rounds` (the student samples, the toy teacher scores, reverse KL with train.alpha=1);
-- control: ``--steps`` more offline-KD steps per round on the quickstart's own shards (its own train.* settings).
+- control: ``--steps`` more offline-KD steps per round on the same offline shards (its own train.* settings).
 Every checkpoint is then scored on the held-out toy:eval prompts (greedy pass@1); the table gives, per row,
 the compute each round took (student tokens generated, teacher tokens scored, steps, seconds).
 """
@@ -20,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import QUICKSTART, ROOT, append_results, header, machine, table
+from common import QUICKSTART, append_results, header, machine, table
 
 
 def base_config(args, work: Path, *overrides: str):
@@ -29,6 +31,25 @@ def base_config(args, work: Path, *overrides: str):
     return load_config(QUICKSTART, [f"student.model={args.student}", f"data.shards=[{args.shards}]",
                                     f"output.dir={args.shards}", f"eval.num_prompts={args.eval_prompts}",
                                     f"output.eval_dir={work / 'eval'}", *overrides])
+
+
+def prepare(args, work: Path) -> None:
+    """The weak start: the quickstart's teacher shards and a student trained on them for --start-steps steps."""
+    from distill_llm.config import load_config
+    from distill_llm.student.stage import train
+    from distill_llm.teacher.stage import generate
+
+    start = time.time()
+    shards, student = work / "offline" / "shards", work / "offline" / "student"
+    cfg = load_config(QUICKSTART, [f"data.num_prompts={args.offline_prompts}", f"output.dir={shards}",
+                                   f"output.student_dir={student}", f"train.max_steps={args.start_steps}",
+                                   f"train.storage_path={work / 'offline' / 'train'}"])
+    if not (shards / "manifest.json").is_file():
+        generate(cfg)
+    if not student.is_dir():
+        train(cfg)
+    args.student, args.shards = str(student), str(shards)
+    args.prepare_seconds = round(time.time() - start, 1)
 
 
 def run_rounds(args, work: Path) -> list[dict]:
@@ -72,34 +93,45 @@ def evaluate_all(args, work: Path, models: list[str]) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--student", default=str(ROOT / "runs/quickstart/student"))
-    parser.add_argument("--shards", default=str(ROOT / "runs/quickstart/shards"))
+    parser.add_argument("--student", default=None, help="start from this student (default: train a weak one)")
+    parser.add_argument("--shards", default=None, help="its offline shard set (with --student)")
+    parser.add_argument("--offline-prompts", type=int, default=2048)
+    parser.add_argument("--start-steps", type=int, default=100, help="offline-KD steps of the weak start")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--prompts-per-round", type=int, default=256)
+    parser.add_argument("--prompts-per-round", type=int, default=128)
     parser.add_argument("--samples", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-prompts", type=int, default=200)
     parser.add_argument("--work", default=None, help="folder for both arms (default: a temp folder)")
     parser.add_argument("--results", default=None, help="append the section to this file (bench/RESULTS.md)")
     args = parser.parse_args()
+    if (args.student is None) != (args.shards is None):
+        print("--student and --shards go together (or neither: a weak start is trained)", file=sys.stderr)
+        return 2
     for what, path in (("--student", args.student), ("--shards", args.shards)):
-        if not Path(path).exists():
+        if path is not None and not Path(path).exists():
             print(f"{what} {path} does not exist: run `distill-llm run configs/quickstart.yaml` first", file=sys.stderr)
             return 2
     info = machine()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-rounds-"))
+    start = "given"
+    if args.student is None:
+        prepare(args, work)
+        start = (f"the quickstart config with data.num_prompts={args.offline_prompts} and train.max_steps="
+                 f"{args.start_steps} ({args.prepare_seconds:.0f} s to generate and train)")
     on_policy, control = run_rounds(args, work), run_control(args, work)
     scores = evaluate_all(args, work, [args.student] + [r["student_out"] for r in on_policy + control])
-    rows = [{"checkpoint": "quickstart student (offline KD)", "pass@1": f"{scores[args.student]:.1%}"}]
+    rows = [{"checkpoint": f"start: offline KD, {args.start_steps} steps" if start != "given" else "start (given)",
+             "pass@1": f"{scores[args.student]:.1%}", "steps": args.start_steps if start != "given" else ""}]
     for r, (a, b) in enumerate(zip(on_policy, control), start=1):
         rows.append({"checkpoint": f"after round {r}", "pass@1": f"{scores[a['student_out']]:.1%}",
                      "student tokens generated": a["student_tokens_generated"],
                      "teacher tokens scored": a["teacher_tokens_scored"], "steps": a["steps"], "seconds": a["seconds"]})
         rows.append({"checkpoint": f"control: +{r * args.steps} offline-KD steps", "pass@1":
                      f"{scores[b['student_out']]:.1%}", "steps": b["steps"], "seconds": b["seconds"]})
-    settings = (f"{args.rounds} rounds x {args.prompts_per_round} prompts x {args.samples} samples, {args.steps} "
-                f"steps per round (reverse KL, alpha 1, lr {args.lr}); control: the quickstart's train.* with "
+    settings = (f"start: {start}; {args.rounds} rounds x {args.prompts_per_round} prompts x {args.samples} samples, {args.steps} "
+                f"steps per round (reverse KL, alpha 1, lr {args.lr}, no warmup); control: the quickstart's train.* with "
                 f"lr {args.lr}; held-out toy:eval, {args.eval_prompts} prompts, greedy")
     columns = ["checkpoint", "pass@1", "student tokens generated", "teacher tokens scored", "steps", "seconds"]
     append_results(args.results, header("On-policy rounds vs extra offline KD (bench/rounds.py)", info)

@@ -87,8 +87,24 @@ def normalize_prompt(row: dict[str, Any], index: int | None = None, score: bool 
                                   or not all(isinstance(t, int) and t >= 0 for t in token_ids)):
         return _bad(row, index, "bad_completion_token_ids", "'completion_token_ids' must be a non-empty list of "
                     "token ids (ints >= 0)")
-    return {**out, "prompt_id": prompt_id(trace), "completion": completion, "finish_reason": finish,
+    trace_id = row.get("trace_id")
+    if trace_id is not None and (not isinstance(trace_id, str) or not trace_id):
+        return _bad(row, index, "bad_trace_id", "'trace_id' must be a non-empty string")
+    return {**out, "prompt_id": trace_key(trace, trace_id), "completion": completion, "finish_reason": finish,
             "completion_token_ids": token_ids}
+
+
+def trace_key(trace: list[dict[str, str]], trace_id: str | None) -> str:
+    """The prompt_id of a trace to score: a hash of the whole trace, and of its ``trace_id`` when it has one.
+
+    Without a trace_id two identical traces are one (the second is skipped as a duplicate). A sampler's
+    draws carry their sample id as trace_id: two equal samples of one prompt are two draws from the student,
+    and on-policy training must weigh a completion by how often the student samples it, so each stays a row
+    (and a sample id) of its own.
+    """
+    if trace_id is None:
+        return prompt_id(trace)
+    return hashlib.sha256(json.dumps([prompt_id(trace), trace_id]).encode()).hexdigest()[:20]
 
 
 def _bad(row: Any, index: int | None, reason: str, detail: str) -> dict[str, Any]:

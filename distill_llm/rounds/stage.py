@@ -191,14 +191,15 @@ def check_sampler(shard_dir: Path, student_hash: str) -> None:
 
 def traces(samples: Path) -> list[dict[str, Any]]:
     """The student's samples as finished traces for score mode: messages ending with its completion, and its
-    own token ids, which the teacher scores as they are (its tokenizer is the student's: train.alpha > 0)."""
+    own token ids, which the teacher scores as they are (its tokenizer is the student's: train.alpha > 0), and
+    its sample id as trace_id, so two identical samples of one prompt stay two scored rows (each draw counts)."""
     from ..corpus.shards import read_shards
 
     cols = ["sample_id", "messages", "completion_text", "completion_token_ids", "finish_reason", "answer"]
     rows = sorted(read_shards(str(samples), columns=cols).to_pylist(), key=lambda r: r["sample_id"])
     return [{"messages": r["messages"] + [{"role": "assistant", "content": r["completion_text"]}],
              "completion_token_ids": r["completion_token_ids"], "answer": r["answer"],
-             "finish_reason": r["finish_reason"]}
+             "finish_reason": r["finish_reason"], "trace_id": r["sample_id"]}
             for r in rows if r["completion_text"] and r["completion_token_ids"]]
 
 
