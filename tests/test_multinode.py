@@ -13,6 +13,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from distill_llm.teacher.placement import NodeType, ReplicaGroup, group_problem,
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE = {"CPU": 192.0, "GPU": 8.0, "teacher": 1.0}  # an 8-GPU node of the `teacher` group
+MARKER = "DISTILL_LLM_TEST_MULTINODE_ID"  # in the environment of every process of the two-node cluster
 
 
 def test_tp8_pp2_reserves_one_bundle_per_worker_packed_over_two_nodes():
@@ -97,9 +100,10 @@ from ray.cluster_utils import Cluster
 from distill_llm.teacher.engine import EngineSpec, _join_this_cluster, llm_kwargs, with_executor
 from distill_llm.teacher.placement import PlacementError, ReplicaGroup, check_placement, replica_scheduling
 
-TOY = sys.argv[1]
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 8, "num_gpus": 8, "resources": {"teacher": 1}})
-cluster.add_node(num_cpus=8, num_gpus=8, resources={"teacher": 1})
+TOY, TEMP = sys.argv[1], sys.argv[2]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 8, "num_gpus": 8, "resources": {"teacher": 1},
+                                                       "temp_dir": TEMP})
+cluster.add_node(num_cpus=8, num_gpus=8, resources={"teacher": 1}, temp_dir=TEMP)
 ray.init(address=cluster.address, include_dashboard=False)
 cluster.wait_for_nodes()
 out = {}
@@ -153,11 +157,17 @@ def test_replica_group_on_a_two_node_cluster(tmp_path):
     """TP 8 x PP 2 on two nodes of 8 (logical) GPUs: the group is PACKed 8 + 8, the engine actor and its child
     tasks run inside it, a process the engine starts joins this cluster, vLLM's engine config takes the group
     with the Ray executor, and TP 16 is refused before anything starts."""
+    from conftest import stop_marked
+
+    ident, temp = uuid.uuid4().hex, tempfile.mkdtemp(prefix="dlmn-", dir="/tmp")  # short: Ray's socket paths
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", VLLM_CONFIGURE_LOGGING="0")
+    env.update(PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", VLLM_CONFIGURE_LOGGING="0", **{MARKER: ident})
     toy = str(ROOT / "distill_llm" / "assets" / "toy-teacher")
-    done = subprocess.run([sys.executable, "-c", PROBE, toy], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path)
+    try:
+        done = subprocess.run([sys.executable, "-c", PROBE, toy, temp], env=env, capture_output=True, text=True,
+                              timeout=600, cwd=tmp_path)
+    finally:  # the cluster's processes, by the marker they inherit, even when the probe timed out
+        stop_marked(MARKER, ident, temp)
     assert done.returncode == 0, done.stderr[-4000:]
     out = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
     wide = out["wide"]
