@@ -99,15 +99,19 @@ def placement_problems(cfg: Config, stage: str, groups: list[Group]) -> list[str
     """Why the work of ``stage`` cannot be placed on ``groups`` (empty: it can)."""
     problems = []
     if stage in ("generate", "eval", "run"):
-        # One engine actor asks for all TP x PP GPUs itself (teacher.stage.engine_need), on one pod: the
-        # same check generate runs before its engines start, over the groups' pods as node types.
-        from distill_llm.teacher.placement import NodeType, problem
+        # The same check generate runs before its engines start, over the groups' pods as node types: a
+        # TP-only engine actor asks for all its GPUs on one pod (teacher.stage.engine_need); with pipeline
+        # stages a replica is a placement group, each TP group on one pod (teacher.placement.ReplicaGroup).
+        from distill_llm.teacher.placement import NodeType, ReplicaGroup, group_problem, problem
 
         t = cfg.teacher
         need = {"GPU": float(t.tensor_parallel_size * t.pipeline_parallel_size), **t.resources}
         keys = {"GPU": f"TP {t.tensor_parallel_size} x PP {t.pipeline_parallel_size} GPUs",
                 **{k: f"teacher.resources {k}" for k in t.resources}}
-        reason = problem(need, t.replicas, [], [NodeType(g.name, g.resources, g.max_pods) for g in groups], keys)
+        types = [NodeType(g.name, g.resources, g.max_pods) for g in groups]
+        reason = (problem(need, t.replicas, [], types, keys) if t.pipeline_parallel_size == 1 else
+                  group_problem(ReplicaGroup(t.tensor_parallel_size, t.pipeline_parallel_size, dict(t.resources)),
+                                t.replicas, [], types, keys))
         if reason:
             problems.append(reason)
     if stage in ("train", "run"):
@@ -241,10 +245,14 @@ def test_checker_catches_broken_clusters(module, edit, words):
 
 
 def test_checker_catches_an_engine_wider_than_a_pod():
-    """TP 8 x PP 2 is one actor asking for 16 GPUs: no 8-GPU pod can ever hold it (Ray would leave it pending)."""
+    """TP 16 is one actor asking for 16 GPUs: no 8-GPU pod can ever hold it (Ray would leave it pending);
+    TP 8 x PP 2 is a placement group over two 8-GPU pods, which the group holds."""
     job = next(copy.deepcopy(j) for _, j in JOBS.values() if "r1-671b" in j["spec"]["entrypoint"])
     assert job_problems(job, CLUSTERS) == []  # as shipped: one 8-GPU pod per replica
-    job["spec"]["entrypoint"] += " teacher.pipeline_parallel_size=2"
+    spanning = copy.deepcopy(job)
+    spanning["spec"]["entrypoint"] += " teacher.pipeline_parallel_size=2"
+    assert job_problems(spanning, CLUSTERS) == []
+    job["spec"]["entrypoint"] += " teacher.tensor_parallel_size=16"
     assert "GPU: 16, but the largest node has 8" in " ".join(job_problems(job, CLUSTERS))
 
 

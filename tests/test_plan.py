@@ -151,8 +151,7 @@ def test_fitting_config_has_no_errors():
     (["plan.gpu_type=H200", "teacher.gpu_memory_utilization=0.5"], QWQ, QWEN15, "teacher.max_model_len"),  # KV
     (["teacher.pipeline_parallel_size=8"], replace(QWQ, layers=4), QWEN15, "teacher.pipeline_parallel_size"),
     (["generate.top_k_logprobs=200"], replace(QWQ, vocab=100), QWEN15, "generate.top_k_logprobs"),
-    (["teacher.tensor_parallel_size=8", "teacher.pipeline_parallel_size=2"], R1, QWEN15,
-     "teacher.pipeline_parallel_size"),  # a replica across two nodes
+    (["teacher.tensor_parallel_size=16"], R1, QWEN15, "teacher.tensor_parallel_size"),  # a TP group wider than a node
     (["teacher.tensor_parallel_size=8", "student.lora=null", "plan.gpu_type=A100-40GB"], QWQ, QWEN7,
      "student.lora"),  # 76 GB of full fine-tuning state on 40 GB
     (["teacher.tensor_parallel_size=8", "train.max_seq_len=65536"], QWQ, QWEN15, "train.max_seq_len"),
@@ -161,6 +160,20 @@ def test_each_cannot_fit_flag_fires(overrides, teacher, student, key):
     c = cfg(*overrides)
     assert flags(c, teacher, student).get(key) == "error"
     assert not make_plan(c, teacher, student).fits
+
+
+def test_a_replica_across_nodes_fits_when_each_tp_group_fits_a_node():
+    """DeepSeek-R1 on 8 x H100 80GB nodes: TP 8 x PP 2 spans two nodes (vLLM's Ray executor); TP 16 cannot."""
+    wide = make_plan(cfg("teacher.tensor_parallel_size=8", "teacher.pipeline_parallel_size=2",
+                         "teacher.max_model_len=8192"), R1, QWEN15)
+    assert wide.fits, wide.flags
+    assert wide.numbers["teacher nodes/replica"] == 2
+    tp16 = [f for f in make_plan(cfg("teacher.tensor_parallel_size=16"), R1, QWEN15).flags
+            if f.key == "teacher.tensor_parallel_size"]
+    assert tp16 and tp16[0].level == "error" and "must sit on one node" in tp16[0].message
+    odd = make_plan(cfg("teacher.tensor_parallel_size=3", "teacher.pipeline_parallel_size=4"), replace(QWQ, heads=3 * 8,
+                    kv_heads=3), QWEN15)
+    assert {f.key: f.level for f in odd.flags}.get("teacher.tensor_parallel_size") == "warning"
 
 
 def test_warnings_do_not_fail_the_plan():

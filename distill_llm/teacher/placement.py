@@ -9,6 +9,17 @@ nodes the cluster has and, where the autoscaler publishes them, the node types i
 - a local Ray (started by this job, it cannot grow) that cannot hold them now: the same error;
 - a cluster that may still add nodes: a bounded wait for the resources (a placement group that reserves
   them, released before the engines start), then an error saying what is missing.
+
+A GPU engine with pipeline stages (``teacher.pipeline_parallel_size`` > 1) runs on vLLM's Ray executor
+instead, as ``ray.data.llm`` runs one: its replica reserves a placement group of one ``{GPU: 1, CPU: 1}``
+bundle per worker (``ReplicaGroup``), the engine actor starts inside it (placement group scheduling with
+child-task capture, so vLLM finds the group and puts its workers on the bundles), and the replica may span
+nodes. Each tensor-parallel group must sit on one node (its all-reduce runs every layer); pipeline stages
+exchange one activation per step and may sit on different nodes. Ray's strategies apply to a whole group,
+so the group is STRICT_PACK when the replica fits on the largest node (every worker on one node) and PACK
+when it does not (as few nodes as possible: whole free nodes take whole TP groups); never SPREAD, which
+would scatter the ranks of a TP group over nodes. vLLM numbers its workers node by node, so a TP group
+lands on one node whenever each node holds a multiple of TP workers (``split_tp_groups`` says when not).
 """
 
 from __future__ import annotations
@@ -78,6 +89,83 @@ def problem(need: dict[str, float], replicas: int, nodes: list[dict[str, float]]
     return None
 
 
+@dataclass(frozen=True)
+class ReplicaGroup:
+    """One engine replica on vLLM's Ray executor: TP x PP workers, one placement-group bundle each."""
+
+    tp: int
+    pp: int
+    resources: dict[str, float]  # teacher.resources of the replica, shared out evenly over its bundles
+
+    @property
+    def workers(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def bundles(self) -> list[dict[str, float]]:
+        """One ``{GPU: 1, CPU: 1}`` bundle per worker; the engine actor takes the CPU of bundle 0 (vLLM's
+        workers ask for none). Custom resources are shared out so every bundle lands on a node that has them."""
+        share = {k: math.floor(v / self.workers * 1e4) / 1e4 for k, v in self.resources.items()}
+        return [{"GPU": 1.0, "CPU": 1.0, **share} for _ in range(self.workers)]
+
+    @property
+    def tp_group(self) -> dict[str, float]:
+        """What one tensor-parallel group needs on a single node."""
+        return {k: v * self.tp for k, v in self.bundles[0].items()}
+
+    def strategy(self, node_gpus: float) -> str:
+        """STRICT_PACK when the replica fits on a node of ``node_gpus`` GPUs (the largest), else PACK."""
+        return "STRICT_PACK" if self.workers <= node_gpus else "PACK"
+
+
+def largest_gpus(nodes: list[dict[str, float]], types: list[NodeType]) -> float:
+    """GPUs of the largest node there is or the autoscaler can add."""
+    return max([n.get("GPU", 0.0) for n in nodes] + [t.resources.get("GPU", 0.0) for t in types if t.max_count],
+               default=0.0)
+
+
+def group_problem(group: ReplicaGroup, replicas: int, nodes: list[dict[str, float]], types: list[NodeType],
+                  keys: dict[str, str]) -> str | None:
+    """Why ``replicas`` replica groups can never be placed (None: they can): a TP group wider than every
+    node, or fewer node-sized TP groups than ``replicas`` x PP."""
+    best = largest_gpus(nodes, types)
+    if best < group.tp:
+        return (f"teacher.tensor_parallel_size={group.tp}: a tensor-parallel group must sit on one node (it "
+                f"all-reduces every layer), but the largest node has {best:g} GPUs; span nodes with "
+                "teacher.pipeline_parallel_size instead (TP up to a node's GPUs x PP stages)")
+    shapes = nodes + [t.resources for t in types if t.max_count != 0]
+    if not any(per_node(group.tp_group, s) for s in shapes):
+        return missing(group.tp_group, shapes, keys)
+    room, need = capacity(group.tp_group, nodes, types), replicas * group.pp
+    if room < need:
+        return (f"teacher.replicas={replicas} x teacher.pipeline_parallel_size={group.pp}: each replica needs "
+                f"{group.pp} tensor-parallel group(s) of {describe(group.tp_group)} on one node each, {need} in "
+                f"all, but the cluster holds at most {int(room)}; lower teacher.replicas or add nodes")
+    return None
+
+
+def split_tp_groups(bundle_nodes: list[str], tp: int) -> list[str]:
+    """Nodes holding a number of the group's workers that is not a multiple of TP: vLLM numbers workers node
+    by node, so a TP group would straddle such a node and the next (it runs, with all-reduces between nodes)."""
+    counts: dict[str, int] = {}
+    for node in bundle_nodes:
+        counts[node] = counts.get(node, 0) + 1
+    return sorted(node for node, n in counts.items() if n % tp)
+
+
+def replica_scheduling(group: ReplicaGroup) -> dict:
+    """Ray remote args of one engine actor (Ray Data calls it per actor): a new placement group for its
+    replica, the actor on bundle 0, child tasks captured so vLLM's engine finds the group and places its
+    workers on its bundles. The group lives as long as the job."""
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    strategy = group.strategy(largest_gpus(cluster_nodes(), autoscaler_node_types() or []))
+    pg = placement_group(group.bundles, strategy=strategy)
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+        pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
+
+
 def cluster_nodes() -> list[dict[str, float]]:
     """Total resources of each live node."""
     import ray
@@ -103,14 +191,18 @@ def autoscaler_node_types() -> list[NodeType] | None:
             for g in config.node_group_configs]
 
 
-def wait_for(need: dict[str, float], replicas: int, timeout_s: float, what: str) -> None:
-    """Reserve ``replicas`` x ``need`` (so an autoscaler adds the nodes), release it, or fail after ``timeout_s``."""
+def wait_for(need: dict[str, float], replicas: int, timeout_s: float, what: str,
+             bundles: list[dict[str, float]] | None = None) -> None:
+    """Reserve ``replicas`` x ``need`` (so an autoscaler adds the nodes), release it, or fail after ``timeout_s``.
+
+    ``bundles``: what one replica reserves when it is a placement group (ReplicaGroup.bundles); else ``need``.
+    """
     from ray.util.placement_group import placement_group, remove_placement_group
 
     print(f"generate: the cluster cannot hold {replicas} engine(s) of {describe(need)} now; waiting up to "
           f"{timeout_s:g}s for nodes (teacher.placement_timeout_s)", file=sys.stderr, flush=True)
     start = time.time()
-    group = placement_group([dict(need) for _ in range(replicas)], strategy="PACK")
+    group = placement_group([dict(b) for _ in range(replicas) for b in (bundles or [need])], strategy="PACK")
     try:
         if not group.wait(timeout_seconds=timeout_s):
             raise PlacementError(
@@ -130,20 +222,25 @@ def _summary(nodes: list[dict[str, float]]) -> str:
 
 
 def check_placement(need: dict[str, float], replicas: int, keys: dict[str, str], can_grow: bool,
-                    timeout_s: float, what: str = "generate") -> None:
+                    timeout_s: float, what: str = "generate", group: ReplicaGroup | None = None) -> None:
     """Fail in seconds when the engines can never be placed; wait (bounded) when nodes may still come.
 
     ``can_grow``: False for a local Ray this job started (nothing will join it). ``keys`` names the config
-    key behind each resource, so the error says what to change.
+    key behind each resource, so the error says what to change. ``group``: each replica is a placement
+    group spanning nodes (vLLM's Ray executor), checked TP group by TP group instead of as one actor.
     """
+    def why(types: list[NodeType]) -> str | None:
+        return (problem(need, replicas, nodes, types, keys) if group is None
+                else group_problem(group, replicas, nodes, types, keys))
+
     nodes = cluster_nodes()
     types = autoscaler_node_types()
-    reason = problem(need, replicas, nodes, types or [], keys)
+    reason = why(types or [])
     if reason is not None and (types is not None or not can_grow):
         where = (f"nodes: {_summary(nodes)}; node types the autoscaler can add: "
                  + ", ".join(f"{t.name} {describe(t.resources)} x {t.max_count}" for t in types)
                  if types is not None else f"a local Ray started by this job, which cannot add nodes: {_summary(nodes)}")
         raise PlacementError(f"{what} cannot start its engines: {reason} ({where})")
-    if problem(need, replicas, nodes, [], keys) is None:
+    if why([]) is None:
         return  # the nodes there now hold every engine
-    wait_for(need, replicas, timeout_s, what)
+    wait_for(need, replicas, timeout_s, what, group.bundles if group is not None else None)

@@ -105,8 +105,12 @@ def apply_engine(ds, spec: EngineSpec, sampling: SamplingSpec, replicas: int, us
     An actor whose engine died exits (engine.py), so Ray restarts it and retries its batch, at most
     ``max_restarts`` times per actor (-1: Ray Data's default, no limit); with ``attempts`` a row that
     kills the engine every time is quarantined instead (attempts.py). No sample is lost either way.
+    A GPU engine with pipeline stages runs on vLLM's Ray executor in a placement group per replica
+    (engine.py ``uses_ray_executor``), which may span nodes.
     """
-    from .engine import TeacherEngine, engine_resources
+    from .engine import TeacherEngine, engine_resources, with_executor
+
+    spec = with_executor(spec, use_gpu)
 
     from ray.data import ActorPoolStrategy
 
@@ -116,6 +120,8 @@ def apply_engine(ds, spec: EngineSpec, sampling: SamplingSpec, replicas: int, us
     with warnings.catch_warnings():
         # Ray 2.60 takes actor restarts only as extra remote args (deprecated toward 2.64, no named form yet).
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        # A placement group per actor goes only through ray_remote_args_fn (as ray.data.llm passes it; same horizon).
+        warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
         return ds.map_batches(
             TeacherEngine, fn_constructor_args=(spec, sampling, attempts), batch_size=batch_size,
             batch_format="pyarrow", compute=ActorPoolStrategy(size=replicas), max_restarts=max_restarts,
@@ -132,21 +138,33 @@ def engine_need(spec: EngineSpec, use_gpu: bool) -> dict[str, float]:
     return {**need, **{k: float(v) for k, v in asked.get("resources", {}).items()}}
 
 
+def fit_keys(cfg: Config) -> dict[str, str]:
+    """The config key behind each resource an engine asks for, as the fit check's errors name it."""
+    t = cfg.teacher
+    keys = {"GPU": f"teacher.use_gpu=true with teacher.tensor_parallel_size={t.tensor_parallel_size} x "
+                   f"teacher.pipeline_parallel_size={t.pipeline_parallel_size}"
+                   + (" (a tensor-parallel group must sit on one node; span nodes with teacher.pipeline_parallel_size)"
+                      if t.pipeline_parallel_size == 1 and t.tensor_parallel_size > 1 else ""),
+            "CPU": "teacher.use_gpu=false"}
+    keys.update({name: f"teacher.resources: {{{name}: {amount:g}}}" for name, amount in t.resources.items()})
+    return keys
+
+
 def check_engines_fit(cfg: Config, spec: EngineSpec, use_gpu: bool, what: str = "generate") -> None:
     """Fail in seconds when ``teacher.replicas`` engines can never be placed; wait (bounded) for an
-    autoscaling cluster (teacher/placement.py)."""
+    autoscaling cluster (teacher/placement.py). A replica on vLLM's Ray executor is checked as its placement
+    group: each TP group on one node, the PP stages on as many nodes as it takes."""
     import os
 
+    from .engine import replica_group, uses_ray_executor
     from .placement import check_placement
 
     t = cfg.teacher
-    keys = {"GPU": f"teacher.use_gpu=true with teacher.tensor_parallel_size={t.tensor_parallel_size} x "
-                   f"teacher.pipeline_parallel_size={t.pipeline_parallel_size}",
-            "CPU": "teacher.use_gpu=false"}
-    keys.update({name: f"teacher.resources: {{{name}: {amount:g}}}" for name, amount in t.resources.items()})
+    keys = fit_keys(cfg)
     joined = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))  # else init_ray started a local Ray
+    group = replica_group(spec) if uses_ray_executor(spec, use_gpu) else None
     check_placement(engine_need(spec, use_gpu), t.replicas, keys, can_grow=joined,
-                    timeout_s=t.placement_timeout_s, what=what)
+                    timeout_s=t.placement_timeout_s, what=what, group=group)
 
 
 def engine_build(distributions: dict[str, str]) -> str | None:
