@@ -420,8 +420,8 @@ def evaluate(cfg: Config, student: str | None = None) -> dict[str, dict[str, Any
     for model, one in served:
         label = one.label
         if one.quantised:
-            print(f"eval: {label} ({one.model}) served by vLLM ({'GPU' if use_gpu else 'CPU'}) in the folder's "
-                  "own dtype: vLLM CPU's int4 GEMM has no float32 kernel")
+            print(f"eval: {label} ({one.model}) served by vLLM ({'GPU' if use_gpu else 'CPU'}) in the folder's own "
+                  "dtype (eval.engine.dtype is not applied to quantised folders: vLLM CPU's int4 GEMM has no float32)")
         result, table = evaluate_model(cfg, one, use_gpu)
         wait_for_release(label, released)
         local = Path(one.model)  # a hub id has no size here
