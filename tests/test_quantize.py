@@ -115,8 +115,10 @@ def test_quantised_students_are_int8_and_int4_and_vllm_cpu_serves_them(generated
                                          "student_dir": tmp_path / "none"},
                        quantize={"schemes": "[w8a8-int8,w4a16]", "model": student, "group_size": 32,
                                  "calibration_samples": 16},
+                       # max_restarts=0: an engine that dies fails the test at once, not after 10 restarts;
+                       # eval.models: the unquantised student scored beside its quantised folders
                        eval={"include_teacher": "false", "include_base_student": "false", "num_prompts": 8,
-                             "max_restarts": 0})  # an engine that dies fails the test at once, not after 10 restarts
+                             "max_restarts": 0, "models": f"[{student}]"})
     folders = quantize(cfg)
     assert folders == [str(tmp_path / "q" / "w8a8-int8"), str(tmp_path / "q" / "w4a16")]
     source_bytes = sum(p.stat().st_size for p in Path(student).glob("*.safetensors"))
@@ -135,7 +137,7 @@ def test_quantised_students_are_int8_and_int4_and_vllm_cpu_serves_them(generated
                 assert str(packed.dtype) == "torch.int32" and tuple(packed.shape) == (64, 256 // 8)
                 assert tuple(f.get_tensor(f"{name}.weight_scale").shape) == (64, 256 // 32)
     results = evaluate(cfg)
-    assert list(results) == ["student (w8a8-int8)", "student (w4a16)"]
+    assert list(results) == ["student (w8a8-int8)", "student (w4a16)", student]  # the unquantised one beside them
     for label, row in results.items():
         assert row["prompts"] == 8 and row["mean_completion_tokens"] > 0 and "pass@1" in row
         assert row["weight_bytes"] == sum(p.stat().st_size for p in Path(row["model"]).glob("*.safetensors"))
