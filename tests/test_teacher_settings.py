@@ -110,8 +110,8 @@ TRACKER_KILLED_FIRST = """
 import multiprocessing as mp, os, signal, sys, time
 from multiprocessing import resource_tracker, shared_memory
 def guard():
-    from distill_llm.teacher.engine import _skip_unregister_after_tracker_death
-    _skip_unregister_after_tracker_death()
+    from distill_llm.teacher.tracker import guard_resource_tracker
+    guard_resource_tracker()
 if sys.argv[1] == "guarded-before":  # as an engine actor does before vLLM starts: no tracker runs yet
     guard()
 lock = mp.get_context("spawn").Lock()  # a /mp-* semaphore, registered with this process's resource tracker
@@ -128,6 +128,56 @@ shm.close(); shm.unlink()
 assert not os.path.exists("/dev/shm/" + shm.name.lstrip("/")), "unlinked all the same"
 time.sleep(1.5)  # time for a relaunched tracker to print
 """
+
+
+# vLLM's engine-core process, spawned by the engine actor, spawns its worker; the worker's shared memory
+# is registered with the actor's tracker (the pipe is inherited) and released after the tracker was killed.
+TRACKER_KILLED_UNDER_A_SPAWNED_WORKER = r"""
+import multiprocessing as mp, os, signal, sys, time
+from multiprocessing import resource_tracker
+if sys.argv[1] == "guarded":
+    from distill_llm.teacher.tracker import guard_resource_tracker
+    guard_resource_tracker()
+WORKER = (
+    "import os, time\n"
+    "from multiprocessing import shared_memory\n"
+    "shm = shared_memory.SharedMemory(create=True, size=64)\n"
+    "open(os.environ['MARK'] + '.ready', 'w').close()\n"
+    "while not os.path.exists(os.environ['MARK'] + '.go'):\n"
+    "    time.sleep(0.05)\n"
+    "shm.close(); shm.unlink()\n")
+CORE = ("import multiprocessing as mp\n"
+        "p = mp.get_context('spawn').Process(target=exec, args=(WORKER,)); p.start(); p.join()\n")
+os.environ["MARK"] = sys.argv[2]
+resource_tracker.ensure_running()  # the actor's tracker, running before vLLM starts its processes
+core = mp.get_context("spawn").Process(target=exec, args=(CORE, {"WORKER": WORKER}))
+core.start()
+while not os.path.exists(sys.argv[2] + ".ready"):
+    time.sleep(0.05)
+os.kill(resource_tracker._resource_tracker._pid, signal.SIGKILL)  # as Ray kills the actor's children
+time.sleep(0.5)
+open(sys.argv[2] + ".go", "w").close()
+core.join(30)
+assert core.exitcode == 0, core.exitcode
+time.sleep(1.5)  # time for a relaunched tracker to print
+"""
+
+
+@pytest.mark.parametrize("mode", ["unguarded", "guarded"])
+def test_engine_processes_spawned_under_the_actor_release_without_a_traceback(mode, tmp_path):
+    """Issue 12 item 11's KeyError('/psm_...') as it came in a successful run: vLLM's worker process (spawned
+    by the engine core, spawned by the actor) shuts down after Ray killed the actor's resource tracker. The
+    actor's guard goes with every process it starts (teacher/tracker.py)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", TRACKER_KILLED_UNDER_A_SPAWNED_WORKER, mode, str(tmp_path / "m")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    if mode == "unguarded":
+        assert "KeyError: '/psm_" in out.stderr and "process died unexpectedly" in out.stderr, out.stderr
+    else:
+        assert "Traceback" not in out.stderr and "KeyError" not in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("mode", ["unguarded", "guarded-after", "guarded-before"])

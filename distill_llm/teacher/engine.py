@@ -23,6 +23,7 @@ import pyarrow as pa
 from .. import faults
 from .attempts import AttemptLog
 from .placement import ReplicaGroup, replica_scheduling, split_tp_groups
+from .tracker import guard_resource_tracker
 from ..evaluation.checkers import check, get_checker
 from ..tokenizers import completion_ids, prompt_ids
 from ..corpus.schema import SKIP_DETAIL, SKIP_REASON, engine_output_schema
@@ -195,7 +196,7 @@ class TeacherEngine:
         kwargs = llm_kwargs(engine, self.k)
         _quiet_engine_monitor()
         _mark_engine_processes()
-        _skip_unregister_after_tracker_death()
+        guard_resource_tracker()
         _join_this_cluster(engine)
         _warn_split_tp_groups(engine)
         self.llm = LLM(**kwargs)
@@ -518,41 +519,6 @@ def _shutdown_at_exit(llm) -> None:
     core = getattr(llm.llm_engine, "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         atexit.register(core.shutdown)
-
-
-def _skip_unregister_after_tracker_death() -> None:
-    """Tell multiprocessing's resource tracker of an unlinked resource only while the tracker it was
-    registered with is still alive.
-
-    When Ray ends an engine actor (released by Ray Data, or failing in ``__init__``) it kills the actor's
-    child processes, the resource tracker among them, and may do so before the engine is dropped. The
-    engine's semaphores (``/mp-*``) and shared memory (``/psm_*``) are then finalized in the actor: each is
-    unlinked, then unregistered, and the unregister relaunches an empty tracker that prints a ``KeyError``
-    traceback for a name it never saw. Unlinking is what frees a resource; a tracker that did not record
-    it has nothing to forget, so the unregister is skipped. Installed before the engine starts, so names
-    registered while it starts (and an engine that dies there) are covered; forked engine processes
-    inherit it.
-    """
-    from multiprocessing import resource_tracker
-
-    if getattr(resource_tracker.unregister, "_distill_llm", False):
-        return
-    tracker = resource_tracker._resource_tracker
-    register, unregister = resource_tracker.register, resource_tracker.unregister
-    before = tracker._pid  # the tracker told of names registered before this guard (None: no tracker yet)
-    told: dict[tuple[str, str], int | None] = {}
-
-    def register_noting_tracker(name: str, rtype: str) -> None:
-        register(name, rtype)
-        told[(name, rtype)] = tracker._pid
-
-    def unregister_while_tracked(name: str, rtype: str) -> None:
-        pid = told.pop((name, rtype), before)
-        if pid is not None and tracker._pid == pid and tracker._fd is not None and tracker._check_alive():
-            unregister(name, rtype)
-
-    unregister_while_tracked._distill_llm = True
-    resource_tracker.register, resource_tracker.unregister = register_noting_tracker, unregister_while_tracked
 
 
 def _exit_for_restart(reason: str) -> None:
