@@ -155,10 +155,6 @@ def test_eval_replicas_resources_and_use_gpu_shape_the_engine_actors(pinned):
         assert not a["resources"].get("GPU"), "eval.use_gpu=false on a cluster that advertises a GPU"
 
 
-@pytest.mark.xfail(reason="issue 20 item 7 open: not yet rerun under load since the engines are grouped by when "
-                   "their __init__ began (grouped by StartTime, a failing run put a teacher engine among the "
-                   "student's) and the wait also follows processes by the engines' job mark",
-                   strict=False)
 def test_one_models_engines_are_gone_before_the_next_models_start(pinned):
     """Every process of the teacher's engines (actors and the vLLM engine cores under them) has exited
     before the first student engine actor begins its ``__init__``: on a GPU its vLLM would find the
