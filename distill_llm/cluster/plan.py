@@ -449,9 +449,10 @@ def teacher_section(plan: Plan, cfg: Config, teacher: ModelShape | None, gpu: Gp
     teacher_fit(plan, cfg, teacher, gpu)
 
 
-# Bytes of driver memory per input row of curation (the decisions run in Ray tasks), from the driver's
-# peak RSS as rows grow in bench/curate.py (bench/RESULTS.md).
-CURATE_DRIVER_BYTES_PER_ROW = 150
+# Bytes per input row of curation's largest Ray worker (decision tasks map every feature block; a gather
+# task holds an input's removed rows), from peak RSS as rows grow in bench/curate.py (bench/RESULTS.md);
+# the driver's peak no longer grows with the rows.
+CURATE_WORKER_BYTES_PER_ROW = 800
 
 
 def curate_section(plan: Plan, cfg: Config) -> None:
@@ -480,9 +481,10 @@ def curate_section(plan: Plan, cfg: Config) -> None:
     except ShardError:
         kept, how = rows, "at most the input rows: what the filters remove is known after the run"
     plan.add("curate output rows", kept, f"{kept:,}", how)
-    memory = rows * CURATE_DRIVER_BYTES_PER_ROW
-    plan.add("curate driver memory", memory, _bytes(memory), f"input rows x {CURATE_DRIVER_BYTES_PER_ROW} B "
-             "(decisions in Ray tasks per key partition; the rows themselves stream)")
+    memory = rows * CURATE_WORKER_BYTES_PER_ROW
+    plan.add("curate worker memory", memory, _bytes(memory), f"input rows x {CURATE_WORKER_BYTES_PER_ROW} B in "
+             "the largest Ray worker (decisions in Ray tasks per key partition; the driver stays flat; the rows "
+             "themselves stream)")
 
 
 def teacher_fit(plan: Plan, cfg: Config, s: ModelShape, gpu: GpuSpec) -> None:
