@@ -167,12 +167,12 @@ def accumulate(model, batches: list[dict], device, context) -> tuple[torch.Tenso
     return _all_reduce_sum(sums) / world, int(tokens.item())
 
 
-def _micro_batches(shard, t, position: int):
+def _micro_batches(shard, t, position: int, prefetch: int = 2):
     """(batch index after the group, its grad_accum tables) from the data position on; a short last group
     (the data ran out) is dropped, as no step is taken on it."""
     group: list = []
     for index, table in enumerate(shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow",
-                                                     prefetch_batches=2)):
+                                                     prefetch_batches=prefetch)):
         if index < position:  # resumed: the data position continues
             continue
         group.append(table)
@@ -251,7 +251,11 @@ def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
     position = state.get("batches", state["epoch"] * per_epoch + state["batches_in_epoch"])
     t_wait = time.time()
     # One iterator for the whole run: the dataset already holds every epoch (stage.worker_datasets).
-    for end, tables in _micro_batches(shard, t, position):
+    # A cached corpus's per-worker dataset lists each block once per epoch; Ray Data's prefetcher refuses
+    # repeated blocks in one wait ("Error in prefetcher thread ... unique ray_waitables"), and the blocks are
+    # already in the object store, so that stream is read without prefetching.
+    prefetch = 0 if inputs.per_worker_datasets else 2
+    for end, tables in _micro_batches(shard, t, position, prefetch):
         wait += time.time() - t_wait
         batches = []
         for table in tables:
