@@ -4,9 +4,9 @@ stops where the teacher does, from an untrained start that solves nothing.
 Sequence-level KD alone against top-k KD, and the spread over seeds, are measured by bench/quickstart.py
 (bench/RESULTS.md), not here: a second 1,000-step student would double this test's minutes in CI.
 
-Training reruns exactly on one shard folder (a cached corpus is split per worker by the seed;
-student.stage.worker_datasets), but two clones' quickstart runs on identical shards gave 98.0% and 88.0%
-(README "Two commands", bench/RESULTS.md): the floor below leaves room for that spread.
+A cached corpus trains in one order fixed by train.seed and the rows themselves (sorted by sample_id, then
+shuffled in blocks; student.stage.worker_datasets), so one config trains one student; the floor below still
+leaves room for the spread over seeds (README "Two commands", bench/RESULTS.md).
 """
 
 from pathlib import Path

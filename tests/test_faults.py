@@ -98,21 +98,27 @@ def test_grad_accum_beyond_an_epoch_is_refused(tmp_path):
         plan_steps(96, cfg)
     assert plan_steps(96, small_config(tmp_path, train={"batch_size": 16, "grad_accum": 3, "max_steps": "null"})) \
         == (1, 1, 3)
+    few = small_config(tmp_path, train={"batch_size": 16, "num_workers": 2, "epochs": 1, "max_steps": "null"})
+    with pytest.raises(ConfigError, match="train.epochs=1 over 10 rows is less than one step of 32 rows"):
+        plan_steps(10, few)  # would train nothing
 
 
 def test_epochs_are_one_stream_split_evenly(tmp_path):
     from distill_llm.student.loop import epoch_position
     from distill_llm.student.stage import plan_steps
 
-    # 100 rows on 3 workers, batches of 8: 33 rows = 5 batches a worker per epoch; 3 epochs are
-    # 300 // 3 = 100 rows = 13 batches a worker (the partial batches run on into the next epoch)
+    # 100 rows on 3 workers, batches of 8: 33 rows = 5 batches a worker per epoch. Cached, 3 epochs are one
+    # stream of 300 rows = 12 steps of 24 rows; streamed, each worker's split is 3 x 33 rows = 13 batches
+    # (the partial batches run on into the next epoch)
     cfg = small_config(tmp_path, train={"batch_size": 8, "num_workers": 3, "epochs": 3, "max_steps": "null"})
-    assert plan_steps(100, cfg) == (13, 3, 5)
+    assert plan_steps(100, cfg) == (12, 3, 5)
+    assert plan_steps(100, cfg, streamed=True) == (13, 3, 5)
     cfg.train.grad_accum = 2
-    assert plan_steps(100, cfg) == (6, 3, 5)
-    # max_steps reads as many epochs as it needs: 13 steps of 2 batches = 26 batches = 208 rows a worker
+    assert plan_steps(100, cfg) == plan_steps(100, cfg, streamed=True) == (6, 3, 5)
+    # max_steps reads as many epochs as it needs: 13 steps of 48 rows = 624 rows (cached), 13 x 2 batches of
+    # 8 = 208 rows a worker (streamed)
     cfg.train.max_steps = 13
-    assert plan_steps(100, cfg) == (13, 7, 5)
+    assert plan_steps(100, cfg) == plan_steps(100, cfg, streamed=True) == (13, 7, 5)
     assert [epoch_position(b, 5) for b in (0, 1, 5, 6, 13)] == [(0, 0), (0, 1), (0, 5), (1, 1), (2, 3)]
 
 
@@ -127,6 +133,12 @@ def test_run_name_follows_what_is_learned_not_how_it_is_operated(tmp_path):
     ops = small_config(tmp_path, train={"max_failures": 3, "keep_checkpoints": 5, "checkpoint_every": 7,
                                         "verify_shards": "size", "log_every": 1})
     assert run_name(ops, run_identity(ops, "shards-a")) == name, "operational settings keep the run (and resume it)"
+    b, w = base.train.batch_size, base.train.num_workers
+    layout = small_config(tmp_path, train={"num_workers": 1, "grad_accum": w * base.train.grad_accum,
+                                           "cpus_per_worker": 2})
+    assert run_name(layout, run_identity(layout, "shards-a")) == name, "another worker count, same rows a step"
+    bigger = small_config(tmp_path, train={"batch_size": 2 * b})
+    assert run_name(bigger, run_identity(bigger, "shards-a")) != name, "more rows a step: another run"
 
 
 def test_reused_run_name_with_other_shards_is_refused(tmp_path):
@@ -142,6 +154,10 @@ def test_reused_run_name_with_other_shards_is_refused(tmp_path):
     other = small_config(tmp_path, train={"run_name": "mine", "alpha": 0.25})
     with pytest.raises(ConfigError, match="train.alpha: 0.5 -> 0.25"):
         claim_run(storage, "mine", run_identity(other, "shards-a"))
+    fewer = small_config(tmp_path, train={"run_name": "mine", "num_workers": 1})
+    rows = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
+    with pytest.raises(ConfigError, match=f"keep train.batch_size x train.grad_accum x train.num_workers = {rows} rows"):
+        claim_run(storage, "mine", run_identity(fewer, "shards-a"))
 
 
 def test_unwritable_location_is_named(tmp_path):

@@ -4,6 +4,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -86,24 +87,49 @@ def test_same_config_trains_the_same_student(trained, tmp_path):
     assert _losses(again.train.storage_path) == _losses(cfg.train.storage_path)
 
 
-def test_each_epoch_is_reshuffled_and_split_evenly(ray_session):
+def test_each_epoch_is_reshuffled_and_a_step_takes_the_same_rows_on_any_worker_count(ray_session):
+    """A cached corpus is one stream of every epoch: each epoch every row once, in its own seeded order, the
+    same whatever order or files the rows came in; a step's rows are the same for every layout of 16 rows a
+    step (workers x batch x grad_accum), from the start or resumed."""
+    import random
+
     import ray
 
+    from distill_llm.student.loop import step_rows
     from distill_llm.student.stage import ordered_data, worker_datasets
 
-    def epochs_by_worker() -> dict[str, list[list[int]]]:
-        with ordered_data():  # a small shard set is read as one block, like this one
-            ds = ray.data.range(96, override_num_blocks=1).materialize()
-            datasets, _ = worker_datasets(ds, epochs=3, workers=2, batch_size=8, seed=0)
-            ids = {name: [row["id"] for row in d.iter_rows()] for name, d in datasets.items()}
-        return {name: [rows[e * 48:(e + 1) * 48] for e in range(3)] for name, rows in ids.items()}
+    ids = [f"{i:04d}-0" for i in range(96)]
 
-    first = epochs_by_worker()
-    assert set(first) == {"train_0", "train_1"}
-    for epoch in range(3):
-        assert sorted(first["train_0"][epoch] + first["train_1"][epoch]) == list(range(96)), "every row once"
-    assert first["train_0"][0] != first["train_0"][1] != first["train_0"][2], "each epoch in its own order"
-    assert epochs_by_worker() == first, "the same seed gives the same order"
+    def stream(order: list[str], parts: int) -> list[pa.Table]:
+        table = pa.table({"sample_id": order})
+        cut = [table.slice(i * len(order) // parts, len(order) // parts) for i in range(parts)]
+        with ordered_data():
+            datasets, _ = worker_datasets(ray.data.from_arrow(cut).materialize(), epochs=3, seed=0)
+            return list(datasets["train"].iter_batches(batch_size=None, batch_format="pyarrow"))
+
+    blocks = stream(ids, 1)
+    rows = [r for b in blocks for r in b.column("sample_id").to_pylist()]
+    epochs = [rows[e * 96:(e + 1) * 96] for e in range(3)]
+    assert all(sorted(e) == ids for e in epochs), "every row once an epoch"
+    assert epochs[0] != epochs[1] != epochs[2], "each epoch in its own order"
+    shuffled = random.Random(1).sample(ids, len(ids))
+    assert [r for b in stream(shuffled, 4) for r in b.column("sample_id").to_pylist()] == rows, \
+        "the order does not depend on how the shards laid the rows out"
+
+    def steps(world: int, batch_size: int, grad_accum: int, start: int = 0) -> list[list[str]]:
+        t = SimpleNamespace(batch_size=batch_size, grad_accum=grad_accum)
+        out: dict[int, list[str]] = {}
+        for rank in range(world):
+            for step, tables in step_rows(iter(blocks), rank, world, t, start):
+                assert [x.num_rows for x in tables] == [batch_size] * grad_accum
+                out.setdefault(step, []).extend(r for x in tables for r in x.column("sample_id").to_pylist())
+        return [out[s] for s in sorted(out)]
+
+    reference = steps(2, 8, 1)
+    assert len(reference) == 18 and reference[0] == rows[:16] and reference[-1] == rows[-16:]
+    for layout in [(1, 8, 2), (1, 16, 1), (4, 2, 2)]:
+        assert steps(*layout) == reference, layout
+    assert steps(1, 4, 4, start=5) == reference[5:], "resumed at step 5: the same rows from step 6 on"
 
 
 def test_rerun_resumes_from_the_finished_checkpoint(trained):
@@ -355,7 +381,7 @@ def test_streamed_corpus_is_shuffled_by_row_and_each_epoch_differs(generated, tm
     assert not isinstance(ds, MaterializedDataset), "cache_max_gb=0 streams"
     window = shuffle_window_rows(manifests)
     with ordered_data():  # so the union's epochs come one after the other and can be told apart here
-        datasets, _ = worker_datasets(ds, 2, 2, 8, cfg.train.seed,
+        datasets, _ = worker_datasets(ds, 2, cfg.train.seed,
                                       epoch_data=lambda e: streamed_epoch(cfg, files, False, cfg.train.seed + e, window))
         ids = [r["sample_id"] for r in datasets["train"].iter_rows()]
     epochs = [ids[:96], ids[96:]]

@@ -171,21 +171,29 @@ def test_per_sequence_mean_would_differ():
         _assert_same(ref, old, rtol=1e-2)
 
 
-def _train(tmp: Path, strategy: str, workers: int, total: int, tables: list[pa.Table], name: str,
+def _stream(tables: list[pa.Table], rows: int = 4) -> pa.Table:
+    """The tables' rows interleaved ``rows`` at a time: the stream whose steps give 2 workers of batch 2 x
+    grad_accum 2 the rows they would each have read from their own table."""
+    return pa.concat_tables([t.slice(i, rows) for i in range(0, tables[0].num_rows, rows) for t in tables])
+
+
+def _train(tmp: Path, strategy: str, workers: int, total: int, stream: pa.Table, name: str,
            faults: str | None = None, **train):
-    """The real train_loop_per_worker on per-worker datasets; returns the run folder. With ``faults`` (a
-    DISTILL_LLM_FAULTS spec armed on the workers) the run is expected to fail."""
+    """The real train_loop_per_worker on a shared stream (a cached corpus: every worker reads it whole and
+    takes its share of each step); returns the run folder. With ``faults`` (a DISTILL_LLM_FAULTS spec armed on
+    the workers) the run is expected to fail."""
     import ray.data
 
     from distill_llm.student.loop import LoopInputs
 
-    config = _config(tmp, strategy=strategy, num_workers=workers, batch_size=2, grad_accum=2, checkpoint_every=2,
-                     keep_checkpoints=4, lr_schedule="constant", **train)
+    train = {"batch_size": 2, "grad_accum": 2, "checkpoint_every": 2, "keep_checkpoints": 4,
+             "lr_schedule": "constant", **train}
+    config = _config(tmp, strategy=strategy, num_workers=workers, **train)
     inputs = LoopInputs(config=config, student_path=_student_path(), retokenize=False, total_steps=total,
-                        batches_per_epoch=tables[0].num_rows // 2, per_worker_datasets=True, faults=faults)
-    datasets = {f"train_{r}": ray.data.from_arrow(t) for r, t in enumerate(tables)}
-    for one in datasets.values():
-        one.context.enable_progress_bars = False
+                        batches_per_epoch=stream.num_rows // workers // train["batch_size"], shared_stream=True,
+                        faults=faults)
+    datasets = {"train": ray.data.from_arrow(stream)}
+    datasets["train"].context.enable_progress_bars = False
     try:
         error = _fit(_real_loop, {"inputs": inputs}, workers, datasets, tmp / "train", name).error
     except Exception as err:  # noqa: BLE001 - a failed run raises or returns its error, depending on Ray Train
@@ -213,10 +221,10 @@ def test_fsdp_trains_the_same_student_as_ddp_and_resumes_on_one_worker(ray_sessi
 
     from distill_llm.student.checkpoint import checkpoint_model
 
-    tables = [rows_table(LENGTHS * 2, seed=r) for r in range(2)]  # 16 rows = 8 batches = 4 steps per worker
-    ddp = _train(tmp_path, "ddp", 2, 4, tables, "ddp")
-    fsdp = _train(tmp_path, "fsdp", 2, 4, tables, "fsdp")
-    a, b = _metrics(ddp, 4), _metrics(fsdp, 4)
+    stream = _stream([rows_table(LENGTHS * 3, seed=r) for r in range(2)])  # 48 rows = 6 steps of 8
+    ddp = _train(tmp_path, "ddp", 2, 6, stream, "ddp")
+    fsdp = _train(tmp_path, "fsdp", 2, 4, stream, "fsdp")
+    a, b = _metrics(ddp, 4)[:4], _metrics(fsdp, 4)
     assert [m["step"] for m in a] == [1, 2, 3, 4]
     for key in ("loss", "ce", "kd"):
         np.testing.assert_allclose([m[key] for m in b], [m[key] for m in a], rtol=1e-5)
@@ -232,25 +240,27 @@ def test_fsdp_trains_the_same_student_as_ddp_and_resumes_on_one_worker(ray_sessi
     assert events, "TensorBoard events in the run folder"
     time.sleep(3)  # Ray relays worker output asynchronously
     out = capfd.readouterr()
-    lines = [line for line in (out.out + out.err).splitlines() if "train: step 3/4" in line]
+    lines = [line for line in (out.out + out.err).splitlines() if "train: step 3/" in line]
     assert len(lines) == 2, lines  # once per run (ddp, fsdp), not twice each
 
-    # one worker reads both halves: its data position (8 batches) continues into rows it has not seen
-    resumed = _train(tmp_path, "fsdp", 1, 6, [pa.concat_tables(tables)], "fsdp")
+    # The FSDP run resumes on 1 worker with grad_accum 4 (the same 8 rows a step): steps 5-6 take the rows
+    # the 2 workers would have, and train as the uninterrupted 2-worker DDP run did.
+    resumed = _train(tmp_path, "fsdp", 1, 6, stream, "fsdp", grad_accum=4)
     state = json.loads((resumed / "checkpoint_step0000006" / "trainer_state.json").read_text())
     assert state["resumed"] == [{"step": 4, "epoch": 0, "batches_in_epoch": 8}]
     steps = _metrics(resumed, 6)
     assert [m["step"] for m in steps] == list(range(1, 7)) and steps[:4] == b
-    assert all(np.isfinite(m["loss"]) for m in steps)
+    for key in ("loss", "ce", "kd", "tokens"):
+        np.testing.assert_allclose([m[key] for m in steps[4:]], [m[key] for m in _metrics(ddp, 6)[4:]], rtol=1e-5)
 
 
 def test_fsdp_worker_killed_mid_run_resumes_on_one_worker(ray_session, tmp_path):
     """FSDP on 2 workers; rank 1 is SIGKILLed after step 3 and Ray Train may not restart it, so the run fails
     with the step-2 checkpoint (sharded by 2 workers) its last. The same run on 1 worker resumes from it:
     steps 1-2 are kept as logged, steps 3-6 train, the losses stay finite."""
-    tables = [rows_table(LENGTHS * 2, seed=r) for r in range(2)]  # 8 batches = 4 steps per worker
+    stream = _stream([rows_table(LENGTHS * 3, seed=r) for r in range(2)])  # 48 rows = 6 steps of 8
     marker = tmp_path / "killed"
-    run = _train(tmp_path, "fsdp", 2, 4, tables, "killed",
+    run = _train(tmp_path, "fsdp", 2, 4, stream, "killed",
                  faults=f"kill_train_worker:step=3,rank=1,delay=3,marker={marker}")
     assert marker.exists(), "rank 1 was SIGKILLed after step 3"
     assert sorted(p.name for p in run.glob("checkpoint_step*")) == ["checkpoint_step0000002"]
@@ -258,7 +268,7 @@ def test_fsdp_worker_killed_mid_run_resumes_on_one_worker(ray_session, tmp_path)
     shards = list((run / "checkpoint_step0000002").rglob("*.distcp"))
     assert len(shards) == 2, "each of the 2 workers wrote its shard"
 
-    resumed = _train(tmp_path, "fsdp", 1, 6, [pa.concat_tables(tables)], "killed")
+    resumed = _train(tmp_path, "fsdp", 1, 6, stream, "killed", grad_accum=4)
     state = json.loads((resumed / "checkpoint_step0000006" / "trainer_state.json").read_text())
     assert state["resumed"] == [{"step": 2, "epoch": 0, "batches_in_epoch": 4}]
     steps = _metrics(resumed, 6)

@@ -49,7 +49,8 @@ class LoopInputs:
     retokenize: bool  # the student has another tokenizer: re-tokenise the teacher's text (sequence-level KD)
     total_steps: int
     batches_per_epoch: int  # per worker
-    per_worker_datasets: bool  # datasets train_<rank> (a cached corpus) rather than one split "train"
+    shared_stream: bool  # every worker reads all of "train" and takes its share of each step (a cached corpus)
+                         # rather than the part Ray Train's split hands it (a streamed corpus)
     faults: str | None = None  # the driver's DISTILL_LLM_FAULTS, armed on the worker (faults.arm)
     system_prompt: str | None = None  # the teacher stage's (run.json prompts.system_prompt), for re-tokenised prompts
     route: dict[str, Any] | None = None  # tokenizers.TokenizerRoute.record(): how teacher ids reach the student
@@ -167,18 +168,50 @@ def accumulate(model, batches: list[dict], device, context) -> tuple[torch.Tenso
     return _all_reduce_sum(sums) / world, int(tokens.item())
 
 
-def _micro_batches(shard, t, position: int, prefetch: int = 2):
-    """(batch index after the group, its grad_accum tables) from the data position on; a short last group
-    (the data ran out) is dropped, as no step is taken on it."""
+def _micro_batches(shard, t, step: int):
+    """(step after the group, its grad_accum tables) of this worker's split of a streamed corpus, from
+    ``step`` on; a short last group (the data ran out) is dropped, as no step is taken on it."""
     group: list = []
+    position = step * t.grad_accum  # batches this layout has read by then
     for index, table in enumerate(shard.iter_batches(batch_size=t.batch_size, batch_format="pyarrow",
-                                                     prefetch_batches=prefetch)):
+                                                     prefetch_batches=2)):
         if index < position:  # resumed: the data position continues
             continue
         group.append(table)
         if len(group) == t.grad_accum:
-            yield index + 1, group
+            yield (index + 1) // t.grad_accum, group
             group = []
+
+
+def step_rows(tables, rank: int, world: int, t, step: int):
+    """(step after the group, its grad_accum tables) for worker ``rank`` from a stream every worker reads whole.
+
+    Step s trains on the stream's rows [s*G, (s+1)*G), G = batch_size x grad_accum x world, and worker r on
+    the r-th run of batch_size x grad_accum of them, cut into grad_accum micro-batches. So the rows of a step
+    depend only on G: a run resumes on another worker count at the same rows. Resumed at ``step``, the rows
+    before it are passed over without being cut. A short last step (the stream ran out) is dropped.
+    """
+    import pyarrow as pa
+
+    mine = t.batch_size * t.grad_accum
+    per_step = mine * world
+    pending: list = []
+    have, start = 0, 0  # this step's rows gathered so far; the stream position of the table in hand
+    for table in tables:
+        end = start + table.num_rows
+        while True:
+            at = step * per_step + rank * mine + have  # the next stream row this worker needs
+            if at >= end:
+                break
+            take = min(mine - have, end - at)
+            pending.append(table.slice(at - start, take))
+            have += take
+            if have < mine:
+                break
+            rows = pa.concat_tables(pending).combine_chunks()
+            step, pending, have = step + 1, [], 0
+            yield step, [rows.slice(i * t.batch_size, t.batch_size) for i in range(t.grad_accum)]
+        start = end
 
 
 def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
@@ -235,7 +268,7 @@ def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
 
     id_lookup, spare_row, reprompt = _route_inputs(inputs, tokenizer)
     total = inputs.total_steps
-    shard = ray.train.get_dataset_shard(f"train_{rank}" if inputs.per_worker_datasets else "train")
+    shard = ray.train.get_dataset_shard("train")
     progress = events = None
     if rank == 0:
         trainable, all_params = count_parameters(student)
@@ -247,15 +280,16 @@ def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
     t_step, wait = time.time(), 0.0
     model.train()
     per_epoch = inputs.batches_per_epoch
-    # checkpoints from before "batches" was recorded kept only the position inside an epoch
-    position = state.get("batches", state["epoch"] * per_epoch + state["batches_in_epoch"])
     t_wait = time.time()
-    # One iterator for the whole run: the dataset already holds every epoch (stage.worker_datasets).
-    # A cached corpus's per-worker dataset lists each block once per epoch; Ray Data's prefetcher refuses
-    # repeated blocks in one wait ("Error in prefetcher thread ... unique ray_waitables"), and the blocks are
-    # already in the object store, so that stream is read without prefetching.
-    prefetch = 0 if inputs.per_worker_datasets else 2
-    for end, tables in _micro_batches(shard, t, position, prefetch):
+    if inputs.shared_stream:
+        # The stream lists each cached block once per epoch; Ray Data's prefetcher refuses repeated blocks in
+        # one wait ("Error in prefetcher thread ... unique ray_waitables"), and the blocks are already in the
+        # object store, so it is read without prefetching.
+        blocks = shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+        groups = step_rows(blocks, rank, world, t, state["step"])
+    else:
+        groups = _micro_batches(shard, t, state["step"])
+    for step, tables in groups:
         wait += time.time() - t_wait
         batches = []
         for table in tables:
@@ -266,9 +300,9 @@ def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
             for key, value in stats.items():
                 counts[key] = counts.get(key, 0) + value
         means, tokens = accumulate(model, batches, device, context)
-        state["batches"] = end
-        state["epoch"], state["batches_in_epoch"] = epoch_position(end, per_epoch)
-        state["step"] += 1
+        state["step"] = step
+        state["batches"] = step * t.grad_accum
+        state["epoch"], state["batches_in_epoch"] = epoch_position(state["batches"], per_epoch)
         row = _step(optimizer, params, state["step"], total, t, means)
         elapsed = max(time.time() - t_step, 1e-9)
         row.update(epoch=state["epoch"], tokens=tokens, tokens_per_s=tokens / elapsed, data_wait_frac=wait / elapsed)

@@ -24,6 +24,10 @@ from ..tokenizers import TokenizerRoute, classify, load_tokenizer, model_rows, r
 # (so raising max_failures after a crash resumes instead of starting over).
 OPERATIONAL_KEYS = {"storage_path", "resume", "log_every", "run_name", "max_failures", "keep_checkpoints",
                     "checkpoint_every", "verify_shards"}
+# How a step's rows are spread over workers and micro-batches: the loss is token-exact and a cached corpus's
+# steps take the same rows for any of these with the same rows per step (stage.worker_datasets), so a run
+# resumes with other values of them; the run's identity keeps their product instead.
+LAYOUT_KEYS = {"num_workers", "batch_size", "grad_accum", "cpus_per_worker", "resources_per_worker"}
 RUN_RECORD = "distill_llm_run.json"  # beside Ray Train's files in <storage_path>/<run name>/
 TRAIN_COLUMNS = ["sample_id", "messages", "prompt_token_ids", "completion_token_ids", "completion_text",
                  "finish_reason", "answer_correct"]
@@ -70,7 +74,13 @@ def check_tokenizers(cfg: Config, run: dict[str, Any], student_tok) -> bool:
 def run_identity(cfg: Config, shard_fp: str) -> dict[str, Any]:
     """What decides the weights a run produces: its shards, its student and its learning settings."""
     return {"shards": shard_fp, "student": cfg.student.model_dump(mode="json"),
-            "train": cfg.train.model_dump(mode="json", exclude=OPERATIONAL_KEYS)}
+            "train": {**cfg.train.model_dump(mode="json", exclude=OPERATIONAL_KEYS | LAYOUT_KEYS),
+                      "rows_per_step": rows_per_step(cfg.train)}}
+
+
+def rows_per_step(t) -> int:
+    """Rows one optimizer step trains on: batch_size x grad_accum x num_workers."""
+    return t.batch_size * t.grad_accum * t.num_workers
 
 
 def run_name(cfg: Config, identity: dict[str, Any]) -> str:
@@ -96,8 +106,12 @@ def claim_run(storage: str, name: str, identity: dict[str, Any], extra: dict[str
         return
     diffs = identity_diff(old, identity, keys=identity.keys())
     if diffs:
+        hint = ""
+        if old.get("train", {}).get("rows_per_step") not in (None, identity["train"]["rows_per_step"]):
+            hint = (f"\nto resume it on another worker count keep train.batch_size x train.grad_accum x "
+                    f"train.num_workers = {old['train']['rows_per_step']} rows per step")
         raise ConfigError(f"train.run_name={name}: {join(storage, name)} holds checkpoints of a different run:\n  "
-                          + "\n  ".join(diffs) + "\nchoose another train.run_name or train.storage_path")
+                          + "\n  ".join(diffs) + hint + "\nor choose another train.run_name or train.storage_path")
 
 
 def check_writable(path: str, key: str) -> None:
@@ -256,12 +270,13 @@ def streamed_epoch(cfg: Config, files: dict[str, list[str]], with_topk: bool, se
     return ds.map_batches(shuffle_window, batch_size=window_rows, batch_format="pyarrow", fn_kwargs={"seed": seed})
 
 
-def plan_steps(rows: int, cfg: Config) -> tuple[int, int, int]:
+def plan_steps(rows: int, cfg: Config, streamed: bool = False) -> tuple[int, int, int]:
     """(total optimizer steps, epochs to iterate, batches per epoch and worker) for ``rows`` rows.
 
-    Each worker reads its epochs as one stream (see ``worker_datasets``) of ``rows // num_workers`` rows
-    an epoch, so an epoch's last partial batch runs on into the next epoch instead of being a short
-    batch of its own.
+    A cached corpus is one stream of every epoch that each step takes its rows from in turn (see
+    ``worker_datasets``): ``epochs x rows // rows per step`` steps, the same for every layout of one rows per
+    step. A streamed corpus is split by Ray Train, ``rows // num_workers`` rows a worker an epoch; an
+    epoch's last partial batch runs on into the next epoch instead of being a short batch of its own.
     """
     t = cfg.train
     per_worker = rows // t.num_workers
@@ -273,14 +288,19 @@ def plan_steps(rows: int, cfg: Config) -> tuple[int, int, int]:
                           f"{t.num_workers} workers gets {per_worker} rows = {batches} batch(es) of "
                           f"train.batch_size={t.batch_size} per epoch; lower train.grad_accum or train.batch_size")
 
-    def steps(epochs: int) -> int:  # equal splits: each worker gets rows // num_workers rows an epoch
-        return math.ceil(epochs * per_worker / t.batch_size) // t.grad_accum
+    def steps(epochs: int) -> int:
+        if streamed:  # equal splits: each worker gets rows // num_workers rows an epoch
+            return math.ceil(epochs * per_worker / t.batch_size) // t.grad_accum
+        return epochs * rows // rows_per_step(t)
 
     if t.max_steps:
         epochs = 1
         while steps(epochs) < t.max_steps:
             epochs += 1
         return t.max_steps, epochs, batches
+    if steps(t.epochs) == 0:
+        raise ConfigError(f"train.epochs={t.epochs} over {rows} rows is less than one step of {rows_per_step(t)} rows "
+                          "(train.batch_size x train.grad_accum x train.num_workers); raise train.epochs or lower those")
     return steps(t.epochs), t.epochs, batches
 
 
@@ -308,17 +328,24 @@ def epochs_dataset(epoch_data, epochs: int):
     return copies[0].union(*copies[1:]) if epochs > 1 else copies[0]
 
 
-def worker_datasets(ds, epochs: int, workers: int, batch_size: int, seed: int,
-                    epoch_data=None) -> tuple[dict[str, Any], Any]:
-    """(Ray Train datasets, their DataConfig): one stream of every epoch per worker, fixed by the seed when cached.
+# A cached corpus is cut into blocks of about this many rows; each epoch is its blocks in a seeded order.
+BLOCK_ROWS = 16
+MAX_BLOCKS = 4096  # a large cached corpus gets larger blocks rather than millions of objects
 
-    Ray Train's streaming split hands each block to whichever worker asks first, so two runs of one
-    config would train different rows on each worker, and different students. A cached (materialised)
-    corpus is therefore cut into blocks of
-    about one batch (Ray Data reads a small shard set as a single block, where a block order would
-    shuffle nothing), and every epoch takes its own seeded block order and is split evenly into one
-    dataset per worker, read in order. A corpus too large to cache streams through Ray Train's split,
-    which is not reproducible: ``epoch_data(epoch)`` gives each epoch's rows (``streamed_epoch``).
+
+def worker_datasets(ds, epochs: int, seed: int, epoch_data=None) -> tuple[dict[str, Any], Any]:
+    """(Ray Train datasets, their DataConfig): the "train" stream of every epoch, in one order fixed by the seed
+    when the corpus is cached.
+
+    A cached (materialised) corpus is first put in one canonical order (sorted by sample_id), so the order
+    does not depend on how the teacher stage happened to lay its rows out in files, then cut into blocks of
+    about BLOCK_ROWS rows (Ray Data reads a small shard set as a single block, where a block order would
+    shuffle nothing); every epoch takes its own seeded block order. Every worker reads that stream whole and
+    trains on its own share of each step's rows (loop.step_rows), so which rows a step takes depends only on
+    the rows per step, not on the worker count, batch size or grad_accum: a run resumes on another worker
+    count. (A cached corpus is at most train.cache_max_gb, so each worker passing over the others' rows is
+    cheap: zero-copy reads from the object store.) A corpus too large to cache streams through Ray Train's split instead, which is not reproducible:
+    ``epoch_data(epoch)`` gives each epoch's rows (``streamed_epoch``).
     """
     import ray.data
     import ray.train
@@ -326,21 +353,18 @@ def worker_datasets(ds, epochs: int, workers: int, batch_size: int, seed: int,
 
     if not isinstance(ds, MaterializedDataset):
         return {"train": epochs_dataset(epoch_data, epochs)}, ray.train.DataConfig()
-    # at most 4,096 blocks: a large cached corpus gets larger blocks rather than millions of objects
-    ds = ds.repartition(max(1, min(ds.count() // batch_size, 4096))).materialize()
-    blocks: list[list] = [[] for _ in range(workers)]
+    ds = ds.sort("sample_id").repartition(max(1, min(ds.count() // BLOCK_ROWS, MAX_BLOCKS))).materialize()
+    refs: list = []
     for epoch in range(epochs):
-        for rank, part in enumerate(ds.randomize_block_order(seed=seed + epoch).split(workers, equal=True)):
-            blocks[rank] += part.to_arrow_refs()
+        refs += ds.randomize_block_order(seed=seed + epoch).to_arrow_refs()
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
     # Block references in epoch order: a union of the epochs' datasets would interleave them.
-    datasets = {f"train_{rank}": ray.data.from_arrow_refs(refs) for rank, refs in enumerate(blocks)}
-    for one in datasets.values():
-        # The train loop prints its own progress; a Ray Data bar per worker, relayed through the
-        # driver's log, repeated itself ~200 times in a quickstart log and went on after the eval table.
-        one.context.enable_progress_bars = False
-    return datasets, ray.train.DataConfig(datasets_to_split=[], execution_options=options)
+    stream = ray.data.from_arrow_refs(refs)
+    # The train loop prints its own progress; a Ray Data bar per worker, relayed through the driver's log,
+    # repeated itself ~200 times in a quickstart log and went on after the eval table.
+    stream.context.enable_progress_bars = False
+    return {"train": stream}, ray.train.DataConfig(datasets_to_split=[], execution_options=options)
 
 
 def cache_small(ds, manifests: dict[str, dict[str, Any]], max_gb: float):
@@ -356,6 +380,7 @@ def cache_small(ds, manifests: dict[str, dict[str, Any]], max_gb: float):
 def train(cfg: Config) -> str:
     """Run the student stage; returns the exported student folder."""
     import ray.train
+    from ray.data.dataset import MaterializedDataset
     from ray.train.torch import TorchTrainer
 
     from ..cluster.runtime import init_ray
@@ -408,11 +433,12 @@ def train(cfg: Config) -> str:
     if rows == 0:
         raise ConfigError("the training set is empty" + (" after train.filter_correct kept only rows whose answer "
                                                          "check passed" if cfg.train.filter_correct else ""))
-    total_steps, epochs, batches_per_epoch = plan_steps(rows, cfg)
+    cached = isinstance(ds, MaterializedDataset)
+    total_steps, epochs, batches_per_epoch = plan_steps(rows, cfg, streamed=not cached)
     with ordered_data():
         window = shuffle_window_rows(manifests)
         datasets, data_config = worker_datasets(
-            ds, epochs, cfg.train.num_workers, cfg.train.batch_size, cfg.train.seed,
+            ds, epochs, cfg.train.seed,
             epoch_data=lambda epoch: streamed_epoch(cfg, files, with_topk, cfg.train.seed + epoch, window))
     del ds  # a cached corpus now lives in the workers' re-cut blocks; holding this copy too would double it
     # Ray Train gets the same file system as every other stage (endpoint from AWS_ENDPOINT_URL, small
@@ -423,7 +449,7 @@ def train(cfg: Config) -> str:
         train_loop_per_worker,
         train_loop_config={"inputs": LoopInputs(
             config=cfg.model_dump(mode="json"), student_path=student_path, retokenize=retokenize,
-            total_steps=total_steps, batches_per_epoch=batches_per_epoch, per_worker_datasets="train" not in datasets,
+            total_steps=total_steps, batches_per_epoch=batches_per_epoch, shared_stream=cached,
             faults=os.environ.get(FAULTS_ENV), system_prompt=run_system_prompt(run), route=route.record())},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker,
