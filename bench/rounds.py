@@ -52,6 +52,8 @@ def prepare(args, work: Path) -> None:
         train(cfg)
     args.student, args.shards = str(student), str(shards)
     args.prepare_seconds = round(time.time() - start, 1)
+    if args.reused:  # the start found in --work says how long it trained, whatever --start-steps says now
+        args.start_steps = json.loads((student / "distill_llm.json").read_text())["train"]["max_steps"]
 
 
 def run_rounds(args, work: Path) -> list[dict]:
