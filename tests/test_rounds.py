@@ -36,6 +36,10 @@ def rounds_config(tmp: Path, **sections):
     ({"student": {"lora": "{r: 4}", "merge_lora": "false"}}, "set student.merge_lora=true"),
     ({"rounds": {"dir": "s3://bucket/rounds"}}, "rounds.dir=s3://bucket/rounds"),
     ({"rounds": {"n": 5}}, "rounds.n=5 x rounds.prompts_per_round=2 = 10 prompts"),
+    ({"train": {"estimator": "sampled"}}, "train.estimator=sampled with train.temperature=2.0, the student sampling "
+                                          "at generate.temperature=1.0"),
+    ({"train": {"estimator": "sampled", "temperature": 1.0}, "generate": {"top_p": 0.9}},
+     "generate.top_p=0.9: the one-sample estimate is unbiased only"),
 ])
 def test_rounds_refuse_configs_that_cannot_run(tmp_path, sections, message):
     from distill_llm.rounds.stage import check_rounds
@@ -315,3 +319,31 @@ def test_sampled_estimator_needs_reverse_kl():
         load_config(ROOT / "configs" / "quickstart.yaml", ["train.estimator=sampled"])
     assert load_config(ROOT / "configs" / "quickstart.yaml", ["train.estimator=sampled",
                                                               "train.divergence=reverse_kl"]).train.estimator == "sampled"
+
+
+@pytest.mark.parametrize("temperature, unbiased", [(1.0, True), (2.0, False)])
+def test_sampled_estimator_is_unbiased_only_at_the_sampling_temperature(temperature, unbiased):
+    """The student samples its tokens at generate.temperature (1 here): averaged over that distribution
+    (enumerated exactly, tail bucket on), the sampled estimator's gradient is the reverse-KL gradient at
+    train.temperature 1, and not at 2 (why check_rounds refuses the mismatch)."""
+    import torch
+    from test_losses import make_inputs
+
+    from distill_llm.student.losses import KDSettings, distill_loss, student_buckets
+
+    hidden, weight, _, ids, lps, _ = make_inputs(seed=4, n=1)
+    outside = next(t for t in range(weight.shape[0]) if t not in ids[0].tolist())
+    w = weight.clone().requires_grad_(True)
+    exact = KDSettings(alpha=1.0, temperature=temperature, divergence="reverse_kl", tail_bucket=True)
+    distill_loss(hidden, w, torch.zeros(1, dtype=torch.long), ids, lps, exact)["loss"].backward()
+    with torch.no_grad():
+        sampling = student_buckets(hidden @ weight.t(), ids, 1.0, True).exp()[0]  # what the student samples from
+    mean = torch.zeros_like(weight)
+    for b in range(ids.shape[1] + 1):
+        token = ids[0, b] if b < ids.shape[1] else torch.tensor(outside)
+        wb = weight.clone().requires_grad_(True)
+        sampled = KDSettings(alpha=1.0, temperature=temperature, divergence="reverse_kl", tail_bucket=True,
+                             estimator="sampled")
+        distill_loss(hidden, wb, token.view(1), ids, lps, sampled)["loss"].backward()
+        mean += sampling[b] * wb.grad
+    assert torch.allclose(mean, w.grad, rtol=1e-4, atol=1e-6) == unbiased

@@ -61,6 +61,7 @@ def check_rounds(cfg: Config) -> None:
     if cfg.generate.top_k_logprobs == 0:
         raise ConfigError("rounds need the teacher's top-k at every position of the student's samples: set "
                           "generate.top_k_logprobs >= 1")
+    check_sampled_estimator(cfg)
     n = teacher_round(cfg)
     if n is not None and n != 0:
         raise ConfigError(f"teacher.model=round:{n}: the rounds before round {n + 1} would have no teacher; "
@@ -75,6 +76,20 @@ def check_rounds(cfg: Config) -> None:
     if cfg.data.num_prompts is not None and needed > cfg.data.num_prompts:
         raise ConfigError(f"rounds.n={r.n} x rounds.prompts_per_round={r.prompts_per_round} = {needed} prompts "
                           f"drawn without replacement, but data.num_prompts={cfg.data.num_prompts}")
+
+
+def check_sampled_estimator(cfg: Config) -> None:
+    """train.estimator=sampled weighs each sampled token by the student's bucket distribution at
+    train.temperature, so it is the reverse-KL gradient only when the student sampled from that same
+    distribution: generate.temperature equal to train.temperature and no top-p truncation. Otherwise refuse."""
+    t, g = cfg.train, cfg.generate
+    if t.estimator != "sampled":
+        return
+    if t.temperature != g.temperature or g.top_p != 1:
+        raise ConfigError(f"train.estimator=sampled with train.temperature={t.temperature}, the student sampling at "
+                          f"generate.temperature={g.temperature}, generate.top_p={g.top_p}: the one-sample estimate is "
+                          "unbiased only for samples from the distribution it trains, so set train.temperature equal "
+                          "to generate.temperature and generate.top_p=1 (or train.estimator=topk)")
 
 
 def checkpoint_hash(folder: str) -> str:
