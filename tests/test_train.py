@@ -132,13 +132,16 @@ def test_each_epoch_is_reshuffled_and_a_step_takes_the_same_rows_on_any_worker_c
     assert steps(1, 4, 4, start=5) == reference[5:], "resumed at step 5: the same rows from step 6 on"
 
 
-def test_rerun_resumes_from_the_finished_checkpoint(trained):
+def test_rerun_on_another_worker_count_resumes_from_the_finished_checkpoint(trained):
     from distill_llm.student.stage import train
 
     cfg, out = trained
-    again = train(cfg)
+    fewer = cfg.model_copy(deep=True)  # on 1 worker with the same rows per step: the same run
+    fewer.train.num_workers, fewer.train.grad_accum = 1, cfg.train.grad_accum * cfg.train.num_workers
+    again = train(fewer)
     info = json.loads((Path(again) / "distill_llm.json").read_text())
     assert info["steps"] == 6, "same run name: restored at step 6, nothing more to do"
+    assert len([p for p in Path(cfg.train.storage_path).iterdir() if p.is_dir()]) == 1, "no second run was started"
 
 
 def test_vllm_serves_the_student_for_evaluation(trained):
