@@ -206,6 +206,12 @@ def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
         student = add_lora(student, cfg.student.lora)
     if t.packing:
         use_packed_attention(student)
+    if t.qat:  # fake quantisers on the plain layers (config.qat_problem refuses LoRA); keys stay nn.Linear's
+        from ..quantize.qat import prepare
+
+        layers = prepare(student, t.qat, cfg.quantize.group_size)
+        if rank == 0:
+            say(f"train: train.qat={t.qat}: {layers} linear layers fake-quantised")
     settings = kd_settings(t, student.get_output_embeddings().weight.shape[0])
     model = place_model(student, settings, t.strategy, dtype, device, world)
     context = compute_context(t.strategy, dtype, device)

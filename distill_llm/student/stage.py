@@ -69,8 +69,24 @@ def check_tokenizers(cfg: Config, run: dict[str, Any], student_tok) -> bool:
 
 def run_identity(cfg: Config, shard_fp: str) -> dict[str, Any]:
     """What decides the weights a run produces: its shards, its student and its learning settings."""
-    return {"shards": shard_fp, "student": cfg.student.model_dump(mode="json"),
-            "train": cfg.train.model_dump(mode="json", exclude=OPERATIONAL_KEYS)}
+    identity = {"shards": shard_fp, "student": cfg.student.model_dump(mode="json"),
+                "train": cfg.train.model_dump(mode="json", exclude=OPERATIONAL_KEYS)}
+    if cfg.train.qat == "w4a16":  # the group size shapes the fake quantisation, so the weights
+        identity["qat_group_size"] = cfg.quantize.group_size
+    return identity
+
+
+def check_qat(cfg: Config, student_path: str) -> None:
+    """train.qat: quantize.group_size must divide the student's layers (as `quantize` will ask), and torchao
+    must be installed; both before any training."""
+    from ..quantize.schemes import check_group_size
+    from ..quantize.stage import probe_widths
+
+    try:
+        import torchao.quantization.qat  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"train.qat={cfg.train.qat} needs torchao ({err}): pip install torchao") from None
+    check_group_size(cfg.train.qat, cfg.quantize.group_size, probe_widths(student_path, cfg.student.trust_remote_code))
 
 
 def run_name(cfg: Config, identity: dict[str, Any]) -> str:
@@ -382,6 +398,8 @@ def train(cfg: Config) -> str:
         from .model import check_lora_targets
 
         check_lora_targets(student_path, cfg.student.lora, cfg.student.revision, cfg.student.trust_remote_code)
+    if cfg.train.qat:
+        check_qat(cfg, student_path)
     try:
         student_tok = load_tokenizer(student_path, cfg.student.revision, cfg.student.trust_remote_code)
     except ConfigError as err:
