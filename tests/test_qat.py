@@ -169,3 +169,35 @@ def test_run_refuses_qat_with_lora_before_the_teacher_starts(tmp_path, capsys):
                  "quantize.schemes=[w4a16]", "student.lora.r=8"])
     assert code == 2 and "train.qat=w4a16 with student.lora" in capsys.readouterr().err
     assert not (tmp_path / "shards").exists()
+
+
+@pytest.mark.slow
+def test_qat_run_trains_through_ray_exports_plain_weights_and_quantises(generated, tmp_path, capfd):
+    """train.qat=w4a16 through the real stage (Ray Train, 1 worker, 4 steps on the session's shards): the
+    workers fake-quantise every decoder linear layer, the export is a plain Hugging Face folder, and
+    `quantize` writes its w4a16 folder with the same group size."""
+    import time
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from distill_llm.quantize.stage import quantize
+    from distill_llm.student.stage import train
+    from tests.conftest import small_config
+
+    shard_cfg, _ = generated
+    cfg = small_config(tmp_path, output={"dir": shard_cfg.output.dir}, student={"lora": "null"},
+                       train={"qat": "w4a16", "max_steps": 4, "num_workers": 1, "batch_size": 8, "log_every": 2},
+                       quantize={"schemes": "[w4a16]", "group_size": 32, "calibration_samples": 8})
+    student = Path(train(cfg))
+    time.sleep(3)  # Ray relays worker output asynchronously
+    out = capfd.readouterr()
+    assert "train: train.qat=w4a16: 14 linear layers fake-quantised" in out.out + out.err  # 2 layers x 7
+    assert "quantization_config" not in json.loads((student / "config.json").read_text())
+    assert json.loads((student / "distill_llm.json").read_text())["train"]["qat"] == "w4a16"
+    assert "fake-quantised as `w4a16`" in (student / "README.md").read_text()
+    loaded = AutoModelForCausalLM.from_pretrained(str(student))
+    assert {type(m).__name__ for m in loaded.modules() if "Linear" in type(m).__name__} == {"Linear"}
+    [folder] = quantize(cfg)
+    with safe_open(str(Path(folder) / "model.safetensors"), "pt") as f:
+        assert tuple(f.get_tensor("model.layers.0.mlp.down_proj.weight_scale").shape) == (64, 256 // 32)

@@ -657,6 +657,8 @@ def model_card(info: dict[str, Any], evaluation: str | None = None) -> str:
         f"- steps: {info['steps']}, batch {t['batch_size']} x {t['num_workers']} workers x accum {t['grad_accum']}, "
         f"lr {t['lr']} ({t['lr_schedule']}), max_seq_len {t['max_seq_len']}",
         "- final loss: " + (", ".join(f"{k} {v:.4f}" for k, v in info["final"].items()) or "n/a"),
+        *([f"- quantisation-aware: linear layers fake-quantised as `{t['qat']}` during training (train.qat); "
+           "these are the unrounded weights, for `distill-llm quantize` with that scheme"] if t.get("qat") else []),
         *([f"- {TokenizerRoute.from_record(info['tokenizers']).describe()}"
            + (f" (counted: {info['tokenizers']['counted']})" if info["tokenizers"].get("counted") else "")]
           if info.get("tokenizers") else []), "",
