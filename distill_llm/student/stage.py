@@ -85,7 +85,8 @@ def check_qat(cfg: Config, student_path: str) -> None:
     try:
         import torchao.quantization.qat  # noqa: F401
     except ImportError as err:
-        raise ConfigError(f"train.qat={cfg.train.qat} needs torchao ({err}): pip install torchao") from None
+        raise ConfigError(f"train.qat={cfg.train.qat} needs torchao ({err}): the cpu and gpu extras install it "
+                          "(pip install -c constraints-cpu.txt torchao==0.18.0)") from None
     check_group_size(cfg.train.qat, cfg.quantize.group_size, probe_widths(student_path, cfg.student.trust_remote_code))
 
 
