@@ -1,9 +1,9 @@
 """train.qat: torchao fake quantisation during distillation that matches `distill-llm quantize`'s rounding.
 
-The fast tests hold the fake quantisers against the quantise stage's own compressed-tensors rounding on the
-toy student, run a few real optimizer steps through the training module and the real checkpoint/export
-functions, and check the refusals. The slow test trains with qat through Ray Train on the session's shards,
-then quantises the export.
+The tests hold the fake quantisers against the quantise stage's own compressed-tensors rounding on the toy
+student, build the worker's student with qat and run a few optimizer steps through the training module and
+the real checkpoint/export functions, and check the refusals. All fast: no Ray (the quickstart comparison in
+bench/RESULTS.md ran the whole stage).
 """
 
 import json
@@ -91,21 +91,23 @@ def test_fake_quantised_forward_is_the_quantised_models():
 
 
 def test_qat_train_steps_update_weights_and_export_plain_linear_layers(tmp_path):
-    """A few optimizer steps of the real training module on a prepared student, saved and exported through
-    the real checkpoint functions: the folder loads with transformers as plain nn.Linear, weights unrounded."""
+    """The worker's student with train.qat (loop.build_student: 2 decoder layers x 7 linear layers), a few
+    optimizer steps of the real training module, saved and exported through the real checkpoint functions:
+    the folder loads with transformers as plain nn.Linear, the weights unrounded."""
     from transformers import AutoModelForCausalLM
 
-    from distill_llm.quantize.qat import prepare
     from distill_llm.student.checkpoint import checkpoint_model, save_state
+    from distill_llm.student.loop import build_student
     from distill_llm.student.losses import KDSettings
     from distill_llm.student.model import StudentWithLoss, save_hf_folder
     from distill_llm.tokenizers import load_tokenizer
 
-    path, student = _toy_student()
-    student.train()
+    path, _ = _toy_student()
     cfg = build_config({"student": {"model": path, "lora": None}, "train": {"qat": "w4a16"},
                         "quantize": {"schemes": ["w4a16"], "group_size": 32}})
-    prepare(student, cfg.train.qat, cfg.quantize.group_size)
+    student, layers = build_student(cfg, path)  # what each Ray Train worker trains
+    assert layers == 14 and type(student.model.layers[0].mlp.down_proj).__name__ == "FakeQuantizedLinear"
+    student.train()
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     module = StudentWithLoss(student, KDSettings(alpha=0.0))
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
@@ -170,34 +172,3 @@ def test_run_refuses_qat_with_lora_before_the_teacher_starts(tmp_path, capsys):
     assert code == 2 and "train.qat=w4a16 with student.lora" in capsys.readouterr().err
     assert not (tmp_path / "shards").exists()
 
-
-@pytest.mark.slow
-def test_qat_run_trains_through_ray_exports_plain_weights_and_quantises(generated, tmp_path, capfd):
-    """train.qat=w4a16 through the real stage (Ray Train, 1 worker, 4 steps on the session's shards): the
-    workers fake-quantise every decoder linear layer, the export is a plain Hugging Face folder, and
-    `quantize` writes its w4a16 folder with the same group size."""
-    import time
-
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-
-    from distill_llm.quantize.stage import quantize
-    from distill_llm.student.stage import train
-    from tests.conftest import small_config
-
-    shard_cfg, _ = generated
-    cfg = small_config(tmp_path, output={"dir": shard_cfg.output.dir}, student={"lora": "null"},
-                       train={"qat": "w4a16", "max_steps": 4, "num_workers": 1, "batch_size": 8, "log_every": 2},
-                       quantize={"schemes": "[w4a16]", "group_size": 32, "calibration_samples": 8})
-    student = Path(train(cfg))
-    time.sleep(3)  # Ray relays worker output asynchronously
-    out = capfd.readouterr()
-    assert "train: train.qat=w4a16: 14 linear layers fake-quantised" in out.out + out.err  # 2 layers x 7
-    assert "quantization_config" not in json.loads((student / "config.json").read_text())
-    assert json.loads((student / "distill_llm.json").read_text())["train"]["qat"] == "w4a16"
-    assert "fake-quantised as `w4a16`" in (student / "README.md").read_text()
-    loaded = AutoModelForCausalLM.from_pretrained(str(student))
-    assert {type(m).__name__ for m in loaded.modules() if "Linear" in type(m).__name__} == {"Linear"}
-    [folder] = quantize(cfg)
-    with safe_open(str(Path(folder) / "model.safetensors"), "pt") as f:
-        assert tuple(f.get_tensor("model.layers.0.mlp.down_proj.weight_scale").shape) == (64, 256 // 32)
