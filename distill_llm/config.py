@@ -255,6 +255,28 @@ class TrainConfig(_Section):
     # sha256 reads every shard byte before training (8 files at a time) and catches a same-size alteration;
     # size only compares lengths (instant, catches truncation).
     verify_shards: Literal["sha256", "size"] = "sha256"
+    # quantisation-aware distillation: the student's linear layers (not lm_head) fake-quantised as the named
+    # quantize scheme rounds them (quantize.group_size for w4a16), so `quantize` then loses less; None: off
+    qat: Literal["w8a8-int8", "w4a16"] | None = None
+
+
+def qat_problem(cfg: "Config") -> str | None:
+    """Why ``train.qat`` cannot run with the rest of the config, or None."""
+    scheme = cfg.train.qat
+    if scheme is None:
+        return None
+    if cfg.quantize is None or scheme not in cfg.quantize.schemes:
+        listed = "there is no quantize section" if cfg.quantize is None else f"quantize.schemes={cfg.quantize.schemes}"
+        return (f"train.qat={scheme} trains for a scheme `quantize` will not write ({listed}): add {scheme} to "
+                "quantize.schemes (w4a16 also takes its group size from quantize.group_size), or drop train.qat")
+    if cfg.student.lora is not None:
+        return (f"train.qat={scheme} with student.lora: the export merges the adapter into the weights and "
+                "`quantize` rounds the merged weights, which fake-quantising the frozen base layers does not "
+                "simulate; set student.lora=null (full fine-tuning) or drop train.qat")
+    if cfg.train.strategy == "fsdp":
+        return (f"train.qat={scheme} is built and tested with train.strategy=ddp only (torchao's fake quantisers "
+                "on FSDP2 shards are not); set train.strategy=ddp or drop train.qat")
+    return None
 
 
 class EvalEngineConfig(_Section):
@@ -475,6 +497,8 @@ class Config(_Section):
                              "would be ignored: set train.divergence=reverse_kl")
         if self.train.alpha > 0 and self.generate.top_k_logprobs == 1 and not self.train.tail_bucket:
             raise ValueError(ONE_BUCKET_KD.format(alpha=self.train.alpha, k="generate.top_k_logprobs=1"))
+        if qat_problem(self):
+            raise ValueError(qat_problem(self))
         for key, location in self._locations():
             if has_credentials(location):
                 raise ValueError(f"{key}: {CREDENTIALS_IN_URL}")

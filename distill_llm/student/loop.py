@@ -214,6 +214,23 @@ def step_rows(tables, rank: int, world: int, t, step: int):
         start = end
 
 
+def build_student(cfg, student_path: str):
+    """The student a worker trains, in fp32: LoRA-wrapped, packed attention and fake-quantised as the config
+    says. Returns it and how many linear layers train.qat fake-quantised (0: off)."""
+    student = load_student(student_path, torch.float32, cfg.student.revision, cfg.student.trust_remote_code,
+                           cfg.student.gradient_checkpointing, cfg.student.allow_pickle_weights,
+                           cfg.student.max_position_embeddings)
+    if cfg.student.lora is not None:
+        student = add_lora(student, cfg.student.lora)
+    if cfg.train.packing:
+        use_packed_attention(student)
+    if not cfg.train.qat:
+        return student, 0
+    from ..quantize.qat import prepare  # config.qat_problem refuses LoRA: the layers are plain nn.Linear
+
+    return student, prepare(student, cfg.train.qat, cfg.quantize.group_size)
+
+
 def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
     import ray.train
     import ray.train.torch
@@ -232,13 +249,9 @@ def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
 
     tokenizer = load_tokenizer(inputs.student_path, cfg.student.revision, cfg.student.trust_remote_code)
     # fp32 master weights whatever the compute dtype: a bf16 update of ~1e-5 rounds away on most weights
-    student = load_student(inputs.student_path, torch.float32, cfg.student.revision, cfg.student.trust_remote_code,
-                           cfg.student.gradient_checkpointing, cfg.student.allow_pickle_weights,
-                           cfg.student.max_position_embeddings)
-    if cfg.student.lora is not None:
-        student = add_lora(student, cfg.student.lora)
-    if t.packing:
-        use_packed_attention(student)
+    student, fake_quantised = build_student(cfg, inputs.student_path)
+    if fake_quantised and rank == 0:
+        say(f"train: train.qat={t.qat}: {fake_quantised} linear layers fake-quantised")
     settings = kd_settings(t, student.get_output_embeddings().weight.shape[0])
     model = place_model(student, settings, t.strategy, dtype, device, world)
     context = compute_context(t.strategy, dtype, device)

@@ -73,14 +73,31 @@ def check_tokenizers(cfg: Config, run: dict[str, Any], student_tok) -> bool:
 
 def run_identity(cfg: Config, shard_fp: str) -> dict[str, Any]:
     """What decides the weights a run produces: its shards, its student and its learning settings."""
-    return {"shards": shard_fp, "student": cfg.student.model_dump(mode="json"),
-            "train": {**cfg.train.model_dump(mode="json", exclude=OPERATIONAL_KEYS | LAYOUT_KEYS),
-                      "rows_per_step": rows_per_step(cfg.train)}}
+    identity = {"shards": shard_fp, "student": cfg.student.model_dump(mode="json"),
+                "train": {**cfg.train.model_dump(mode="json", exclude=OPERATIONAL_KEYS | LAYOUT_KEYS),
+                          "rows_per_step": rows_per_step(cfg.train)}}
+    if cfg.train.qat == "w4a16":  # the group size shapes the fake quantisation, so the weights
+        identity["qat_group_size"] = cfg.quantize.group_size
+    return identity
 
 
 def rows_per_step(t) -> int:
     """Rows one optimizer step trains on: batch_size x grad_accum x num_workers."""
     return t.batch_size * t.grad_accum * t.num_workers
+
+
+def check_qat(cfg: Config, student_path: str) -> None:
+    """train.qat: quantize.group_size must divide the student's layers (as `quantize` will ask), and torchao
+    must be installed; both before any training."""
+    from ..quantize.schemes import check_group_size
+    from ..quantize.stage import probe_widths
+
+    try:
+        import torchao.quantization.qat  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"train.qat={cfg.train.qat} needs torchao ({err}): the cpu and gpu extras install it "
+                          "(pip install -c constraints-cpu.txt torchao==0.18.0)") from None
+    check_group_size(cfg.train.qat, cfg.quantize.group_size, probe_widths(student_path, cfg.student.trust_remote_code))
 
 
 def run_name(cfg: Config, identity: dict[str, Any]) -> str:
@@ -407,6 +424,8 @@ def train(cfg: Config) -> str:
         from .model import check_lora_targets
 
         check_lora_targets(student_path, cfg.student.lora, cfg.student.revision, cfg.student.trust_remote_code)
+    if cfg.train.qat:
+        check_qat(cfg, student_path)
     try:
         student_tok = load_tokenizer(student_path, cfg.student.revision, cfg.student.trust_remote_code)
     except ConfigError as err:
@@ -665,6 +684,8 @@ def model_card(info: dict[str, Any], evaluation: str | None = None) -> str:
         f"- steps: {info['steps']}, batch {t['batch_size']} x {t['num_workers']} workers x accum {t['grad_accum']}, "
         f"lr {t['lr']} ({t['lr_schedule']}), max_seq_len {t['max_seq_len']}",
         "- final loss: " + (", ".join(f"{k} {v:.4f}" for k, v in info["final"].items()) or "n/a"),
+        *([f"- quantisation-aware: linear layers fake-quantised as `{t['qat']}` during training (train.qat); "
+           "these are the unrounded weights, for `distill-llm quantize` with that scheme"] if t.get("qat") else []),
         *([f"- {TokenizerRoute.from_record(info['tokenizers']).describe()}"
            + (f" (counted: {info['tokenizers']['counted']})" if info["tokenizers"].get("counted") else "")]
           if info.get("tokenizers") else []), "",
