@@ -17,7 +17,16 @@ its stage when called.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
+
+# Once torchao (train.qat) is installed, transformers and vLLM import it in every process. On a machine without
+# CUDA its import warns that its CUDA kernels do not load, and torch warns about its enum registration; neither
+# touches a run, but each process printed them (about 20 lines a quickstart) in words that read as errors.
+# Every process of a run imports this package before transformers or vLLM (the CLI, Ray workers unpickling our
+# functions, engine processes started through teacher.tracker), so the loggers are quieted here.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 from .config import Config, ConfigError, load_config
 

@@ -172,3 +172,15 @@ def test_run_refuses_qat_with_lora_before_the_teacher_starts(tmp_path, capsys):
     assert code == 2 and "train.qat=w4a16 with student.lora" in capsys.readouterr().err
     assert not (tmp_path / "shards").exists()
 
+
+
+def test_importing_torchao_after_the_package_prints_no_warning():
+    """transformers and vLLM import torchao in every process of a run; on a machine without CUDA its import
+    warned that its CUDA kernels do not load (and torch about its enums), lines that read as errors in every
+    log. Each process imports this package first, which quiets those loggers."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import distill_llm, torchao"], capture_output=True, text=True,
+                         check=True)
+    assert "Failed to load" not in out.stderr and "_pytree" not in out.stderr, out.stderr
