@@ -543,23 +543,16 @@ class EngineFeeder:
     def _take(self, item) -> None:
         call, requests = item
         call.added = time.monotonic()
-        try:  # the whole call in one go; vLLM adds nothing when it refuses any request of it
-            internals = self.llm.enqueue([r[0] for r in requests], [r[1] for r in requests], use_tqdm=False)
-        except Exception:  # then request by request, so a refused one fails alone
-            internals = [self._enqueue_one(prompt, params, future, call) for prompt, params, future in requests]
-        for (_, _, future), internal in zip(requests, internals):
-            if internal is not None:
-                # vLLM's internal id is "<LLM's counter>-<random suffix>"; outputs carry the counter
-                self.held[internal.split("-", 1)[0]] = (future, call, internal)
+        for prompt, params, future in requests:
+            try:
+                internal = self.llm.enqueue([prompt], [params], use_tqdm=False)[0]
+            except Exception as err:  # vLLM refused this request (or the engine is dead)
+                self._settle(future, call, err=err)
+                continue
+            # enqueue returns vLLM's internal id, "<LLM's counter>-<random suffix>"; outputs carry the counter
+            self.held[internal.split("-", 1)[0]] = (future, call, internal)
         if self.held:
             self.generating.set()
-
-    def _enqueue_one(self, prompt: dict, params, future: Future, call: FeedCall) -> str | None:
-        try:
-            return self.llm.enqueue([prompt], [params], use_tqdm=False)[0]
-        except Exception as err:  # vLLM refused this request (or the engine is dead)
-            self._settle(future, call, err=err)
-            return None
 
     def _step(self) -> None:
         if not self.held:
