@@ -3,15 +3,30 @@
 ``ray.data.llm`` cannot hand back per-token top-k logprobs as arrays, so the engine is held in a
 ``map_batches`` callable class, the pattern Ray documents for custom engines. The same class serves
 evaluation (k = 0).
+
+The engine stays full across batches, as ``ray.data.llm`` keeps it with ``max_concurrent_batches``: Ray Data
+runs several ``__call__`` at once in threads of the actor (teacher.max_concurrent_batches), every call hands
+its requests to one feeder thread that alone drives the engine (``EngineFeeder``), so the next batch's
+requests already wait in vLLM's queue while the current batch's longest sequences finish. With one batch at a
+time there is no feeder: each batch is one ``LLM.generate`` call.
+
+Why ``vllm.LLM`` with a feeder thread rather than vLLM's ``AsyncLLM``: the same engine object (and so the
+same engine-core process handling, shutdown, liveness watchdog and the CPU token-budget workaround) serves
+both ways of calling it, batches stay plain synchronous code (attempt records on object stores, fault
+points), and a step that raises ``EngineDeadError`` reaches every waiting batch as before.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import sys
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from types import SimpleNamespace
@@ -185,7 +200,8 @@ def llm_kwargs(engine: EngineSpec, k: int) -> dict[str, Any]:
 class TeacherEngine:
     """Ray Data callable class: prompt rows (sample_id, prompt_id, messages, answer) -> shard rows."""
 
-    def __init__(self, engine: EngineSpec, sampling: SamplingSpec, attempts: AttemptLog | None = None):
+    def __init__(self, engine: EngineSpec, sampling: SamplingSpec, attempts: AttemptLog | None = None,
+                 concurrent_batches: int = 1):
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         from vllm import LLM
 
@@ -205,6 +221,10 @@ class TeacherEngine:
         self.generating = threading.Event()
         _watch_engine(self.llm, self.generating)
         _shutdown_at_exit(self.llm)
+        # several batches at once share the engine through the feeder; a row being isolated has it alone
+        self.feeder = EngineFeeder(self.llm, self.generating) if concurrent_batches > 1 else None
+        self.turns = Turns()
+        self._lock = threading.Lock()  # the batch counter and the tokenizer (Rust tokenizers are not reentrant)
         self._check_engine()
 
     def close(self) -> None:
@@ -256,7 +276,8 @@ class TeacherEngine:
     def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         if self.sampling.system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.sampling.system_prompt}, *messages]
-        return prompt_ids(self.tokenizer, messages)
+        with self._lock:
+            return prompt_ids(self.tokenizer, messages)
 
     def _params(self, sample_id: str, n_prompt: int):
         from vllm import SamplingParams
@@ -297,16 +318,19 @@ class TeacherEngine:
                 continue
             row["prompt_token_ids"] = ids
             if self.sampling.mode == "score":
-                row["completion_token_ids"] = row.get("completion_token_ids") or completion_ids(
-                    self.tokenizer, row["completion"], row["finish_reason"])
+                with self._lock:
+                    row["completion_token_ids"] = row.get("completion_token_ids") or completion_ids(
+                        self.tokenizer, row["completion"], row["finish_reason"])
                 total = len(ids) + len(row["completion_token_ids"])
                 if total >= self.max_len:  # vLLM takes a prefill only below max_model_len
                     out[i] = self._reject(row, "trace_too_long", f"prompt + completion are {total} tokens >= "
                                                                  f"max_model_len {self.max_len}")
                     continue
             todo.append(i)
-        self.batches += 1
-        faults.point("engine_batch", self.batches)
+        with self._lock:
+            self.batches += 1
+            number = self.batches
+        faults.point("engine_batch", number)
         results = [None] * len(todo) if self.sampling.mode == "score" else self._generate(
             [rows[i] for i in todo], [{"prompt_token_ids": rows[i]["prompt_token_ids"]} for i in todo],
             [self._params(rows[i]["sample_id"], len(rows[i]["prompt_token_ids"])) for i in todo])
@@ -350,49 +374,68 @@ class TeacherEngine:
         if not prompts:
             return []
         ids = [r["sample_id"] for r in rows]
-        if self.attempts is not None and self.attempts.begin_batch(ids) > 0:
+        results = None
+        # The record is written inside the shared turn: a batch waiting while an isolated row runs has not
+        # begun, so that row's crash does not send this batch one row at a time.
+        with self.turns.shared():
+            retried = self.attempts is not None and self.attempts.begin_batch(ids) > 0
+            if not retried:
+                try:
+                    faults.point("engine_prompts", prompts=[_text(r) for r in rows])
+                    results = self._engine_generate(prompts, params)
+                except Exception as err:
+                    if _engine_dead(err):
+                        _exit_for_restart(f"{type(err).__name__}: {err}")
+        if retried:
             print(f"distill-llm: a batch of {len(ids)} rows killed an engine before; running its rows one "
                   "at a time", file=sys.stderr, flush=True)
+        if results is None:
             results = self._one_by_one(rows, prompts, params)
-        else:
-            try:
-                faults.point("engine_prompts", prompts=[_text(r) for r in rows])
-                results = self._engine_generate(prompts, params)
-            except Exception as err:
-                if _engine_dead(err):
-                    _exit_for_restart(f"{type(err).__name__}: {err}")
-                results = self._one_by_one(rows, prompts, params)
         if self.attempts is not None:
             self.attempts.end_batch(ids)
         return results
 
     def _engine_generate(self, prompts: list[dict], params: list) -> list:
-        self.generating.set()  # the watchdog acts only while a call waits on the engine
-        try:
-            return self.llm.generate(prompts, params, use_tqdm=False)
-        finally:
-            self.generating.clear()
+        """Outputs of ``prompts`` in order; with a feeder generated beside whatever other batches the engine
+        holds, raising the first failure (an engine death first) once every request of the call has ended."""
+        if self.feeder is None:
+            self.generating.set()  # the watchdog acts only while a call waits on the engine
+            try:
+                return self.llm.generate(prompts, params, use_tqdm=False)
+            finally:
+                self.generating.clear()
+        futures = self.feeder.submit(prompts, params)
+        errors = [f.exception() for f in futures]
+        if any(errors):
+            raise next((e for e in errors if e is not None and _engine_dead(e)), None) or next(e for e in errors if e)
+        return [f.result() for f in futures]
 
     def _one_by_one(self, rows: list[dict[str, Any]], prompts: list[dict], params: list) -> list:
         results: list[Any] = []
         for row, p, sp in zip(rows, prompts, params):
-            sid = row["sample_id"]
-            tried = self.attempts.begin_row(sid) if self.attempts is not None else 0
-            if self.attempts is not None and tried >= self.attempts.max_row_attempts:
-                results.append(Quarantined(
-                    f"the engine died on each of {tried} tries of this row alone "
-                    f"(generate.max_row_attempts={self.attempts.max_row_attempts}); quarantined"))
-                continue
-            try:
-                faults.point("engine_prompts", prompts=[_text(row)])
-                results.append(self._engine_generate([p], [sp])[0])
-            except Exception as row_err:
-                if _engine_dead(row_err):
-                    _exit_for_restart(f"{type(row_err).__name__}: {row_err}")
-                results.append(row_err)
-            if self.attempts is not None:
-                self.attempts.end_row(sid)
+            # A row's try is recorded only once it has the engine alone: a row still waiting for its turn
+            # when another row kills the engine was not tried, and is not charged.
+            with self.turns.alone() if self.feeder is not None else nullcontext():
+                results.append(self._one_row(row, p, sp))
         return results
+
+    def _one_row(self, row: dict[str, Any], prompt: dict, params) -> Any:
+        """One row's output, or its exception, or Quarantined when it has used up its tries."""
+        sid = row["sample_id"]
+        tried = self.attempts.begin_row(sid) if self.attempts is not None else 0
+        if self.attempts is not None and tried >= self.attempts.max_row_attempts:
+            return Quarantined(f"the engine died on each of {tried} tries of this row alone "
+                               f"(generate.max_row_attempts={self.attempts.max_row_attempts}); quarantined")
+        try:
+            faults.point("engine_prompts", prompts=[_text(row)])
+            result = self._engine_generate([prompt], [params])[0]
+        except Exception as row_err:
+            if _engine_dead(row_err):
+                _exit_for_restart(f"{type(row_err).__name__}: {row_err}")
+            result = row_err
+        if self.attempts is not None:
+            self.attempts.end_row(sid)
+        return result
 
     def _row(self, row: dict[str, Any], result) -> dict[str, Any]:
         """A shard row from a sampled result, or (result None, score mode) from the trace the row carries;
@@ -402,7 +445,8 @@ class TeacherEngine:
         else:
             completion = result.outputs[0]
             token_ids, finish = list(completion.token_ids), completion.finish_reason
-            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            with self._lock:
+                text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         new = {
             "sample_id": row["sample_id"], "prompt_id": row["prompt_id"], "sample_index": row["sample_index"],
             "messages": row["messages"], "prompt_token_ids": row["prompt_token_ids"],
@@ -437,6 +481,146 @@ class TeacherEngine:
             else:
                 columns[f.name] = pa.array([r.get(f.name) for r in rows], type=f.type)
         return pa.table(columns, schema=self.schema)
+
+
+@dataclass
+class FeedCall:
+    """One ``EngineFeeder.submit``: when its first request went in, when its last came out, and how many
+    requests (of other calls) the engine still held at that moment: what keeps it busy across batches."""
+
+    requests: int
+    left: int
+    added: float = 0.0
+    finished: float = 0.0
+    held_after: int = -1
+
+
+class EngineFeeder:
+    """The one thread that drives a ``vllm.LLM`` engine; any thread adds requests and waits on futures.
+
+    Requests go in as they come (``LLM.enqueue``, the same rendering and ``FINAL_ONLY`` outputs as
+    ``LLM.generate``) and the engine steps while any is unfinished, so calls overlap in one running batch
+    instead of each draining the engine. Per-request seeds keep every sample independent of its neighbours.
+    A request vLLM refuses fails alone; a step that raises fails every request the engine held (their
+    callers see the error, an ``EngineDeadError`` included). ``generating`` is set while requests are held,
+    which is when the watchdog (``_watch_engine``) may act. ``calls`` keeps the latest calls' timings.
+    """
+
+    def __init__(self, llm, generating: threading.Event):
+        self.llm, self.generating = llm, generating
+        self.inbox: queue.Queue = queue.Queue()
+        self.held: dict[str, tuple[Future, FeedCall, str]] = {}  # request id -> (its future, its call, vLLM's id)
+        self.calls: deque[FeedCall] = deque(maxlen=1024)
+        threading.Thread(target=self._run, name="distill-llm-engine-feeder", daemon=True).start()
+
+    def submit(self, prompts: list[dict], params: list) -> list[Future]:
+        """Futures of RequestOutputs, one per prompt, in order."""
+        call = FeedCall(len(prompts), len(prompts))
+        futures = [Future() for _ in prompts]
+        self.inbox.put((call, list(zip(prompts, params, futures))))
+        return futures
+
+    def _run(self) -> None:
+        while True:
+            try:
+                if not self.held:  # an idle engine waits for work
+                    self._take(self.inbox.get())
+                while True:  # everything already waiting joins the next step
+                    try:
+                        self._take(self.inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                self._step()
+            except Exception as err:  # a fault of this loop itself: fail what it holds, never hang a caller
+                self._fail_held(err)
+
+    def _fail_held(self, err: BaseException) -> None:
+        held, self.held = self.held, {}
+        for future, call, _ in held.values():
+            self._settle(future, call, err=err)
+        self.generating.clear()
+
+    def _take(self, item) -> None:
+        call, requests = item
+        call.added = time.monotonic()
+        for prompt, params, future in requests:
+            try:
+                internal = self.llm.enqueue([prompt], [params], use_tqdm=False)[0]
+            except Exception as err:  # vLLM refused this request (or the engine is dead)
+                self._settle(future, call, err=err)
+                continue
+            # enqueue returns vLLM's internal id, "<LLM's counter>-<random suffix>"; outputs carry the counter
+            self.held[internal.split("-", 1)[0]] = (future, call, internal)
+        if self.held:
+            self.generating.set()
+
+    def _step(self) -> None:
+        if not self.held:
+            return
+        try:
+            outputs = self.llm.llm_engine.step()
+        except Exception as err:
+            if not _engine_dead(err):
+                try:
+                    self.llm.llm_engine.abort_request([h[2] for h in self.held.values()], internal=True)
+                except Exception:  # the engine is past aborting: its requests fail all the same
+                    pass
+            self._fail_held(err)
+            return
+        for output in outputs:
+            if output.finished and output.request_id in self.held:
+                future, call, _ = self.held.pop(output.request_id)
+                self._settle(future, call, output=output)
+        if not self.held:
+            self.generating.clear()
+
+    def _settle(self, future: Future, call: FeedCall, output=None, err: BaseException | None = None) -> None:
+        call.left -= 1
+        if not call.left:
+            call.finished, call.held_after = time.monotonic(), len(self.held)
+            self.calls.append(call)
+        if err is not None:
+            future.set_exception(err)
+        else:
+            future.set_result(output)
+
+
+class Turns:
+    """Batches share the engine; ``alone`` waits until none is in it and keeps new ones out meanwhile.
+
+    A row retried alone (one that may have killed the engine) must be the only request in flight, so that a
+    crash is charged to it and not to rows of batches running beside it.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._sharing, self._alone, self._waiting = 0, False, 0
+
+    @contextmanager
+    def shared(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._alone and not self._waiting)
+            self._sharing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._sharing -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def alone(self):
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._alone and not self._sharing)
+            self._waiting -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._cond.notify_all()
 
 
 class Quarantined(Exception):

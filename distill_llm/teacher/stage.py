@@ -98,9 +98,21 @@ def run_record(cfg: Config, model: str, tokenizer, use_gpu: bool = False) -> dic
     }
 
 
+def engine_pool(replicas: int, concurrent_batches: int):
+    """The actor pool of the engines: ``concurrent_batches`` calls run at once in threads of each actor (the
+    engine's feeder keeps them in one running batch, engine.py), and one more batch waits at the actor, its
+    block already fetched, to start when one ends. One batch at a time is Ray Data's plain pool."""
+    from ray.data import ActorPoolStrategy
+
+    if concurrent_batches == 1:
+        return ActorPoolStrategy(size=replicas)
+    return ActorPoolStrategy(size=replicas, max_concurrent_calls_per_actor=concurrent_batches,
+                             enable_true_multi_threading=True, max_tasks_in_flight_per_actor=concurrent_batches + 1)
+
+
 def apply_engine(ds, spec: EngineSpec, sampling: SamplingSpec, replicas: int, use_gpu: bool, batch_size: int,
-                 max_restarts: int = -1, attempts: AttemptLog | None = None):
-    """Map a dataset of sample rows through ``replicas`` engine actors.
+                 max_restarts: int = -1, attempts: AttemptLog | None = None, concurrent_batches: int = 1):
+    """Map a dataset of sample rows through ``replicas`` engine actors, ``concurrent_batches`` batches each.
 
     An actor whose engine died exits (engine.py), so Ray restarts it and retries its batch, at most
     ``max_restarts`` times per actor (-1: Ray Data's default, no limit); with ``attempts`` a row that
@@ -112,8 +124,6 @@ def apply_engine(ds, spec: EngineSpec, sampling: SamplingSpec, replicas: int, us
 
     spec = with_executor(spec, use_gpu)
 
-    from ray.data import ActorPoolStrategy
-
     # Prompts read on the driver arrive as one block, and an actor task takes whole blocks: without the
     # split, one task would generate everything (one replica busy) and commit one shard at the very end.
     ds = ds.repartition(target_num_rows_per_block=batch_size)
@@ -123,8 +133,8 @@ def apply_engine(ds, spec: EngineSpec, sampling: SamplingSpec, replicas: int, us
         # A placement group per actor goes only through ray_remote_args_fn (as ray.data.llm passes it; same horizon).
         warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
         return ds.map_batches(
-            TeacherEngine, fn_constructor_args=(spec, sampling, attempts), batch_size=batch_size,
-            batch_format="pyarrow", compute=ActorPoolStrategy(size=replicas), max_restarts=max_restarts,
+            TeacherEngine, fn_constructor_args=(spec, sampling, attempts, concurrent_batches), batch_size=batch_size,
+            batch_format="pyarrow", compute=engine_pool(replicas, concurrent_batches), max_restarts=max_restarts,
             max_task_retries=max_restarts, **engine_resources(spec, use_gpu),
         )
 
@@ -285,7 +295,7 @@ def generate(cfg: Config, provenance: dict[str, Any] | None = None) -> dict[str,
     check_engines_fit(cfg, spec, use_gpu)
     rows = apply_engine(samples, spec, sampling_spec(cfg, use_gpu), cfg.teacher.replicas,
                         use_gpu, cfg.teacher.batch_size, cfg.teacher.max_restarts,
-                        AttemptLog(out_dir, g.max_row_attempts))
+                        AttemptLog(out_dir, g.max_row_attempts), cfg.teacher.max_concurrent_batches)
     writer = ShardWriter(out_dir, g.top_k_logprobs, g.logprobs_dtype, metadata=run)
     with storage_errors(out_dir):
         rows.write_datasink(ShardSink(writer, g.rows_per_shard))
