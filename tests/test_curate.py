@@ -658,6 +658,22 @@ def planted_features():
     return pa.concat_tables(tables)
 
 
+def test_key_partition_slices_are_the_filtered_rows():
+    """key_partition and banded_rows take the rows a filter takes, in the same order, whether the block
+    is ordered by partition (a few zero-copy slices) or not (many short runs: a filter)."""
+    table = planted_features()
+    for parts in (1, 2, 7, 20):
+        for block in (table, filters.order_by_partition(table, parts)):
+            part = block["key"].to_numpy() % np.uint64(parts)
+            for j in range(parts):
+                assert filters.key_partition(block, j, parts).equals(block.filter(pa.array(part == j)))
+            assert filters.banded_rows(block).equals(block.filter(pc.is_valid(block["bands"])))
+        ordered = filters.order_by_partition(table, parts)
+        assert sorted(ordered["sample_id"].to_pylist()) == sorted(table["sample_id"].to_pylist())
+        assert ordered["bands"].null_count == table["bands"].null_count
+        assert ordered.slice(0, table.num_rows - table["bands"].null_count)["bands"].null_count == 0
+
+
 def test_decisions_per_key_partition_are_the_decisions_over_every_row():
     """The stage's decision path (filters.decide per hash partition of the prompt keys, with the
     near-duplicate map over every row) removes exactly the rows, reasons and details that the decision over
@@ -674,9 +690,14 @@ def test_decisions_per_key_partition_are_the_decisions_over_every_row():
         before = decide_before(table, policy)
         assert set(before["reason"].to_pylist()) >= ({"duplicate_prompt", "near_duplicate_prompt", "contaminated",
                                                       "over_max_correct"})
-        for parts in (1, 3, 7):
-            got = pa.concat_tables([filters.decide(filters.key_partition(table, j, parts), policy, heads)
-                                    for j in range(parts)])
-            key = [("input", "ascending"), ("sample_id", "ascending")]
-            assert got.sort_by(key).equals(before.sort_by(key)), parts
+        for parts in (1, 3, 7, 20):
+            # as the stage reads them: feature blocks of 10 rows, each ordered by key partition
+            blocks = [filters.order_by_partition(table.slice(start, 10), parts) for start in range(0, table.num_rows, 10)]
+            assert filters.near_duplicate_heads(pa.concat_tables([filters.banded_rows(b) for b in blocks])) == heads
+            for rows in (table, pa.concat_tables(blocks)):
+                got = pa.concat_tables([filters.decide(pa.concat_tables([filters.key_partition(b, j, parts)
+                                                                          for b in ([rows] if rows is table else blocks)]),
+                                                       policy, heads) for j in range(parts)])
+                key = [("input", "ascending"), ("sample_id", "ascending")]
+                assert got.sort_by(key).equals(before.sort_by(key)), parts
         assert filters.decide(table, policy).sort_by(key).equals(before.sort_by(key))

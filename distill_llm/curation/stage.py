@@ -145,23 +145,37 @@ def read_input(shard_dir: str, columns: list[str] | None = None):
 PARTITION_ROWS = 50_000
 
 
-def features(dirs: list[str], spec: filters.FeatureSpec) -> tuple[list, int]:
+def partitions(rows: int) -> int:
+    """Decision tasks (key partitions) for ``rows`` input rows: PARTITION_ROWS rows each."""
+    return max(1, -(-rows // PARTITION_ROWS))
+
+
+def partitioned_features(batch: pa.Table, spec: filters.FeatureSpec, input_index: int, parts: int) -> pa.Table:
+    """filters.row_features of a block, its rows grouped by key partition (filters.order_by_partition), so
+    each decision task reads its own rows of the block without touching the others' pages."""
+    return filters.order_by_partition(filters.row_features(batch, spec, input_index), parts)
+
+
+def features(dirs: list[str], spec: filters.FeatureSpec, parts: int) -> tuple[list, int]:
     """The first pass: the slim feature table of every input row as object refs of its blocks (left in the
-    object store), and its row count."""
-    parts = [read_input(d, filters.FEATURE_COLUMNS).map_batches(
-        filters.row_features, batch_format="pyarrow", fn_kwargs={"spec": spec, "input_index": i})
-        for i, d in enumerate(dirs)]
-    ds = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
+    object store), each ordered for ``parts`` key partitions, and its row count."""
+    parts_ = [read_input(d, filters.FEATURE_COLUMNS).map_batches(
+        partitioned_features, batch_format="pyarrow",
+        fn_kwargs={"spec": spec, "input_index": i, "parts": parts}) for i, d in enumerate(dirs)]
+    ds = (parts_[0].union(*parts_[1:]) if len(parts_) > 1 else parts_[0]).materialize()
     return ds.to_arrow_refs(), ds.count()
 
 
-def feature_rows(refs: list, part: int = 0, parts: int = 1, columns: list[str] | None = None) -> pa.Table:
-    """The feature rows whose prompt key falls in hash partition ``part`` of ``parts`` (in a Ray task)."""
+def feature_rows(refs: list, part: int = 0, parts: int = 1, columns: list[str] | None = None,
+                 banded: bool = False) -> pa.Table:
+    """The feature rows whose prompt key falls in hash partition ``part`` of ``parts`` (in a Ray task);
+    ``banded``: only the rows carrying LSH bands."""
     import ray
 
     tables = []
     for ref in refs:
         table = filters.key_partition(ray.get(ref), part, parts)
+        table = filters.banded_rows(table) if banded else table
         tables.append(table.select(columns) if columns else table)
     tables = [t for t in tables if t.num_rows]
     schema = pa.schema([filters.FEATURE_SCHEMA.field(c) for c in columns]) if columns else filters.FEATURE_SCHEMA
@@ -171,8 +185,7 @@ def feature_rows(refs: list, part: int = 0, parts: int = 1, columns: list[str] |
 def heads_task(refs: list) -> dict[int, str]:
     """The near-duplicate map over every prompt (a Ray task: only the rows carrying LSH bands, one per prompt
     and block, are gathered)."""
-    table = feature_rows(refs, columns=["input", "prompt_id", "key", "bands"])
-    return filters.near_duplicate_heads(table.filter(pc.invert(pc.is_null(table["bands"]))))
+    return filters.near_duplicate_heads(feature_rows(refs, columns=["input", "prompt_id", "key", "bands"], banded=True))
 
 
 def decide_task(refs: list, part: int, parts: int, pol: filters.Policy, heads: dict[int, str] | None,
@@ -185,13 +198,14 @@ def decide_task(refs: list, part: int, parts: int, pol: filters.Policy, heads: d
     return removed, failed_rows(table, weigh_failed), {"rows": table.num_rows, "removed": removed_counts(removed)}
 
 
-def decide_all(refs: list, rows: int, pol: filters.Policy, weigh_failed: bool) -> tuple[list, list, dict[str, int]]:
+def decide_all(refs: list, rows: int, parts: int, pol: filters.Policy,
+               weigh_failed: bool) -> tuple[list, list, dict[str, int]]:
     """Every partition decided by Ray tasks: refs of the removed and failed rows per partition, and the
     removed counts; refuses a curation that keeps nothing (it would train nothing), before writing."""
     import ray
 
     heads = ray.remote(heads_task).remote(refs) if pol.near_duplicates else None
-    parts, pol_ref = max(1, -(-rows // PARTITION_ROWS)), ray.put(pol)
+    pol_ref = ray.put(pol)
     task = ray.remote(decide_task).options(num_returns=3)
     outs = [task.remote(refs, j, parts, pol_ref, heads, weigh_failed) for j in range(parts)]
     stats = ray.get([o[2] for o in outs])
@@ -330,10 +344,11 @@ def curate(cfg: Config, sample_passes=None) -> dict[str, Any]:
         resume = claim_output(out_dir, run, c)
     init_ray(cfg.ray)
     grams = eval_ngrams(cfg)
-    refs, rows = features(dirs, feature_spec(c, grams))
+    parts = partitions(sum(m["totals"]["rows"] for m in manifests.values()))
+    refs, rows = features(dirs, feature_spec(c, grams), parts)
     rates = (student_pass_rates(cfg, dirs, manifests, out_dir, sample_passes)
              if c.difficulty.student_max_pass_rate is not None else {})
-    removed, failed, counts = decide_all(refs, rows, policy(c, rates), c.verify.kd_weight_incorrect is not None)
+    removed, failed, counts = decide_all(refs, rows, parts, policy(c, rates), c.verify.kd_weight_incorrect is not None)
     del refs  # the feature blocks leave the object store
     with storage_errors(out_dir):
         if resume.committed:
