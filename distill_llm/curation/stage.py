@@ -143,6 +143,10 @@ def read_input(shard_dir: str, columns: list[str] | None = None):
 
 # Input rows per decision task (a hash partition of the prompt keys): bounds each task's memory.
 PARTITION_ROWS = 50_000
+# Rows per batch of both passes' map tasks: Ray Data's read blocks hold several shard files (up to its
+# target block size), and the feature pass holds a batch as Python objects, so a whole block would grow
+# with the shard set until that cap.
+BATCH_ROWS = 10_000
 
 
 def partitions(rows: int) -> int:
@@ -160,7 +164,7 @@ def features(dirs: list[str], spec: filters.FeatureSpec, parts: int) -> tuple[li
     """The first pass: the slim feature table of every input row as object refs of its blocks (left in the
     object store), each ordered for ``parts`` key partitions, and its row count."""
     parts_ = [read_input(d, filters.FEATURE_COLUMNS).map_batches(
-        partitioned_features, batch_format="pyarrow",
+        partitioned_features, batch_format="pyarrow", batch_size=BATCH_ROWS,
         fn_kwargs={"spec": spec, "input_index": i, "parts": parts}) for i, d in enumerate(dirs)]
     ds = (parts_[0].union(*parts_[1:]) if len(parts_) > 1 else parts_[0]).materialize()
     return ds.to_arrow_refs(), ds.count()
@@ -314,7 +318,7 @@ def write_pass(cfg: Config, dirs: list[str], removed: list, done: set[str], run:
     gather = ray.remote(input_decisions)
     for i, (d, prefix) in enumerate(zip(dirs, prefixes(dirs))):
         ref = gather.remote(i, prefix, removed, failed, done_ids)
-        parts.append(read_input(d).map_batches(mark, batch_format="pyarrow", fn_kwargs={
+        parts.append(read_input(d).map_batches(mark, batch_format="pyarrow", batch_size=BATCH_ROWS, fn_kwargs={
             "decisions_ref": ref, "prefix": prefix, "teacher": labels[i], "kd_weight": c.inputs[i].kd_weight,
             "kd_weight_incorrect": c.verify.kd_weight_incorrect}))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
