@@ -311,20 +311,42 @@ def test_curate_config_names_bad_keys():
         build_config({"curate": {"inputs": ["a"], "output": "s3://user:secret@bucket/x"}})
 
 
+def test_removed_rows_are_found_by_hash_exactly():
+    """The write pass finds each removed row by its sample id's hash, compared by value: the same rows as a
+    lookup by value, none for an id whose hash is a removed row's but whose text is not; and by value when
+    two removed ids share a hash."""
+    from distill_llm.curation import stage
+
+    ids = [f"p{i}-{s}" for i in range(300) for s in range(4)]
+    removed = pa.table({"sample_id": ids[::3], "reason": ["incorrect"] * len(ids[::3])})
+    batch = pa.array(ids + ["absent"], pa.string())
+    by_value = pc.take(removed["sample_id"], pc.index_in(batch, value_set=removed["sample_id"]))
+    index = stage.indexed(removed)
+    assert "hash" in index.schema.names and index.num_rows == removed.num_rows
+    assert pc.take(index["sample_id"], stage.removed_at(index, batch)).equals(by_value)
+    forged = index.set_column(index.schema.get_field_index("sample_id"), "sample_id",
+                              pa.array(["x" + s for s in index["sample_id"].to_pylist()]))
+    assert stage.removed_at(forged, batch).null_count == len(batch)  # same hashes, other ids: nothing found
+    twin = pa.concat_tables([removed, removed.slice(0, 1)])  # one id twice: its hash is shared
+    assert "hash" not in stage.indexed(twin).schema.names
+    assert pc.take(twin["sample_id"], stage.removed_at(stage.indexed(twin), batch)).equals(by_value)
+
+
 def test_mark_keeps_a_curated_teacher_and_skips_committed_rows():
     """The write pass's batch function alone: a resumed run leaves committed rows out, a curated input's own
     teacher values stay, and each removed row carries its reason."""
-    from distill_llm.curation.stage import mark
+    from distill_llm.curation.stage import indexed, mark
 
     schema = engine_output_schema(K, "float16")
     batch = pa.Table.from_pylist([row(sentence(i), 0, trace("7")) for i in range(3)], schema=schema)
     batch = batch.drop_columns(["skip_reason", "skip_detail"]).append_column("teacher", pa.array(["old", None, None], pa.string()))
     ids = ["t1:" + s for s in batch["sample_id"].to_pylist()]
     removed = pa.table({"sample_id": [ids[2]], "reason": ["incorrect"], "detail": ["the answer check failed"]})
-    out = mark(batch, (removed, pa.array([ids[0]]), pa.array([], pa.string())), "t1:", "new")
-    assert out["sample_id"].to_pylist() == ids[1:]
-    assert out["teacher"].to_pylist() == ["new", "new"]
-    assert out["skip_reason"].to_pylist() == [None, "incorrect"]
+    for decisions in (removed, indexed(removed)):  # looked up by value, and by hash as the write pass does
+        out = mark(batch, (decisions, pa.array([ids[0]]), pa.array([], pa.string())), "t1:", "new")
+        assert out["sample_id"].to_pylist() == ids[1:]
+        assert out["teacher"].to_pylist() == ["new", "new"]
+        assert out["skip_reason"].to_pylist() == [None, "incorrect"]
     assert out["kd_weight"].to_pylist() == [1.0, 1.0]
     none = pa.array([], pa.string())
     assert mark(batch, (removed, none, none), "t1:", "new")["teacher"].to_pylist()[0] == "old"

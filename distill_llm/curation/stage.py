@@ -15,6 +15,7 @@ import hashlib
 import time
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -258,9 +259,37 @@ def mark(batch: pa.Table, decisions_ref, prefix: str, teacher: str, kd_weight: f
         batch = batch.append_column(KD_WEIGHT_COLUMN, weights)
     if len(done):
         batch = batch.filter(pc.invert(pc.is_in(batch["sample_id"], value_set=done)))
-    where = pc.index_in(batch["sample_id"], value_set=removed["sample_id"])
+    where = removed_at(removed, batch["sample_id"])
     return (batch.append_column(SKIP_REASON, pc.take(removed["reason"], where))
             .append_column(SKIP_DETAIL, pc.take(removed["detail"], where)))
+
+
+def id_hashes(ids) -> np.ndarray:
+    """A 64-bit hash per sample id (filters.stable_hash)."""
+    return np.fromiter((filters.stable_hash(s) for s in ids.to_pylist()), np.uint64, len(ids))
+
+
+def indexed(removed: pa.Table) -> pa.Table:
+    """The removed rows sorted by a 64-bit hash of their sample id (column ``hash``), so each write batch
+    finds its removed rows by binary search instead of hashing every removed id again; unchanged when two
+    ids share a hash (``removed_at`` then looks them up by value)."""
+    hashes = id_hashes(removed["sample_id"])
+    order = np.argsort(hashes, kind="stable")
+    if np.any(np.diff(hashes[order]) == 0):
+        return removed
+    return removed.take(pa.array(order)).append_column("hash", pa.array(hashes[order])).combine_chunks()
+
+
+def removed_at(removed: pa.Table, sample_ids) -> pa.Array:
+    """Per sample id: its row in ``removed``, null when it is kept; exact (a hash hit is compared by value)."""
+    if "hash" not in removed.schema.names or removed.num_rows == 0:
+        return pc.index_in(sample_ids, value_set=removed["sample_id"])
+    known, hashes = removed["hash"].to_numpy(), id_hashes(sample_ids)
+    at = np.minimum(np.searchsorted(known, hashes), len(known) - 1)
+    hit = known[at] == hashes
+    same = pc.equal(removed["sample_id"].take(pa.array(at[hit])), pc.filter(sample_ids, pa.array(hit)))
+    hit[hit] = same.to_numpy(zero_copy_only=False)
+    return pa.array(at, pa.int64(), mask=~hit)
 
 
 def kd_weights(batch: pa.Table, kd_weight: float, failed: pa.Array, kd_weight_incorrect: float | None) -> pa.Array:
@@ -299,7 +328,7 @@ def input_decisions(index: int, prefix: str, removed: list, failed: list, done_i
         ids = pc.binary_join_element_wise(pa.scalar(prefix), table["sample_id"], "") if prefix else table["sample_id"]
         return table.set_column(table.schema.get_field_index("sample_id"), "sample_id", ids.combine_chunks())
 
-    return mine(removed).combine_chunks(), done_ids, mine(failed)["sample_id"].combine_chunks()
+    return indexed(mine(removed)), done_ids, mine(failed)["sample_id"].combine_chunks()
 
 
 def write_pass(cfg: Config, dirs: list[str], removed: list, done: set[str], run: dict[str, Any],
