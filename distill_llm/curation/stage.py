@@ -11,6 +11,7 @@ inputs, their manifests' sha256 and the rows each filter removed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from typing import Any
@@ -148,6 +149,23 @@ PARTITION_ROWS = 50_000
 # target block size), and the feature pass holds a batch as Python objects, so a whole block would grow
 # with the shard set until that cap.
 BATCH_ROWS = 10_000
+# Ray Data's largest block during curation (its default is 128 MiB): read blocks bundle shard files up to
+# it, and a write task buffers marked rows up to it, so a set smaller than a few such blocks would use
+# less memory per worker than a large one.
+BLOCK_BYTES = 16 * 2**20
+
+
+@contextlib.contextmanager
+def small_blocks():
+    """Ray Data's target block size set to BLOCK_BYTES while curating (restored after)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    old, ctx.target_max_block_size = ctx.target_max_block_size, BLOCK_BYTES
+    try:
+        yield
+    finally:
+        ctx.target_max_block_size = old
 
 
 def partitions(rows: int) -> int:
@@ -378,6 +396,20 @@ def curate(cfg: Config, sample_passes=None) -> dict[str, Any]:
     init_ray(cfg.ray)
     grams = eval_ngrams(cfg)
     parts = partitions(sum(m["totals"]["rows"] for m in manifests.values()))
+    with small_blocks():
+        manifest, rows = curate_passes(cfg, dirs, grams, parts, resume, run, out_dir, manifests, sample_passes)
+    t = manifest["totals"]
+    print(f"curate: {rows:,} rows from {len(dirs)} shard sets -> {t['rows']:,} kept, "
+          f"{t['rejected']:,} removed ({manifest['curate']['removed'] or 'none'}) in {time.time() - start:.1f}s "
+          f"-> {out_dir}")
+    return manifest
+
+
+def curate_passes(cfg: Config, dirs: list[str], grams: frozenset, parts: int, resume, run: dict[str, Any],
+                  out_dir: str, manifests: dict[str, dict[str, Any]], sample_passes) -> tuple[dict[str, Any], int]:
+    """curate's work once its output is claimed: features, decisions, the write pass; the manifest and
+    the input rows."""
+    c = cfg.curate
     refs, rows = features(dirs, feature_spec(c, grams), parts)
     rates = (student_pass_rates(cfg, dirs, manifests, out_dir, sample_passes)
              if c.difficulty.student_max_pass_rate is not None else {})
@@ -390,12 +422,7 @@ def curate(cfg: Config, sample_passes=None) -> dict[str, Any]:
         extra = {"curate": {**run["curate"], "removed": counts, "eval_ngrams": len(grams),
                             **({"student_pass": pass_summary(rates)} if rates else {})},
                  "config": cfg.model_dump(mode="json")}
-        manifest = write_manifest(out_dir, extra=extra, expected=rows)
-    t = manifest["totals"]
-    print(f"curate: {rows:,} rows from {len(dirs)} shard sets -> {t['rows']:,} kept, "
-          f"{t['rejected']:,} removed ({manifest['curate']['removed'] or 'none'}) in {time.time() - start:.1f}s "
-          f"-> {out_dir}")
-    return manifest
+        return write_manifest(out_dir, extra=extra, expected=rows), rows
 
 
 def failed_rows(table: pa.Table, weigh: bool) -> pa.Table:
