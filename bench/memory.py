@@ -69,7 +69,7 @@ class TreeSampler:
                     rss = info.rss
                     group = group_of(proc, self.root.pid)
                     if group == "ray workers":
-                        self._task_peak(" ".join(proc.cmdline())[:80], rss, rss - info.shared)
+                        self._task_peak(" ".join(proc.cmdline()).strip()[:80], rss, rss - info.shared)
                 except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
                     continue
                 sums[group] += rss

@@ -276,7 +276,8 @@ def test_decontamination_needs_a_whole_ngram():
 
 
 def test_plan_counts_curate_rows(tmp_path):
-    from distill_llm.cluster.plan import CURATE_WORKER_BYTES_PER_ROW, MODEL_TABLE, ModelShape, make_plan
+    from distill_llm.cluster.plan import (CURATE_WORKER_BASE_BYTES, CURATE_WORKER_BYTES_PER_ROW, MODEL_TABLE, ModelShape,
+                                          make_plan)
 
     qwen = ModelShape(**MODEL_TABLE["Qwen/Qwen2.5-7B"], source="table")
     write_set(tmp_path / "other", [row(sentence(i), 0, trace("7")) for i in range(5)])
@@ -285,7 +286,7 @@ def test_plan_counts_curate_rows(tmp_path):
                  "curate": {"inputs": [str(tmp_path / "gen"), str(tmp_path / "other")], "output": str(tmp_path / "out")}}
     numbers = make_plan(build_config(overrides), qwen, qwen).numbers
     assert numbers["curate input rows"] == 200 + 5 and numbers["curate output rows"] == 205
-    assert numbers["curate worker memory"] == 205 * CURATE_WORKER_BYTES_PER_ROW
+    assert numbers["curate worker memory"] == CURATE_WORKER_BASE_BYTES + 205 * CURATE_WORKER_BYTES_PER_ROW
     run = {"schema_version": SCHEMA_VERSION, "top_k_logprobs": K}
     prepare_output(str(tmp_path / "out"), run, resume=True, overwrite=False)
     ShardWriter(str(tmp_path / "out"), K, "float16", metadata=run).write(
