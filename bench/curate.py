@@ -105,7 +105,8 @@ def case(c: dict) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     return {**c, "write s": written, "seconds": seconds, "rows/s": c["rows"] / seconds,
             "kept": manifest["totals"]["rows"], "removed": json.dumps(manifest["curate"]["removed"]),
-            **{k: v for k, v in peaks.items() if k.startswith(("driver", "ray workers", "ray system", "tree"))}}
+            **{k: v for k, v in peaks.items() if k.startswith(("driver", "ray workers", "ray system", "tree"))},
+            "by task": json.dumps(peaks["by task"])}
 
 
 def main() -> None:
@@ -127,7 +128,8 @@ def main() -> None:
                    + f"\nSynthetic shard sets (see bench/curate.py), every filter on; RSS sampled every "
                    f"{args.interval}s; load average at end {load_average()}.\n\n" + table(rows, cols)
                    + "\n\nRemoved by reason: " + "; ".join(f"{r['rows']:,} rows: {r.get('removed')}" for r in ok)
-                   + "\n")
+                   + "\n\nRay workers by process title, peak MiB (RSS, RSS less shared pages): "
+                   + "; ".join(f"{r['rows']:,} rows: {r.get('by task')}" for r in ok) + "\n")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class TreeSampler:
         self.peak_proc = {g: 0 for g in GROUPS}
         self.peak_sum = {g: 0 for g in GROUPS}
         self.peak_tree = 0
+        self.by_task: dict[str, tuple[int, int]] = {}  # Ray worker title -> peak (RSS, RSS less shared pages)
         self.samples = 0
         self.running = True
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -64,8 +65,11 @@ class TreeSampler:
             sums = {g: 0 for g in GROUPS}
             for proc in [self.root, *self.root.children(recursive=True)]:
                 try:
-                    rss = proc.memory_info().rss
+                    info = proc.memory_info()
+                    rss = info.rss
                     group = group_of(proc, self.root.pid)
+                    if group == "ray workers":
+                        self._task_peak(" ".join(proc.cmdline()).strip()[:80], rss, rss - info.shared)
                 except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
                     continue
                 sums[group] += rss
@@ -76,12 +80,18 @@ class TreeSampler:
             self.samples += 1
             time.sleep(self.interval)
 
+    def _task_peak(self, title: str, rss: int, private: int) -> None:
+        old = self.by_task.get(title, (0, 0))
+        self.by_task[title] = (max(old[0], rss), max(old[1], private))
+
     def stop(self) -> dict:
         self.running = False
         self.thread.join()
         out = {f"{g} max MiB": self.peak_proc[g] / MIB for g in GROUPS}
         out.update({f"{g} sum MiB": self.peak_sum[g] / MIB for g in GROUPS})
         out.update(tree_MiB=self.peak_tree / MIB, samples=self.samples)
+        out["by task"] = {t: (round(r / MIB), round(p / MIB)) for t, (r, p) in
+                          sorted(self.by_task.items(), key=lambda kv: -kv[1][0])}
         return out
 
 

@@ -276,7 +276,8 @@ def test_decontamination_needs_a_whole_ngram():
 
 
 def test_plan_counts_curate_rows(tmp_path):
-    from distill_llm.cluster.plan import CURATE_WORKER_BYTES_PER_ROW, MODEL_TABLE, ModelShape, make_plan
+    from distill_llm.cluster.plan import (CURATE_WORKER_BASE_BYTES, CURATE_WORKER_BYTES_PER_ROW, MODEL_TABLE, ModelShape,
+                                          make_plan)
 
     qwen = ModelShape(**MODEL_TABLE["Qwen/Qwen2.5-7B"], source="table")
     write_set(tmp_path / "other", [row(sentence(i), 0, trace("7")) for i in range(5)])
@@ -285,7 +286,7 @@ def test_plan_counts_curate_rows(tmp_path):
                  "curate": {"inputs": [str(tmp_path / "gen"), str(tmp_path / "other")], "output": str(tmp_path / "out")}}
     numbers = make_plan(build_config(overrides), qwen, qwen).numbers
     assert numbers["curate input rows"] == 200 + 5 and numbers["curate output rows"] == 205
-    assert numbers["curate worker memory"] == 205 * CURATE_WORKER_BYTES_PER_ROW
+    assert numbers["curate worker memory"] == CURATE_WORKER_BASE_BYTES + 205 * CURATE_WORKER_BYTES_PER_ROW
     run = {"schema_version": SCHEMA_VERSION, "top_k_logprobs": K}
     prepare_output(str(tmp_path / "out"), run, resume=True, overwrite=False)
     ShardWriter(str(tmp_path / "out"), K, "float16", metadata=run).write(
@@ -311,20 +312,42 @@ def test_curate_config_names_bad_keys():
         build_config({"curate": {"inputs": ["a"], "output": "s3://user:secret@bucket/x"}})
 
 
+def test_removed_rows_are_found_by_hash_exactly():
+    """The write pass finds each removed row by its sample id's hash, compared by value: the same rows as a
+    lookup by value, none for an id whose hash is a removed row's but whose text is not; and by value when
+    two removed ids share a hash."""
+    from distill_llm.curation import stage
+
+    ids = [f"p{i}-{s}" for i in range(300) for s in range(4)]
+    removed = pa.table({"sample_id": ids[::3], "reason": ["incorrect"] * len(ids[::3])})
+    batch = pa.array(ids + ["absent"], pa.string())
+    by_value = pc.take(removed["sample_id"], pc.index_in(batch, value_set=removed["sample_id"]))
+    index = stage.indexed(removed)
+    assert "hash" in index.schema.names and index.num_rows == removed.num_rows
+    assert pc.take(index["sample_id"], stage.removed_at(index, batch)).equals(by_value)
+    forged = index.set_column(index.schema.get_field_index("sample_id"), "sample_id",
+                              pa.array(["x" + s for s in index["sample_id"].to_pylist()]))
+    assert stage.removed_at(forged, batch).null_count == len(batch)  # same hashes, other ids: nothing found
+    twin = pa.concat_tables([removed, removed.slice(0, 1)])  # one id twice: its hash is shared
+    assert "hash" not in stage.indexed(twin).schema.names
+    assert pc.take(twin["sample_id"], stage.removed_at(stage.indexed(twin), batch)).equals(by_value)
+
+
 def test_mark_keeps_a_curated_teacher_and_skips_committed_rows():
     """The write pass's batch function alone: a resumed run leaves committed rows out, a curated input's own
     teacher values stay, and each removed row carries its reason."""
-    from distill_llm.curation.stage import mark
+    from distill_llm.curation.stage import indexed, mark
 
     schema = engine_output_schema(K, "float16")
     batch = pa.Table.from_pylist([row(sentence(i), 0, trace("7")) for i in range(3)], schema=schema)
     batch = batch.drop_columns(["skip_reason", "skip_detail"]).append_column("teacher", pa.array(["old", None, None], pa.string()))
     ids = ["t1:" + s for s in batch["sample_id"].to_pylist()]
     removed = pa.table({"sample_id": [ids[2]], "reason": ["incorrect"], "detail": ["the answer check failed"]})
-    out = mark(batch, (removed, pa.array([ids[0]]), pa.array([], pa.string())), "t1:", "new")
-    assert out["sample_id"].to_pylist() == ids[1:]
-    assert out["teacher"].to_pylist() == ["new", "new"]
-    assert out["skip_reason"].to_pylist() == [None, "incorrect"]
+    for decisions in (removed, indexed(removed)):  # looked up by value, and by hash as the write pass does
+        out = mark(batch, (decisions, pa.array([ids[0]]), pa.array([], pa.string())), "t1:", "new")
+        assert out["sample_id"].to_pylist() == ids[1:]
+        assert out["teacher"].to_pylist() == ["new", "new"]
+        assert out["skip_reason"].to_pylist() == [None, "incorrect"]
     assert out["kd_weight"].to_pylist() == [1.0, 1.0]
     none = pa.array([], pa.string())
     assert mark(batch, (removed, none, none), "t1:", "new")["teacher"].to_pylist()[0] == "old"
@@ -658,6 +681,22 @@ def planted_features():
     return pa.concat_tables(tables)
 
 
+def test_key_partition_slices_are_the_filtered_rows():
+    """key_partition and banded_rows take the rows a filter takes, in the same order, whether the block
+    is ordered by partition (a few zero-copy slices) or not (many short runs: a filter)."""
+    table = planted_features()
+    for parts in (1, 2, 7, 20):
+        for block in (table, filters.order_by_partition(table, parts)):
+            part = block["key"].to_numpy() % np.uint64(parts)
+            for j in range(parts):
+                assert filters.key_partition(block, j, parts).equals(block.filter(pa.array(part == j)))
+            assert filters.banded_rows(block).equals(block.filter(pc.is_valid(block["bands"])))
+        ordered = filters.order_by_partition(table, parts)
+        assert sorted(ordered["sample_id"].to_pylist()) == sorted(table["sample_id"].to_pylist())
+        assert ordered["bands"].null_count == table["bands"].null_count
+        assert ordered.slice(0, table.num_rows - table["bands"].null_count)["bands"].null_count == 0
+
+
 def test_decisions_per_key_partition_are_the_decisions_over_every_row():
     """The stage's decision path (filters.decide per hash partition of the prompt keys, with the
     near-duplicate map over every row) removes exactly the rows, reasons and details that the decision over
@@ -674,9 +713,14 @@ def test_decisions_per_key_partition_are_the_decisions_over_every_row():
         before = decide_before(table, policy)
         assert set(before["reason"].to_pylist()) >= ({"duplicate_prompt", "near_duplicate_prompt", "contaminated",
                                                       "over_max_correct"})
-        for parts in (1, 3, 7):
-            got = pa.concat_tables([filters.decide(filters.key_partition(table, j, parts), policy, heads)
-                                    for j in range(parts)])
-            key = [("input", "ascending"), ("sample_id", "ascending")]
-            assert got.sort_by(key).equals(before.sort_by(key)), parts
+        for parts in (1, 3, 7, 20):
+            # as the stage reads them: feature blocks of 10 rows, each ordered by key partition
+            blocks = [filters.order_by_partition(table.slice(start, 10), parts) for start in range(0, table.num_rows, 10)]
+            assert filters.near_duplicate_heads(pa.concat_tables([filters.banded_rows(b) for b in blocks])) == heads
+            for rows in (table, pa.concat_tables(blocks)):
+                got = pa.concat_tables([filters.decide(pa.concat_tables([filters.key_partition(b, j, parts)
+                                                                          for b in ([rows] if rows is table else blocks)]),
+                                                       policy, heads) for j in range(parts)])
+                key = [("input", "ascending"), ("sample_id", "ascending")]
+                assert got.sort_by(key).equals(before.sort_by(key)), parts
         assert filters.decide(table, policy).sort_by(key).equals(before.sort_by(key))

@@ -449,10 +449,11 @@ def teacher_section(plan: Plan, cfg: Config, teacher: ModelShape | None, gpu: Gp
     teacher_fit(plan, cfg, teacher, gpu)
 
 
-# Bytes per input row of curation's largest Ray worker (decision tasks map every feature block; a gather
-# task holds an input's removed rows), from peak RSS as rows grow in bench/curate.py (bench/RESULTS.md);
-# the driver's peak no longer grows with the rows.
-CURATE_WORKER_BYTES_PER_ROW = 800
+# Curation's largest Ray worker: a fixed part plus bytes per input row (the write pass's workers map each
+# input's removed rows, which a gather task holds), fitted to its peak RSS at 100,000 and 1,000,000 rows in
+# bench/curate.py (bench/RESULTS.md); the driver's peak does not grow with the rows.
+CURATE_WORKER_BASE_BYTES = 560 * 2**20
+CURATE_WORKER_BYTES_PER_ROW = 820
 
 
 def curate_section(plan: Plan, cfg: Config) -> None:
@@ -481,10 +482,10 @@ def curate_section(plan: Plan, cfg: Config) -> None:
     except ShardError:
         kept, how = rows, "at most the input rows: what the filters remove is known after the run"
     plan.add("curate output rows", kept, f"{kept:,}", how)
-    memory = rows * CURATE_WORKER_BYTES_PER_ROW
-    plan.add("curate worker memory", memory, _bytes(memory), f"input rows x {CURATE_WORKER_BYTES_PER_ROW} B in "
-             "the largest Ray worker (decisions in Ray tasks per key partition; the driver stays flat; the rows "
-             "themselves stream)")
+    memory = CURATE_WORKER_BASE_BYTES + rows * CURATE_WORKER_BYTES_PER_ROW
+    plan.add("curate worker memory", memory, _bytes(memory), f"{_bytes(CURATE_WORKER_BASE_BYTES)} + input rows x "
+             f"{CURATE_WORKER_BYTES_PER_ROW} B in the largest Ray worker (the write pass maps each input's removed "
+             "rows; the driver stays flat; the rows themselves stream)")
 
 
 def teacher_fit(plan: Plan, cfg: Config, s: ModelShape, gpu: GpuSpec) -> None:

@@ -239,10 +239,39 @@ def clusters(keys: np.ndarray, bands: np.ndarray) -> np.ndarray:
 
 
 def key_partition(features: pa.Table, part: int, parts: int) -> pa.Table:
-    """The rows whose prompt key falls in hash partition ``part`` of ``parts`` (every row of a key in one)."""
+    """The rows whose prompt key falls in hash partition ``part`` of ``parts`` (every row of a key in one),
+    in table order. On a table ordered by ``order_by_partition`` they are a few runs of rows, taken as
+    zero-copy slices, so a task reading its partition from the object store touches only those rows and
+    the key column."""
     if parts == 1:
         return features
-    return features.filter(pa.array(features["key"].to_numpy() % np.uint64(parts) == part))
+    return rows_where(features, features["key"].to_numpy() % np.uint64(parts) == part)
+
+
+def banded_rows(features: pa.Table) -> pa.Table:
+    """The rows carrying LSH bands (one per prompt and feature block), in table order; on a table ordered
+    by ``order_by_partition`` they come first."""
+    return rows_where(features, features["bands"].is_valid().to_numpy(zero_copy_only=False))
+
+
+def rows_where(table: pa.Table, mask: np.ndarray) -> pa.Table:
+    """``table.filter(mask)``, as zero-copy slices of the mask's runs when there are few of them."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
+    starts, ends = edges[0::2], edges[1::2]
+    if len(starts) > max(8, len(mask) // 64):  # many short runs: a copy is cheaper than the slices
+        return table.filter(pa.array(mask))
+    if len(starts) == 1 and starts[0] == 0 and ends[0] == len(mask):
+        return table
+    return pa.concat_tables([table.slice(a, b - a) for a, b in zip(starts, ends)] or [table.slice(0, 0)])
+
+
+def order_by_partition(features: pa.Table, parts: int) -> pa.Table:
+    """The feature rows reordered: banded rows first, then the rest, each group by key partition of
+    ``parts``; decisions never depend on row order (see ``decide``), and ``key_partition`` and
+    ``banded_rows`` then read contiguous runs."""
+    unbanded = features["bands"].is_null().to_numpy(zero_copy_only=False)
+    part = features["key"].to_numpy() % np.uint64(max(parts, 1))
+    return features.take(pa.array(np.lexsort((part, unbanded))))
 
 
 def _unit(sample_ids: Iterable[str]) -> np.ndarray:
@@ -358,6 +387,7 @@ def near_duplicate_heads(features: pa.Table) -> dict[int, str]:
     component = clusters(keys[first], flat.reshape(len(first), -1))
     _, head_at = np.unique(component, return_index=True)  # each cluster's first prompt
     heads = head_at[np.unique(component, return_inverse=True)[1]]
-    pids = banded["prompt_id"].take(pa.array(first[heads])).to_pylist()
-    own = banded["prompt_id"].take(pa.array(first)).to_pylist()
-    return {int(k): h for k, h, o in zip(keys[first], pids, own) if h != o}
+    led = np.flatnonzero(pc.not_equal(banded["prompt_id"].take(pa.array(first[heads])),
+                                      banded["prompt_id"].take(pa.array(first))).to_numpy(zero_copy_only=False))
+    pids = banded["prompt_id"].take(pa.array(first[heads[led]])).to_pylist()
+    return dict(zip(keys[first[led]].tolist(), pids))

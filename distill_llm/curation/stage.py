@@ -11,10 +11,12 @@ inputs, their manifests' sha256 and the rows each filter removed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -143,25 +145,60 @@ def read_input(shard_dir: str, columns: list[str] | None = None):
 
 # Input rows per decision task (a hash partition of the prompt keys): bounds each task's memory.
 PARTITION_ROWS = 50_000
+# Rows per batch of both passes' map tasks: Ray Data's read blocks hold several shard files (up to its
+# target block size), and the feature pass holds a batch as Python objects, so a whole block would grow
+# with the shard set until that cap.
+BATCH_ROWS = 10_000
+# Ray Data's largest block during curation (its default is 128 MiB): read blocks bundle shard files up to
+# it, and a write task buffers marked rows up to it, so a set smaller than a few such blocks would use
+# less memory per worker than a large one.
+BLOCK_BYTES = 16 * 2**20
 
 
-def features(dirs: list[str], spec: filters.FeatureSpec) -> tuple[list, int]:
+@contextlib.contextmanager
+def small_blocks():
+    """Ray Data's target block size set to BLOCK_BYTES while curating (restored after)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    old, ctx.target_max_block_size = ctx.target_max_block_size, BLOCK_BYTES
+    try:
+        yield
+    finally:
+        ctx.target_max_block_size = old
+
+
+def partitions(rows: int) -> int:
+    """Decision tasks (key partitions) for ``rows`` input rows: PARTITION_ROWS rows each."""
+    return max(1, -(-rows // PARTITION_ROWS))
+
+
+def partitioned_features(batch: pa.Table, spec: filters.FeatureSpec, input_index: int, parts: int) -> pa.Table:
+    """filters.row_features of a block, its rows grouped by key partition (filters.order_by_partition), so
+    each decision task reads its own rows of the block without touching the others' pages."""
+    return filters.order_by_partition(filters.row_features(batch, spec, input_index), parts)
+
+
+def features(dirs: list[str], spec: filters.FeatureSpec, parts: int) -> tuple[list, int]:
     """The first pass: the slim feature table of every input row as object refs of its blocks (left in the
-    object store), and its row count."""
-    parts = [read_input(d, filters.FEATURE_COLUMNS).map_batches(
-        filters.row_features, batch_format="pyarrow", fn_kwargs={"spec": spec, "input_index": i})
-        for i, d in enumerate(dirs)]
-    ds = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
+    object store), each ordered for ``parts`` key partitions, and its row count."""
+    parts_ = [read_input(d, filters.FEATURE_COLUMNS).map_batches(
+        partitioned_features, batch_format="pyarrow", batch_size=BATCH_ROWS,
+        fn_kwargs={"spec": spec, "input_index": i, "parts": parts}) for i, d in enumerate(dirs)]
+    ds = (parts_[0].union(*parts_[1:]) if len(parts_) > 1 else parts_[0]).materialize()
     return ds.to_arrow_refs(), ds.count()
 
 
-def feature_rows(refs: list, part: int = 0, parts: int = 1, columns: list[str] | None = None) -> pa.Table:
-    """The feature rows whose prompt key falls in hash partition ``part`` of ``parts`` (in a Ray task)."""
+def feature_rows(refs: list, part: int = 0, parts: int = 1, columns: list[str] | None = None,
+                 banded: bool = False) -> pa.Table:
+    """The feature rows whose prompt key falls in hash partition ``part`` of ``parts`` (in a Ray task);
+    ``banded``: only the rows carrying LSH bands."""
     import ray
 
     tables = []
     for ref in refs:
         table = filters.key_partition(ray.get(ref), part, parts)
+        table = filters.banded_rows(table) if banded else table
         tables.append(table.select(columns) if columns else table)
     tables = [t for t in tables if t.num_rows]
     schema = pa.schema([filters.FEATURE_SCHEMA.field(c) for c in columns]) if columns else filters.FEATURE_SCHEMA
@@ -171,8 +208,7 @@ def feature_rows(refs: list, part: int = 0, parts: int = 1, columns: list[str] |
 def heads_task(refs: list) -> dict[int, str]:
     """The near-duplicate map over every prompt (a Ray task: only the rows carrying LSH bands, one per prompt
     and block, are gathered)."""
-    table = feature_rows(refs, columns=["input", "prompt_id", "key", "bands"])
-    return filters.near_duplicate_heads(table.filter(pc.invert(pc.is_null(table["bands"]))))
+    return filters.near_duplicate_heads(feature_rows(refs, columns=["input", "prompt_id", "key", "bands"], banded=True))
 
 
 def decide_task(refs: list, part: int, parts: int, pol: filters.Policy, heads: dict[int, str] | None,
@@ -185,13 +221,14 @@ def decide_task(refs: list, part: int, parts: int, pol: filters.Policy, heads: d
     return removed, failed_rows(table, weigh_failed), {"rows": table.num_rows, "removed": removed_counts(removed)}
 
 
-def decide_all(refs: list, rows: int, pol: filters.Policy, weigh_failed: bool) -> tuple[list, list, dict[str, int]]:
+def decide_all(refs: list, rows: int, parts: int, pol: filters.Policy,
+               weigh_failed: bool) -> tuple[list, list, dict[str, int]]:
     """Every partition decided by Ray tasks: refs of the removed and failed rows per partition, and the
     removed counts; refuses a curation that keeps nothing (it would train nothing), before writing."""
     import ray
 
     heads = ray.remote(heads_task).remote(refs) if pol.near_duplicates else None
-    parts, pol_ref = max(1, -(-rows // PARTITION_ROWS)), ray.put(pol)
+    pol_ref = ray.put(pol)
     task = ray.remote(decide_task).options(num_returns=3)
     outs = [task.remote(refs, j, parts, pol_ref, heads, weigh_failed) for j in range(parts)]
     stats = ray.get([o[2] for o in outs])
@@ -240,9 +277,37 @@ def mark(batch: pa.Table, decisions_ref, prefix: str, teacher: str, kd_weight: f
         batch = batch.append_column(KD_WEIGHT_COLUMN, weights)
     if len(done):
         batch = batch.filter(pc.invert(pc.is_in(batch["sample_id"], value_set=done)))
-    where = pc.index_in(batch["sample_id"], value_set=removed["sample_id"])
+    where = removed_at(removed, batch["sample_id"])
     return (batch.append_column(SKIP_REASON, pc.take(removed["reason"], where))
             .append_column(SKIP_DETAIL, pc.take(removed["detail"], where)))
+
+
+def id_hashes(ids) -> np.ndarray:
+    """A 64-bit hash per sample id (filters.stable_hash)."""
+    return np.fromiter((filters.stable_hash(s) for s in ids.to_pylist()), np.uint64, len(ids))
+
+
+def indexed(removed: pa.Table) -> pa.Table:
+    """The removed rows sorted by a 64-bit hash of their sample id (column ``hash``), so each write batch
+    finds its removed rows by binary search instead of hashing every removed id again; unchanged when two
+    ids share a hash (``removed_at`` then looks them up by value)."""
+    hashes = id_hashes(removed["sample_id"])
+    order = np.argsort(hashes, kind="stable")
+    if np.any(np.diff(hashes[order]) == 0):
+        return removed
+    return removed.take(pa.array(order)).append_column("hash", pa.array(hashes[order])).combine_chunks()
+
+
+def removed_at(removed: pa.Table, sample_ids) -> pa.Array:
+    """Per sample id: its row in ``removed``, null when it is kept; exact (a hash hit is compared by value)."""
+    if "hash" not in removed.schema.names or removed.num_rows == 0:
+        return pc.index_in(sample_ids, value_set=removed["sample_id"])
+    known, hashes = removed["hash"].to_numpy(), id_hashes(sample_ids)
+    at = np.minimum(np.searchsorted(known, hashes), len(known) - 1)
+    hit = known[at] == hashes
+    same = pc.equal(removed["sample_id"].take(pa.array(at[hit])), pc.filter(sample_ids, pa.array(hit)))
+    hit[hit] = same.to_numpy(zero_copy_only=False)
+    return pa.array(at, pa.int64(), mask=~hit)
 
 
 def kd_weights(batch: pa.Table, kd_weight: float, failed: pa.Array, kd_weight_incorrect: float | None) -> pa.Array:
@@ -281,7 +346,7 @@ def input_decisions(index: int, prefix: str, removed: list, failed: list, done_i
         ids = pc.binary_join_element_wise(pa.scalar(prefix), table["sample_id"], "") if prefix else table["sample_id"]
         return table.set_column(table.schema.get_field_index("sample_id"), "sample_id", ids.combine_chunks())
 
-    return mine(removed).combine_chunks(), done_ids, mine(failed)["sample_id"].combine_chunks()
+    return indexed(mine(removed)), done_ids, mine(failed)["sample_id"].combine_chunks()
 
 
 def write_pass(cfg: Config, dirs: list[str], removed: list, done: set[str], run: dict[str, Any],
@@ -300,7 +365,7 @@ def write_pass(cfg: Config, dirs: list[str], removed: list, done: set[str], run:
     gather = ray.remote(input_decisions)
     for i, (d, prefix) in enumerate(zip(dirs, prefixes(dirs))):
         ref = gather.remote(i, prefix, removed, failed, done_ids)
-        parts.append(read_input(d).map_batches(mark, batch_format="pyarrow", fn_kwargs={
+        parts.append(read_input(d).map_batches(mark, batch_format="pyarrow", batch_size=BATCH_ROWS, fn_kwargs={
             "decisions_ref": ref, "prefix": prefix, "teacher": labels[i], "kd_weight": c.inputs[i].kd_weight,
             "kd_weight_incorrect": c.verify.kd_weight_incorrect}))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -330,10 +395,25 @@ def curate(cfg: Config, sample_passes=None) -> dict[str, Any]:
         resume = claim_output(out_dir, run, c)
     init_ray(cfg.ray)
     grams = eval_ngrams(cfg)
-    refs, rows = features(dirs, feature_spec(c, grams))
+    parts = partitions(sum(m["totals"]["rows"] for m in manifests.values()))
+    with small_blocks():
+        manifest, rows = curate_passes(cfg, dirs, grams, parts, resume, run, out_dir, manifests, sample_passes)
+    t = manifest["totals"]
+    print(f"curate: {rows:,} rows from {len(dirs)} shard sets -> {t['rows']:,} kept, "
+          f"{t['rejected']:,} removed ({manifest['curate']['removed'] or 'none'}) in {time.time() - start:.1f}s "
+          f"-> {out_dir}")
+    return manifest
+
+
+def curate_passes(cfg: Config, dirs: list[str], grams: frozenset, parts: int, resume, run: dict[str, Any],
+                  out_dir: str, manifests: dict[str, dict[str, Any]], sample_passes) -> tuple[dict[str, Any], int]:
+    """curate's work once its output is claimed: features, decisions, the write pass; the manifest and
+    the input rows."""
+    c = cfg.curate
+    refs, rows = features(dirs, feature_spec(c, grams), parts)
     rates = (student_pass_rates(cfg, dirs, manifests, out_dir, sample_passes)
              if c.difficulty.student_max_pass_rate is not None else {})
-    removed, failed, counts = decide_all(refs, rows, policy(c, rates), c.verify.kd_weight_incorrect is not None)
+    removed, failed, counts = decide_all(refs, rows, parts, policy(c, rates), c.verify.kd_weight_incorrect is not None)
     del refs  # the feature blocks leave the object store
     with storage_errors(out_dir):
         if resume.committed:
@@ -342,12 +422,7 @@ def curate(cfg: Config, sample_passes=None) -> dict[str, Any]:
         extra = {"curate": {**run["curate"], "removed": counts, "eval_ngrams": len(grams),
                             **({"student_pass": pass_summary(rates)} if rates else {})},
                  "config": cfg.model_dump(mode="json")}
-        manifest = write_manifest(out_dir, extra=extra, expected=rows)
-    t = manifest["totals"]
-    print(f"curate: {rows:,} rows from {len(dirs)} shard sets -> {t['rows']:,} kept, "
-          f"{t['rejected']:,} removed ({manifest['curate']['removed'] or 'none'}) in {time.time() - start:.1f}s "
-          f"-> {out_dir}")
-    return manifest
+        return write_manifest(out_dir, extra=extra, expected=rows), rows
 
 
 def failed_rows(table: pa.Table, weigh: bool) -> pa.Table:
