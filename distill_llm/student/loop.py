@@ -313,9 +313,8 @@ def train_loop_per_worker(loop_config: dict[str, LoopInputs]) -> None:
             for key, value in stats.items():
                 counts[key] = counts.get(key, 0) + value
         means, tokens = accumulate(model, batches, device, context)
-        state["step"] = step
-        state["batches"] = step * t.grad_accum
-        state["epoch"], state["batches_in_epoch"] = epoch_position(state["batches"], per_epoch)
+        state["step"] = step  # the data position: a resumed run restarts from it (step_rows, _micro_batches)
+        state["epoch"], state["batches_in_epoch"] = epoch_position(step * t.grad_accum, per_epoch)
         row = _step(optimizer, params, state["step"], total, t, means)
         elapsed = max(time.time() - t_step, 1e-9)
         row.update(epoch=state["epoch"], tokens=tokens, tokens_per_s=tokens / elapsed, data_wait_frac=wait / elapsed)
