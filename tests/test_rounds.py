@@ -40,6 +40,8 @@ def rounds_config(tmp: Path, **sections):
                                           "at generate.temperature=1.0"),
     ({"train": {"estimator": "sampled", "temperature": 1.0}, "generate": {"top_p": 0.9}},
      "generate.top_p=0.9: the one-sample estimate is unbiased only"),
+    ({"train": {"estimator": "sampled", "temperature": 1.0}, "rounds": {"offline_mix": 0.5}},
+     "train.estimator=sampled with rounds.offline_mix=0.5: the one-sample estimate is the reverse-KL gradient only"),
 ])
 def test_rounds_refuse_configs_that_cannot_run(tmp_path, sections, message):
     from distill_llm.rounds.stage import check_rounds

@@ -81,7 +81,8 @@ def check_rounds(cfg: Config) -> None:
 def check_sampled_estimator(cfg: Config) -> None:
     """train.estimator=sampled weighs each sampled token by the student's bucket distribution at
     train.temperature, so it is the reverse-KL gradient only when the student sampled from that same
-    distribution: generate.temperature equal to train.temperature and no top-p truncation. Otherwise refuse."""
+    distribution: generate.temperature equal to train.temperature and no top-p truncation, and only on the
+    student's own samples (no rounds.offline_mix: the offline rows are the teacher's samples). Otherwise refuse."""
     t, g = cfg.train, cfg.generate
     if t.estimator != "sampled":
         return
@@ -90,6 +91,11 @@ def check_sampled_estimator(cfg: Config) -> None:
                           f"generate.temperature={g.temperature}, generate.top_p={g.top_p}: the one-sample estimate is "
                           "unbiased only for samples from the distribution it trains, so set train.temperature equal "
                           "to generate.temperature and generate.top_p=1 (or train.estimator=topk)")
+    mix = cfg.rounds.offline_mix if cfg.rounds is not None else 0
+    if mix > 0:  # one estimator trains every row of a round: the offline rows' tokens are the teacher's samples
+        raise ConfigError(f"train.estimator=sampled with rounds.offline_mix={mix}: the one-sample estimate is the "
+                          "reverse-KL gradient only on the student's own samples, and the offline rows are the "
+                          "teacher's, so set rounds.offline_mix=0 (or train.estimator=topk)")
 
 
 def checkpoint_hash(folder: str) -> str:
