@@ -126,3 +126,12 @@ def stop_marked(marker: str, ident: str, path: str) -> None:
         psutil.wait_procs(alive, timeout=10)
     assert not marked_pids(marker, ident, path), "processes survived SIGKILL"
     shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_runtest_logreport(report):
+    """With DISTILL_LLM_TEST_TIMES=FILE, append each test phase's seconds to FILE as it ends (a partial or
+    killed run still says where its time went; pytest's --durations prints only at the end)."""
+    path = os.environ.get("DISTILL_LLM_TEST_TIMES")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{report.duration:.2f}\t{report.when}\t{report.outcome}\t{report.nodeid}\n")
