@@ -265,7 +265,7 @@ def decide_all(refs: list, rows: int, parts: int, pol: filters.Policy,
     removed counts; refuses a curation that keeps nothing (it would train nothing), before writing."""
     import ray
 
-    heads = ray.remote(heads_task).options(max_calls=1).remote(refs) if pol.near_duplicates else None
+    heads = ray.remote(max_calls=1)(heads_task).remote(refs) if pol.near_duplicates else None
     pol_ref = ray.put(pol)
     task = ray.remote(decide_task).options(num_returns=3)
     outs = [task.remote(refs, j, parts, pol_ref, heads, weigh_failed) for j in range(parts)]
@@ -419,7 +419,7 @@ def write_pass(cfg: Config, dirs: list[str], removed: list, done: set[str], run:
     labels = [t["teacher"] for t in run["curate"]["inputs"]]
     writer = ShardWriter(absolute(c.output), run.get("top_k_logprobs") or 0, run.get("logprobs_dtype") or "float16",
                          metadata=run, teacher_column=True)
-    task = ray.remote(write_file).options(max_calls=WRITE_TASK_CALLS)
+    task = ray.remote(max_calls=WRITE_TASK_CALLS)(write_file)
     refs = [ray.put(x) for x in (removed, failed, done_ids, writer)]
     tasks = []
     for i, (d, prefix) in enumerate(zip(dirs, prefixes(dirs))):
