@@ -357,6 +357,47 @@ def test_mark_keeps_a_curated_teacher_and_skips_committed_rows():
     assert out["kd_weight"].to_pylist() == [0.25, 0.0, 0.5]
 
 
+def test_write_pass_takes_each_files_decisions_and_cuts_shards():
+    """The write pass's helpers alone: the feature pass labels each row with its shard file, decisions sorted
+    by (input, file) give each file's rows as a slice equal to a filter, and a file's marked rows are cut
+    into shards of curate.rows_per_shard rows in order, the remainder joined to the last."""
+    from distill_llm.curation.stage import (by_file, file_decisions, partitioned_features, rows_of_file, shard_chunks,
+                                            with_files)
+
+    batch = pa.Table.from_pylist([row(sentence(i), 0, trace("7")) for i in range(4)], schema=engine_output_schema(K, "float16"))
+    batch = batch.select(filters.FEATURE_COLUMNS).append_column(
+        "path", pa.array(["/s/part-b.parquet", "/s/part-a.parquet", "/s/part-b.parquet", "/s/part-c.parquet"]))
+    feats = partitioned_features(batch, filters.FeatureSpec(), 1, 1, {"part-a.parquet": 0, "part-b.parquet": 1,
+                                                                      "part-c.parquet": 2})
+    assert dict(zip(feats["sample_id"].to_pylist(), feats["file"].to_pylist())) == dict(
+        zip(batch["sample_id"].to_pylist(), [1, 0, 1, 2]))
+    rng = np.random.default_rng(0)
+    table = pa.table({"input": pa.array(rng.integers(0, 2, 200), pa.int32()),
+                      "file": pa.array(rng.integers(0, 5, 200), pa.int32()),
+                      "sample_id": [f"s{i}" for i in range(200)]})
+    removed = pa.table({"input": table["input"], "sample_id": table["sample_id"], "reason": ["incorrect"] * 200,
+                        "detail": [None] * 200}, schema=pa.schema([("input", pa.int32()), ("sample_id", pa.string()),
+                                                                   ("reason", pa.string()), ("detail", pa.string())]))
+    joined = by_file(with_files(removed.slice(0, 150), table))
+    for index in (0, 1):
+        for file in range(6):
+            mine = pc.and_(pc.equal(table["input"], index), pc.equal(table["file"], file)).to_numpy(zero_copy_only=False)
+            got = rows_of_file(joined, index, file)
+            assert sorted(got["sample_id"].to_pylist()) == sorted(
+                s for s, m, i in zip(table["sample_id"].to_pylist(), mine, range(200)) if m and i < 150)
+            assert set(got["file"].to_pylist()) <= {file}
+    mine, done, failed = file_decisions(1, 3, "t1:", [joined.slice(0, 70), joined.slice(70)], [by_file(table)],
+                                        pa.array(["x"]))
+    expect = joined.filter(pc.and_(pc.equal(joined["input"], 1), pc.equal(joined["file"], 3)))
+    assert sorted(mine["sample_id"].to_pylist()) == sorted("t1:" + s for s in expect["sample_id"].to_pylist())
+    assert len(failed) == table.filter(pc.and_(pc.equal(table["input"], 1), pc.equal(table["file"], 3))).num_rows
+    rows = [pa.table({"n": list(range(a, b))}) for a, b in ((0, 5), (5, 12), (12, 13))]
+    chunks = list(shard_chunks(rows, 3))
+    assert [c.num_rows for c in chunks] == [3, 3, 3, 4]
+    assert pa.concat_tables(chunks)["n"].to_pylist() == list(range(13))
+    assert [c.num_rows for c in shard_chunks(rows, 100)] == [13] and list(shard_chunks([], 3)) == []
+
+
 @pytest.mark.slow
 def test_curated_generated_set_trains(generated, tmp_path):
     """The session's real shard set curated (verified, shortest correct, no truncated trace) trains a student."""

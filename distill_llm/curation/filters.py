@@ -156,6 +156,7 @@ FEATURE_SCHEMA = pa.schema([
     ("input", pa.int32()), ("sample_id", pa.string()), ("prompt_id", pa.string()), ("key", pa.uint64()),
     ("completion", pa.uint64()), ("tokens", pa.int32()), ("truncated", pa.bool_()), ("think", pa.bool_()),
     ("correct", pa.bool_()), ("contaminated", pa.bool_()), ("bands", pa.list_(pa.uint64())),
+    ("file", pa.int32()),  # the row's shard file in its input (the write pass reads one file per task)
 ])
 
 
@@ -164,8 +165,8 @@ def contaminated(text: str, spec: FeatureSpec) -> bool:
 
 
 def row_features(batch: pa.Table, spec: FeatureSpec, input_index: int) -> pa.Table:
-    """One slim row per shard row: hashes, length, verdict, contamination and (once per prompt in the
-    batch) the prompt's LSH band hashes."""
+    """One slim row per shard row: hashes, length, verdict, contamination, (once per prompt in the batch)
+    the prompt's LSH band hashes, and the batch's ``file`` column when it has one (null otherwise)."""
     checker = resolve_checker(spec.checker)
     ab = spec.minhash.ab if spec.minhash else None
     prompts: dict[str, tuple[int, bool]] = {}
@@ -193,6 +194,7 @@ def row_features(batch: pa.Table, spec: FeatureSpec, input_index: int) -> pa.Tab
                             ("think", has_think_block(completion)), ("correct", correct), ("contaminated", dirty),
                             ("bands", bands)):
             out[name].append(value)
+    out["file"] = batch["file"] if "file" in batch.schema.names else [None] * batch.num_rows
     return pa.table(out, schema=FEATURE_SCHEMA)
 
 

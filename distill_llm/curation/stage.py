@@ -133,14 +133,24 @@ def feature_spec(c: CurateConfig, grams: frozenset) -> filters.FeatureSpec:
     return spec
 
 
-def read_input(shard_dir: str, columns: list[str] | None = None):
-    """A Ray Dataset of a complete shard set's rows (files checked against its manifest)."""
+def read_input(shard_dir: str, columns: list[str] | None = None, include_paths: bool = False):
+    """A Ray Dataset of a complete shard set's rows (files checked against its manifest); ``include_paths``:
+    with each row's file path (column ``path``)."""
     import ray.data
 
     paths = shard_files(shard_dir)
     fs, _ = filesystem(shard_dir)
-    ds = ray.data.read_parquet(paths, filesystem=fs)
-    return ds.select_columns(columns) if columns else ds
+    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=include_paths)
+    return ds.select_columns(columns + (["path"] if include_paths else [])) if columns else ds
+
+
+def file_names(shard_dir: str) -> dict[str, int]:
+    """Each shard file's name (unique within a set) -> its index in shard_files' order."""
+    return {basename(p): i for i, p in enumerate(shard_files(shard_dir))}
+
+
+def basename(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
 
 
 # Input rows per decision task (a hash partition of the prompt keys): bounds each task's memory.
@@ -173,18 +183,25 @@ def partitions(rows: int) -> int:
     return max(1, -(-rows // PARTITION_ROWS))
 
 
-def partitioned_features(batch: pa.Table, spec: filters.FeatureSpec, input_index: int, parts: int) -> pa.Table:
+def partitioned_features(batch: pa.Table, spec: filters.FeatureSpec, input_index: int, parts: int,
+                         files: dict[str, int] | None = None) -> pa.Table:
     """filters.row_features of a block, its rows grouped by key partition (filters.order_by_partition), so
-    each decision task reads its own rows of the block without touching the others' pages."""
+    each decision task reads its own rows of the block without touching the others' pages. ``files``
+    (file_names): the block's ``path`` column becomes each row's file index."""
+    if files is not None:
+        paths = batch["path"].cast(pa.string()).combine_chunks().dictionary_encode()
+        index = pa.array([files[basename(p)] for p in paths.dictionary.to_pylist()], pa.int32())
+        batch = batch.drop_columns(["path"]).append_column("file", pc.take(index, paths.indices))
     return filters.order_by_partition(filters.row_features(batch, spec, input_index), parts)
 
 
 def features(dirs: list[str], spec: filters.FeatureSpec, parts: int) -> tuple[list, int]:
     """The first pass: the slim feature table of every input row as object refs of its blocks (left in the
     object store), each ordered for ``parts`` key partitions, and its row count."""
-    parts_ = [read_input(d, filters.FEATURE_COLUMNS).map_batches(
+    parts_ = [read_input(d, filters.FEATURE_COLUMNS, include_paths=True).map_batches(
         partitioned_features, batch_format="pyarrow", batch_size=BATCH_ROWS,
-        fn_kwargs={"spec": spec, "input_index": i, "parts": parts}) for i, d in enumerate(dirs)]
+        fn_kwargs={"spec": spec, "input_index": i, "parts": parts, "files": file_names(d)})
+        for i, d in enumerate(dirs)]
     ds = (parts_[0].union(*parts_[1:]) if len(parts_) > 1 else parts_[0]).materialize()
     return ds.to_arrow_refs(), ds.count()
 
@@ -207,7 +224,8 @@ def feature_rows(refs: list, part: int = 0, parts: int = 1, columns: list[str] |
 
 def heads_task(refs: list) -> dict[int, str]:
     """The near-duplicate map over every prompt (a Ray task: only the rows carrying LSH bands, one per prompt
-    and block, are gathered)."""
+    and block, are gathered). Its worker process exits after it (max_calls=1): its heap grows with the
+    prompts, and a reused worker would carry it into the tasks it runs next."""
     return filters.near_duplicate_heads(feature_rows(refs, columns=["input", "prompt_id", "key", "bands"], banded=True))
 
 
@@ -218,7 +236,27 @@ def decide_task(refs: list, part: int, parts: int, pol: filters.Policy, heads: d
     every prompt) depends on the rows of one prompt key only, so the partitions decide as the whole would."""
     table = feature_rows(refs, part, parts)
     removed = filters.decide(table, pol, heads if pol.near_duplicates else {})
-    return removed, failed_rows(table, weigh_failed), {"rows": table.num_rows, "removed": removed_counts(removed)}
+    stats = {"rows": table.num_rows, "removed": removed_counts(removed)}
+    return by_file(with_files(removed, table)), by_file(failed_rows(table, weigh_failed)), stats
+
+
+def with_files(removed: pa.Table, table: pa.Table) -> pa.Table:
+    """filters.decide's removed rows with their shard file (``file``), looked up in the feature rows
+    ``table`` by (input, sample_id)."""
+    return removed.join(table.select(["input", "sample_id", "file"]), keys=["input", "sample_id"])
+
+
+def by_file(table: pa.Table) -> pa.Table:
+    """Rows sorted by (input, file), so each write task takes its file's rows as one slice (rows_of_file)."""
+    return table.sort_by([("input", "ascending"), ("file", "ascending")]).combine_chunks()
+
+
+def rows_of_file(table: pa.Table, index: int, file: int) -> pa.Table:
+    """The rows of input ``index``'s shard file ``file`` in a table sorted by by_file: a zero-copy slice, so
+    a write task touches only its own file's decisions."""
+    code = (table["input"].to_numpy().astype(np.int64) << 32) | pc.fill_null(table["file"], -1).to_numpy()
+    lo, hi = np.searchsorted(code, [(index << 32) | file, (index << 32) | (file + 1)])
+    return table.slice(lo, hi - lo)
 
 
 def decide_all(refs: list, rows: int, parts: int, pol: filters.Policy,
@@ -227,7 +265,7 @@ def decide_all(refs: list, rows: int, parts: int, pol: filters.Policy,
     removed counts; refuses a curation that keeps nothing (it would train nothing), before writing."""
     import ray
 
-    heads = ray.remote(heads_task).remote(refs) if pol.near_duplicates else None
+    heads = ray.remote(max_calls=1)(heads_task).remote(refs) if pol.near_duplicates else None
     pol_ref = ray.put(pol)
     task = ray.remote(decide_task).options(num_returns=3)
     outs = [task.remote(refs, j, parts, pol_ref, heads, weigh_failed) for j in range(parts)]
@@ -240,28 +278,12 @@ def decide_all(refs: list, rows: int, parts: int, pol: filters.Policy,
     return [o[0] for o in outs], [o[1] for o in outs], counts
 
 
-_cache: dict[Any, Any] = {}
-
-
-def _fetch(ref):
-    """An object-store value, fetched once per worker process (each write task would refetch it); a value
-    that is not an ObjectRef is itself."""
-    import ray
-
-    if not isinstance(ref, ray.ObjectRef):
-        return ref
-    if ref.hex() not in _cache:
-        _cache.clear()
-        _cache[ref.hex()] = ray.get(ref)
-    return _cache[ref.hex()]
-
-
-def mark(batch: pa.Table, decisions_ref, prefix: str, teacher: str, kd_weight: float = 1.0,
+def mark(batch: pa.Table, decisions: tuple, prefix: str, teacher: str, kd_weight: float = 1.0,
          kd_weight_incorrect: float | None = None) -> pa.Table:
     """A shard batch as the writer takes it: output sample ids, the teacher column (a curated input's own
     values kept), the KD weight column (see kd_weights), rows committed before (a resumed run) left out,
-    and the removal reason (null: kept). ``decisions_ref``: (removed rows, committed ids, failed ids)."""
-    removed, done, failed = _fetch(decisions_ref)
+    and the removal reason (null: kept). ``decisions``: (removed rows, committed ids, failed ids)."""
+    removed, done, failed = decisions
     label = pa.array([teacher] * batch.num_rows, pa.string())
     if TEACHER_COLUMN in batch.schema.names:
         where = batch.schema.get_field_index(TEACHER_COLUMN)
@@ -335,43 +357,77 @@ def removed_counts(removed: pa.Table) -> dict[str, int]:
     return {reason: found[reason] for reason in filters.REASONS if reason in found}
 
 
-def input_decisions(index: int, prefix: str, removed: list, failed: list, done_ids: pa.Array) -> tuple:
-    """mark's decisions for input ``index`` (a Ray task, from every partition's refs): its removed rows and
-    failed rows by output sample id, and the ids committed before."""
+def file_decisions(index: int, file: int, prefix: str, removed: list, failed: list,
+                   done_ids: pa.Array) -> tuple:
+    """mark's decisions for one shard file (in its write task, from every partition's refs): its removed
+    rows and failed rows by output sample id, and the ids committed before. ``removed``, ``failed``: object
+    refs of decide_task's tables, or the tables."""
     import ray
 
     def mine(refs: list) -> pa.Table:
-        table = pa.concat_tables([ray.get(r) for r in refs])
-        table = table.filter(pc.equal(table["input"], index)).drop_columns(["input"])
+        tables = [ray.get(r) if isinstance(r, ray.ObjectRef) else r for r in refs]
+        table = pa.concat_tables([rows_of_file(t, index, file) for t in tables]).drop_columns(["input", "file"])
         ids = pc.binary_join_element_wise(pa.scalar(prefix), table["sample_id"], "") if prefix else table["sample_id"]
         return table.set_column(table.schema.get_field_index("sample_id"), "sample_id", ids.combine_chunks())
 
     return indexed(mine(removed)), done_ids, mine(failed)["sample_id"].combine_chunks()
 
 
+def shard_chunks(tables, rows: int):
+    """The rows of ``tables`` in order, cut into shards of ``rows`` rows; the last shard takes the remainder
+    too (``rows`` to 2 x ``rows`` - 1 rows; fewer only when there are fewer in all)."""
+    pending = None
+    for table in tables:
+        pending = table if pending is None else pa.concat_tables([pending, table])
+        while pending.num_rows >= 2 * rows:
+            yield pending.slice(0, rows)
+            pending = pending.slice(rows)
+    if pending is not None and pending.num_rows:
+        yield pending
+
+
+def write_file(shard_dir: str, path: str, index: int, file: int, prefix: str, removed: list, failed: list,
+               done_ids: pa.Array, writer: ShardWriter, rows_per_shard: int, marking: dict[str, Any]) -> list:
+    """One input shard file through mark and the writer (a Ray task): read in batches of BATCH_ROWS rows,
+    committed in shards of curate.rows_per_shard rows; its commit records. A task holds one file's
+    decisions and a shard's rows, however many rows the inputs hold."""
+    import pyarrow.parquet as pq
+
+    decisions = file_decisions(index, file, prefix, removed, failed, done_ids)
+    fs, _ = filesystem(shard_dir)
+    with fs.open_input_file(path) as f:
+        marked = (mark(pa.Table.from_batches([b]), decisions, prefix, **marking)
+                  for b in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS))
+        return [writer.write([chunk]) for chunk in shard_chunks(marked, rows_per_shard)]
+
+
+# Write tasks run in a fresh worker process each (Ray's max_calls): a reused worker keeps the heap a
+# previous task (a Parquet read, a decision) grew to, so its peak would add them up.
+WRITE_TASK_CALLS = 1
+
+
 def write_pass(cfg: Config, dirs: list[str], removed: list, done: set[str], run: dict[str, Any],
                failed: list) -> None:
-    """The second pass: every input row through the teacher stage's writer (shards + rejects, committed).
-    ``removed``, ``failed``: refs of decide_task's removed and failed rows (the rows whose answer check
-    failed, weighted by kd_weight_incorrect), per partition; each input's share is gathered by a task."""
+    """The second pass: every input row through the teacher stage's writer (shards + rejects, committed),
+    one Ray task per input shard file. ``removed``, ``failed``: refs of decide_task's removed and failed
+    rows (the rows whose answer check failed, weighted by kd_weight_incorrect) per partition; each task
+    takes its own file's share of them."""
     import ray
-
-    from ..corpus.sink import ShardSink
 
     c = cfg.curate
     done_ids = pa.array(sorted(done), pa.string())
-    parts = []
     labels = [t["teacher"] for t in run["curate"]["inputs"]]
-    gather = ray.remote(input_decisions)
-    for i, (d, prefix) in enumerate(zip(dirs, prefixes(dirs))):
-        ref = gather.remote(i, prefix, removed, failed, done_ids)
-        parts.append(read_input(d).map_batches(mark, batch_format="pyarrow", batch_size=BATCH_ROWS, fn_kwargs={
-            "decisions_ref": ref, "prefix": prefix, "teacher": labels[i], "kd_weight": c.inputs[i].kd_weight,
-            "kd_weight_incorrect": c.verify.kd_weight_incorrect}))
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     writer = ShardWriter(absolute(c.output), run.get("top_k_logprobs") or 0, run.get("logprobs_dtype") or "float16",
                          metadata=run, teacher_column=True)
-    ds.write_datasink(ShardSink(writer, c.rows_per_shard))
+    task = ray.remote(max_calls=WRITE_TASK_CALLS)(write_file)
+    refs = [ray.put(x) for x in (removed, failed, done_ids, writer)]
+    tasks = []
+    for i, (d, prefix) in enumerate(zip(dirs, prefixes(dirs))):
+        marking = {"teacher": labels[i], "kd_weight": c.inputs[i].kd_weight,
+                   "kd_weight_incorrect": c.verify.kd_weight_incorrect}
+        tasks += [task.remote(d, path, i, f, prefix, *refs, c.rows_per_shard, marking)
+                  for f, path in enumerate(shard_files(d))]
+    ray.get(tasks)
 
 
 def curate(cfg: Config, sample_passes=None) -> dict[str, Any]:
@@ -426,11 +482,11 @@ def curate_passes(cfg: Config, dirs: list[str], grams: frozenset, parts: int, re
 
 
 def failed_rows(table: pa.Table, weigh: bool) -> pa.Table:
-    """(input, sample_id) of the rows whose answer check failed, when curate.verify.kd_weight_incorrect
+    """(input, file, sample_id) of the rows whose answer check failed, when curate.verify.kd_weight_incorrect
     weighs them (``weigh``); none otherwise."""
     if not weigh:
         table = table.slice(0, 0)
-    return table.filter(pc.equal(pc.fill_null(table["correct"], True), False)).select(["input", "sample_id"])
+    return table.filter(pc.equal(pc.fill_null(table["correct"], True), False)).select(["input", "file", "sample_id"])
 
 
 def claim_output(out_dir: str, run: dict[str, Any], c: CurateConfig):
