@@ -118,37 +118,6 @@ def test_engine_pool_runs_concurrent_batches_in_threads():
     assert one.max_concurrent_calls_per_actor in (None, 1) and not one.enable_true_multi_threading
 
 
-class CallsAtOnce:
-    """A stand-in for the engine in a real Ray Data pool: records how many of its calls overlapped."""
-
-    def __init__(self):
-        self.lock, self.active, self.peak = threading.Lock(), 0, 0
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        with self.lock:
-            self.active += 1
-            self.peak = max(self.peak, self.active)
-        time.sleep(1.0)
-        with self.lock:
-            self.active -= 1
-            return pa.table({"peak": [self.peak] * batch.num_rows})
-
-
-@pytest.mark.slow
-def test_ray_data_runs_the_default_count_of_batches_at_once(ray_session, tmp_path):
-    """Ray Data hands one actor of the engine pool as many batches at once as the default asks for (its
-    tasks in flight per actor do not cap the feed), and never more."""
-    import ray
-
-    from distill_llm.teacher.stage import engine_pool
-
-    concurrent = small_config(tmp_path).teacher.max_concurrent_batches
-    ds = ray.data.range(4 * 2 * concurrent, override_num_blocks=1).repartition(target_num_rows_per_block=4)
-    out = ds.map_batches(CallsAtOnce, batch_size=4, batch_format="pyarrow", compute=engine_pool(1, concurrent),
-                         num_cpus=0).take_all()
-    assert max(r["peak"] for r in out) == concurrent
-
-
 def test_max_concurrent_batches_must_be_positive(tmp_path):
     from distill_llm.config import ConfigError
 
