@@ -13,7 +13,10 @@ every case, so engine settings are identical. Cases, interleaved per repetition 
   ours continuous   ``TeacherEngine`` called from C threads at once, as Ray Data calls an actor with
                     teacher.max_concurrent_batches=C (C = ``--concurrent``, each value a row)
 This process calls the engine class directly (no Ray Data, no shard writing): what is compared is how the
-engine is fed, not the rest of the stage.
+engine is fed, not the rest of the stage. "paired" is the median over repetitions of raw one call's time
+divided by the case's time in the same repetition: on a machine whose load drifts it is steadier than the
+ratio of medians. ``--no-per-batch`` leaves out the two one-batch-at-a-time cases (to spend the time on more
+repetitions of the others).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def main() -> None:
     p.add_argument("--concurrent", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no-per-batch", action="store_true", help="leave out raw per batch and ours per batch")
     p.add_argument("--results", default=None, help="append the Markdown section to this file")
     args = p.parse_args()
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
@@ -100,8 +104,8 @@ def main() -> None:
             return sum(len(x) for t in out for x in t.column("completion_token_ids").to_pylist())
         return go
 
-    cases = {"raw one call": raw_one, "raw per batch": raw_batches, "ours per batch": ours(1),
-             **{f"ours continuous, {c} batches": ours(c) for c in args.concurrent}}
+    per_batch = {} if args.no_per_batch else {"raw per batch": raw_batches, "ours per batch": ours(1)}
+    cases = {"raw one call": raw_one, **per_batch, **{f"ours continuous, {c} batches": ours(c) for c in args.concurrent}}
     times: dict[str, list[float]] = {c: [] for c in cases}
     tokens: dict[str, int] = {}
     for rep in range(args.reps):
@@ -114,7 +118,10 @@ def main() -> None:
     load_end = load_average()
     ceiling = tokens["raw one call"] / median(times["raw one call"])
     out = [{"case": c, "median s": median(v), "runs": len(v), "tokens": tokens[c],
-            "tok/s": tokens[c] / median(v), "vs raw one call": tokens[c] / median(v) / ceiling}
+            "tok/s": tokens[c] / median(v), "vs raw one call": tokens[c] / median(v) / ceiling,
+            "paired": median([r / t for r, t in zip(times["raw one call"], v)]),
+            "paired range": f"{min(r / t for r, t in zip(times['raw one call'], v)):.2f}-"
+                            f"{max(r / t for r, t in zip(times['raw one call'], v)):.2f}"}
            for c, v in times.items()]
     sched = engine.llm.llm_engine.vllm_config.scheduler_config
     text = "\n".join([
@@ -124,7 +131,7 @@ def main() -> None:
         f"{args.batch_size}, engine max_num_seqs {sched.max_num_seqs}, max_num_batched_tokens "
         f"{sched.max_num_batched_tokens}; one engine for every case (start-up {startup:.1f} s, in no figure); "
         f"medians of {args.reps} interleaved repetitions; load average at end {load_end}.\n",
-        table(out, ["case", "median s", "runs", "tokens", "tok/s", "vs raw one call"]),
+        table(out, ["case", "median s", "runs", "tokens", "tok/s", "vs raw one call", "paired", "paired range"]),
     ])
     append_results(args.results, text + "\n")
 

@@ -53,9 +53,14 @@ class TeacherConfig(_Section):
     max_num_seqs: int | None = Field(None, ge=1)
     # rows handed to one engine call: at least max_num_seqs (vLLM default 256), or decode slots stay empty
     batch_size: int = Field(256, ge=1)
-    # batches one engine works on at once: the next batch's requests wait in the engine's queue while the
-    # current batch's longest sequences finish, so the engine does not drain at every batch's end (1: it does)
-    max_concurrent_batches: int = Field(2, ge=1)
+    # batches one engine works on at once: the next batches' requests wait in the engine's queue while the
+    # current batch's longest sequences finish, so the engine does not drain at every batch's end (1: it does).
+    # A batch ends with its longest request, and meanwhile the engine works through about (longest / mean
+    # completion length) x max_num_seqs requests, so several batches must be queued, not one more. The
+    # default comes from bench/longtail.py (bench/RESULTS.md); wider length spreads (R1 traces) want more.
+    # Each one costs memory (finished rows wait for their batch) and redone work: an engine death retries
+    # every batch it held, their rows one at a time (engine.py).
+    max_concurrent_batches: int = Field(6, ge=1)
     # Times Ray restarts one engine actor that died (a lost node, an OOM, a crashed engine; a prompt that
     # crashes the engine costs generate.max_row_attempts + 1) and retries its batch; -1: no limit. Bounded,
     # so an engine that cannot stay up fails the job (a rerun resumes) instead of restarting forever.

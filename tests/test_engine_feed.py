@@ -121,7 +121,7 @@ def test_engine_pool_runs_concurrent_batches_in_threads():
 def test_max_concurrent_batches_must_be_positive(tmp_path):
     from distill_llm.config import ConfigError
 
-    assert small_config(tmp_path).teacher.max_concurrent_batches == 2
+    assert small_config(tmp_path).teacher.max_concurrent_batches == 6
     with pytest.raises(ConfigError, match="teacher.max_concurrent_batches"):
         small_config(tmp_path, teacher={"max_concurrent_batches": 0})
 

@@ -29,7 +29,9 @@ from distill_llm.corpus.shards import ShardError, commit_records, shard_files
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = {"data": {"num_prompts": 24}, "teacher": {"batch_size": 4},
+# Two batches in flight, not the default's count: with every batch of the run in the engine at once, the
+# poison row's batch runs beside the 2nd batch and its actor kill lands before the engine-core kill does.
+SETTINGS = {"data": {"num_prompts": 24}, "teacher": {"batch_size": 4, "max_concurrent_batches": 2},
             "generate": {"samples_per_prompt": 1, "max_new_tokens": 32, "rows_per_shard": 4}}
 SAMPLES = 24
 POISON = 17  # the toy prompt that crashes the engine in the fault-injection run
@@ -48,6 +50,7 @@ def overrides(cfg) -> list[str]:
             f"generate.samples_per_prompt={cfg.generate.samples_per_prompt}",
             f"generate.max_new_tokens={cfg.generate.max_new_tokens}",
             f"generate.rows_per_shard={cfg.generate.rows_per_shard}", f"teacher.batch_size={cfg.teacher.batch_size}",
+            f"teacher.max_concurrent_batches={cfg.teacher.max_concurrent_batches}",
             f"generate.max_row_attempts={cfg.generate.max_row_attempts}"]
 
 
