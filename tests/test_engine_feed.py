@@ -118,6 +118,38 @@ def test_engine_pool_runs_concurrent_batches_in_threads():
     assert one.max_concurrent_calls_per_actor in (None, 1) and not one.enable_true_multi_threading
 
 
+@pytest.mark.slow
+def test_ray_data_gives_one_engine_actor_the_default_count_of_batches_at_once(ray_session, tmp_path):
+    """The stage's engine pool (Ray Data's tasks in flight per actor, the actor's concurrency) hands one actor
+    teacher.max_concurrent_batches batches at once, as the feed needs, and never more."""
+    import ray
+
+    from distill_llm.teacher.stage import engine_pool
+
+    class CallsAtOnce:  # defined here: Ray workers cannot import the test module
+        """A stand-in for the engine in a real Ray Data pool: each call waits (up to 60 s) until ``want`` calls
+        are in the actor at once, then returns the most it saw, so the count does not hang on timing."""
+
+        def __init__(self, want: int):
+            self.want, self.active, self.peak = want, 0, 0
+            self.cond = threading.Condition()
+
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            with self.cond:
+                self.active += 1
+                self.peak = max(self.peak, self.active)
+                self.cond.notify_all()
+                self.cond.wait_for(lambda: self.peak >= self.want, timeout=60)
+                self.active -= 1
+                return pa.table({"peak": [self.peak] * batch.num_rows})
+
+    concurrent = small_config(tmp_path).teacher.max_concurrent_batches
+    ds = ray.data.range(4 * 2 * concurrent, override_num_blocks=2 * concurrent)
+    out = ds.map_batches(CallsAtOnce, fn_constructor_args=(concurrent,), batch_size=4, batch_format="pyarrow",
+                         compute=engine_pool(1, concurrent), num_cpus=0).take_all()
+    assert max(r["peak"] for r in out) == concurrent
+
+
 def test_max_concurrent_batches_must_be_positive(tmp_path):
     from distill_llm.config import ConfigError
 
