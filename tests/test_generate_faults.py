@@ -29,8 +29,9 @@ from distill_llm.corpus.shards import ShardError, commit_records, shard_files
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-# Two batches in flight, not the default's count: with every batch of the run in the engine at once, the
-# poison row's batch runs beside the 2nd batch and its actor kill lands before the engine-core kill does.
+# Two batches in flight, not the default's count: the more batches share the engine, the likelier the poison
+# row's batch runs beside the 2nd batch, so its actor kill lands before the engine-core kill does (with every
+# batch of the run in the engine at once it always did; at two it is rare, not impossible).
 SETTINGS = {"data": {"num_prompts": 24}, "teacher": {"batch_size": 4, "max_concurrent_batches": 2},
             "generate": {"samples_per_prompt": 1, "max_new_tokens": 32, "rows_per_shard": 4}}
 SAMPLES = 24

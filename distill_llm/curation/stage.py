@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import posixpath
 import time
 from typing import Any
 
@@ -133,24 +134,21 @@ def feature_spec(c: CurateConfig, grams: frozenset) -> filters.FeatureSpec:
     return spec
 
 
-def read_input(shard_dir: str, columns: list[str] | None = None, include_paths: bool = False):
-    """A Ray Dataset of a complete shard set's rows (files checked against its manifest); ``include_paths``:
-    with each row's file path (column ``path``)."""
+def read_input(shard_dir: str, columns: list[str] | None = None, paths: list[str] | None = None):
+    """A Ray Dataset of a complete shard set's rows (files checked against its manifest). ``paths``: the
+    set's shard_files, already listed by the caller; each row then carries its file path (column ``path``)."""
     import ray.data
 
-    paths = shard_files(shard_dir)
+    include_paths = paths is not None
+    paths = paths if include_paths else shard_files(shard_dir)
     fs, _ = filesystem(shard_dir)
     ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=include_paths)
     return ds.select_columns(columns + (["path"] if include_paths else [])) if columns else ds
 
 
-def file_names(shard_dir: str) -> dict[str, int]:
-    """Each shard file's name (unique within a set) -> its index in shard_files' order."""
-    return {basename(p): i for i, p in enumerate(shard_files(shard_dir))}
-
-
-def basename(path: str) -> str:
-    return path.rsplit("/", 1)[-1]
+def file_names(paths: list[str]) -> dict[str, int]:
+    """Each shard file's name (unique within a set) -> its index in ``paths`` (shard_files' order)."""
+    return {posixpath.basename(p): i for i, p in enumerate(paths)}
 
 
 # Input rows per decision task (a hash partition of the prompt keys): bounds each task's memory.
@@ -190,7 +188,7 @@ def partitioned_features(batch: pa.Table, spec: filters.FeatureSpec, input_index
     (file_names): the block's ``path`` column becomes each row's file index."""
     if files is not None:
         paths = batch["path"].cast(pa.string()).combine_chunks().dictionary_encode()
-        index = pa.array([files[basename(p)] for p in paths.dictionary.to_pylist()], pa.int32())
+        index = pa.array([files[posixpath.basename(p)] for p in paths.dictionary.to_pylist()], pa.int32())
         batch = batch.drop_columns(["path"]).append_column("file", pc.take(index, paths.indices))
     return filters.order_by_partition(filters.row_features(batch, spec, input_index), parts)
 
@@ -198,10 +196,11 @@ def partitioned_features(batch: pa.Table, spec: filters.FeatureSpec, input_index
 def features(dirs: list[str], spec: filters.FeatureSpec, parts: int) -> tuple[list, int]:
     """The first pass: the slim feature table of every input row as object refs of its blocks (left in the
     object store), each ordered for ``parts`` key partitions, and its row count."""
-    parts_ = [read_input(d, filters.FEATURE_COLUMNS, include_paths=True).map_batches(
+    listed = [shard_files(d) for d in dirs]  # once per input: each listing reads the manifest and checks every file
+    parts_ = [read_input(d, filters.FEATURE_COLUMNS, paths=paths).map_batches(
         partitioned_features, batch_format="pyarrow", batch_size=BATCH_ROWS,
-        fn_kwargs={"spec": spec, "input_index": i, "parts": parts, "files": file_names(d)})
-        for i, d in enumerate(dirs)]
+        fn_kwargs={"spec": spec, "input_index": i, "parts": parts, "files": file_names(paths)})
+        for i, (d, paths) in enumerate(zip(dirs, listed))]
     ds = (parts_[0].union(*parts_[1:]) if len(parts_) > 1 else parts_[0]).materialize()
     return ds.to_arrow_refs(), ds.count()
 
