@@ -7,7 +7,8 @@ holding ``name:`` starts a new entry). cluster/runtime.py forwards DISTILL_LLM_*
                                            ``delay`` seconds into its 2nd batch (once)
     crash_on_prompt:<substring>            SIGKILL the engine actor whenever it is about to generate a prompt
                                            containing <substring> (every time: a prompt that always crashes;
-                                           the substring holds no ``;`` ``,`` or ``=``)
+                                           the substring holds no ``;`` ``,`` or ``=``). An engine kill
+                                           already armed in the same actor lands first: see _on_engine_prompts
     kill_writer:shard=1                    SIGKILL a shard writer right after its 1st commit record lands,
                                            before its task returns (once)
     slow_engine_exit:seconds=S             hold every engine actor S seconds at its exit, its engine still up
@@ -100,7 +101,12 @@ def _engine_core_children() -> list[int]:
     return pids
 
 
+_pending_engine_kill: threading.Timer | None = None  # kill_engine's timer in this actor, once armed
+
+
 def _kill_engine_core(delay: float) -> None:
+    global _pending_engine_kill
+
     def kill() -> None:
         pids = _engine_core_children() or [os.getpid()]  # an in-process engine: the actor is the engine
         _announce(f"SIGKILL engine-core process(es) {pids}")
@@ -108,7 +114,8 @@ def _kill_engine_core(delay: float) -> None:
             os.kill(pid, signal.SIGKILL)
 
     if delay > 0:  # mid-batch: the engine is busy with the batch's requests when it dies
-        threading.Timer(delay, kill).start()
+        _pending_engine_kill = threading.Timer(delay, kill)
+        _pending_engine_kill.start()
     else:
         kill()
 
@@ -124,6 +131,12 @@ def _on_engine_prompts(n: int, rank: int, prompts: list[str] | None) -> None:
     """``crash_on_prompt``: an engine actor is about to hand ``prompts`` (their text) to the engine."""
     needle = (active("crash_on_prompt") or {}).get("text")
     if needle and any(needle in p for p in prompts or ()):
+        if _pending_engine_kill is not None and _pending_engine_kill.is_alive():
+            # Two faults in one actor land in the order they were armed: the engine kill fires, the engine
+            # refuses this batch with EngineDeadError, the actor exits for its restart, and the retried
+            # batch meets this fault in the new actor. A kill of this actor first would lose the other.
+            _pending_engine_kill.join()
+            return
         _announce(f"SIGKILL this engine actor: a prompt contains {needle!r}")
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -51,6 +51,38 @@ def test_kill_engine_kills_the_engine_core_child_once(monkeypatch, tmp_path):
         core.wait()
 
 
+def test_a_poison_prompt_waits_for_an_engine_kill_armed_in_its_actor(monkeypatch, tmp_path):
+    """Both drills armed in one actor: the engine-core kill, armed first, lands first; the poison prompt then
+    returns (its batch meets a dead engine and is retried in the restarted actor) instead of killing the
+    actor while the engine kill is pending, which lost that kill in a loaded CI run."""
+    import os
+
+    kills = []
+    real_kill = os.kill
+
+    def kill(pid, sig):  # this process's own SIGKILL is recorded, not sent (it would end pytest)
+        kills.append(pid)
+        if pid != os.getpid():
+            real_kill(pid, sig)
+
+    monkeypatch.setattr(faults.os, "kill", kill)
+    monkeypatch.setenv(faults.ENV, "kill_engine:batch=1,delay=0.5;crash_on_prompt:poison")
+    monkeypatch.setenv(faults.DIR_ENV, str(tmp_path))
+    core = _fake_engine_core()
+    try:
+        faults.point("engine_batch", 1)
+        assert core.poll() is None and kills == [], "the engine kill waits its delay"
+        faults.point("engine_prompts", prompts=["a poison prompt"])
+        assert kills == [core.pid], "the engine kill landed first, and the actor was not killed under it"
+        assert core.wait(timeout=10) == -9
+        faults.point("engine_prompts", prompts=["a poison prompt"])  # the restarted actor: nothing pending
+        assert kills == [core.pid, os.getpid()]
+    finally:
+        core.kill()
+        core.wait()
+        faults._pending_engine_kill = None
+
+
 def test_one_shot_faults_need_a_marker_folder(monkeypatch):
     monkeypatch.setenv(faults.ENV, "kill_writer:shard=1")
     monkeypatch.delenv(faults.DIR_ENV, raising=False)

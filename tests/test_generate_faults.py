@@ -29,9 +29,9 @@ from distill_llm.corpus.shards import ShardError, commit_records, shard_files
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-# Two batches in flight, not the default's count: the more batches share the engine, the likelier the poison
-# row's batch runs beside the 2nd batch, so its actor kill lands before the engine-core kill does (with every
-# batch of the run in the engine at once it always did; at two it is rare, not impossible).
+# Two batches in flight, not the default's count: an engine death redoes every batch the engine held, and the
+# drills count the restarts. The faults land in a fixed order at any count: the engine-core kill is armed as
+# the actor's 1st batch starts, before any prompt reaches the engine, and the poison prompt waits for it.
 SETTINGS = {"data": {"num_prompts": 24}, "teacher": {"batch_size": 4, "max_concurrent_batches": 2},
             "generate": {"samples_per_prompt": 1, "max_new_tokens": 32, "rows_per_shard": 4}}
 SAMPLES = 24
@@ -187,7 +187,7 @@ def test_sigkilled_driver_resumes_without_loss_or_duplicates(reference, tmp_path
 
 @pytest.fixture(scope="module")
 def faulty_run(tmp_path_factory):
-    """One run with three injected faults: the engine-core process SIGKILLed in the middle of the 2nd
+    """One run with three injected faults: the engine-core process SIGKILLed in the middle of the 1st
     batch, a prompt that kills its engine actor on every try, and the first shard writer SIGKILLed right
     after its commit record lands (so Ray retries a write task that already committed)."""
     from distill_llm.toy import make_problems
@@ -197,7 +197,7 @@ def faulty_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faulty")
     cfg = config(tmp, generate={"max_row_attempts": 1})
     poison = make_problems("train", SAMPLES)[POISON]["prompt"]
-    env = {"DISTILL_LLM_FAULTS": f"kill_engine:batch=2,delay=0.3;crash_on_prompt:{poison};kill_writer:shard=1",
+    env = {"DISTILL_LLM_FAULTS": f"kill_engine:batch=1,delay=0.3;crash_on_prompt:{poison};kill_writer:shard=1",
            "DISTILL_LLM_FAULTS_DIR": str(tmp / "markers")}
     driver = Driver(cfg, tmp / "driver.log", env)
     driver.cores = CoreWatch(driver.proc.pid)

@@ -327,10 +327,9 @@ class TeacherEngine:
                                                                  f"max_model_len {self.max_len}")
                     continue
             todo.append(i)
-        with self._lock:
+        with self._lock:  # the drill point under the lock: a batch's fault is armed before a later batch runs
             self.batches += 1
-            number = self.batches
-        faults.point("engine_batch", number)
+            faults.point("engine_batch", self.batches)
         results = [None] * len(todo) if self.sampling.mode == "score" else self._generate(
             [rows[i] for i in todo], [{"prompt_token_ids": rows[i]["prompt_token_ids"]} for i in todo],
             [self._params(rows[i]["sample_id"], len(rows[i]["prompt_token_ids"])) for i in todo])
