@@ -44,17 +44,18 @@ def row(prompt: str, index: int, completion: str, correct: bool | None = True, f
             "skip_detail": None}
 
 
-def write_set(out, rows, checker="toy", teacher="t", version=SCHEMA_VERSION):
-    """A complete shard set of ``rows`` through the teacher stage's writer and manifest; ``version=1``: as
-    a v1 writer left it (the same files, no teacher column, v1 in run.json and the manifest)."""
+def write_set(out, rows, checker="toy", teacher="t", version=SCHEMA_VERSION, per_shard=7):
+    """A complete shard set of ``rows`` through the teacher stage's writer and manifest, ``per_shard`` rows a
+    file; ``version=1``: as a v1 writer left it (the same files, no teacher column, v1 in run.json and the
+    manifest)."""
     run = {"schema_version": version, "teacher": {"model": teacher, "revision": None},
            "tokenizer_fingerprint": "abc", "prompts": {"source": "x.jsonl", "checker": checker},
            "sampling": {"temperature": 1.0, "seed": 0}, "top_k_logprobs": K, "logprobs_dtype": "float16"}
     prepare_output(str(out), run, resume=True, overwrite=False)
     writer = ShardWriter(str(out), K, "float16", metadata=run)
     schema = engine_output_schema(K, "float16")
-    for start in range(0, len(rows), 7):  # several shards
-        writer.write([pa.Table.from_pylist(rows[start:start + 7], schema=schema)])
+    for start in range(0, len(rows), per_shard):  # several shards
+        writer.write([pa.Table.from_pylist(rows[start:start + per_shard], schema=schema)])
     manifest = write_manifest(str(out))
     if version != SCHEMA_VERSION:
         manifest["schema_version"] = version
@@ -561,7 +562,7 @@ def test_killed_curate_run_reruns_to_the_same_set(ray_session, tmp_path):
 
     rows = [row(sentence(i, 30), s, trace("7" if (i + s) % 3 else "8", f"steps {i} {s}"), correct=bool((i + s) % 3))
             for i in range(120) for s in range(2)]
-    write_set(tmp_path / "in", rows)
+    write_set(tmp_path / "in", rows, per_shard=60)  # 4 input files: a write task (a fresh worker) per file
     tree = {"curate": {"inputs": [str(tmp_path / "in")], "output": str(tmp_path / "out"), "rows_per_shard": 3,
                        "verify": {"kd_weight_incorrect": 0.0, "max_correct_per_prompt": 1}},
             "eval": {"num_prompts": 8}, "ray": {"num_cpus": 2}}

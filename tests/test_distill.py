@@ -1,5 +1,5 @@
 """The toy world shows distillation working: the top-k KD student learns most of the teacher's skill and
-stops where the teacher does, from an untrained start that solves nothing.
+stops where the teacher does (the untrained student solves nothing: bench/quickstart.py's table, README).
 
 Sequence-level KD alone against top-k KD, and the spread over seeds, are measured by bench/quickstart.py
 (bench/RESULTS.md), not here: a second 1,000-step student would double this test's minutes in CI.
@@ -29,17 +29,19 @@ def test_kd_student_learns_most_of_the_teacher(ray_session, tmp_path):
             f"output.dir={tmp_path / 'shards'}", f"output.student_dir={tmp_path / name}",
             f"output.eval_dir={tmp_path / name / 'eval'}", f"train.storage_path={tmp_path / 'train'}", *extra])
 
-    kd_cfg = config("kd")
+    # The untrained student is not scored here (eval.include_base_student=false): its 200 prompts run to
+    # max_new_tokens in an engine of its own, a minute of CI for a row the README command prints anyway.
+    kd_cfg = config("kd", "eval.include_base_student=false")
     generate(kd_cfg)
     kd_student = train(kd_cfg)
     results = evaluate(kd_cfg, student=kd_student)
-    teacher, kd_result, untrained = (results[k] for k in ("teacher", "student (distilled)", "student (before)"))
-    print(f"teacher {teacher['pass@1']:.3f} kd {kd_result['pass@1']:.3f} untrained {untrained['pass@1']:.3f}")
+    assert list(results) == ["teacher", "student (distilled)"]
+    teacher, kd_result = results["teacher"], results["student (distilled)"]
+    print(f"teacher {teacher['pass@1']:.3f} kd {kd_result['pass@1']:.3f}")
     assert teacher["pass@1"] >= 0.95
-    assert untrained["pass@1"] <= 0.05 and untrained["mean_completion_tokens"] > 2 * teacher["mean_completion_tokens"]
     # The floor sits below the 90% the quickstart reaches on seed 0 (98%): over seeds 0-2 it spans 83.5-98%
     # (bench/RESULTS.md), and another CPU's float order is another draw from that spread.
     assert kd_result["pass@1"] >= 0.8 * teacher["pass@1"], "the KD student learns most of the teacher (issue 13)"
-    # the untrained student runs to max_new_tokens; a distilled one stops where the teacher does
+    # a distilled student stops where the teacher does (an untrained one runs to max_new_tokens)
     assert abs(kd_result["mean_completion_tokens"] - teacher["mean_completion_tokens"]) \
         <= 0.15 * teacher["mean_completion_tokens"]

@@ -19,6 +19,9 @@ def test_nothing_happens_without_the_variable(monkeypatch):
     faults.point("shard_commit", 1)
 
 
+ENGINE_CORES = faults._engine_core_children  # the search itself, before a test narrows it (see only)
+
+
 def _fake_engine_core() -> subprocess.Popen:
     """A child named like vLLM's engine core from its first instant.
 
@@ -27,14 +30,20 @@ def _fake_engine_core() -> subprocess.Popen:
     firing then found no engine core and fell back to SIGKILLing its own process: pytest (CI, exit 137).
     """
     core = subprocess.Popen(["VLLM::EngineCore", "120"], executable=shutil.which("sleep"))
-    assert core.pid in faults._engine_core_children()
+    assert core.pid in ENGINE_CORES(), "found by its name"
     return core
+
+
+def only(monkeypatch, core: subprocess.Popen) -> None:
+    """The drill's engine-core search sees only ``core``: an engine of an earlier test may still be up."""
+    monkeypatch.setattr(faults, "_engine_core_children", lambda: [p for p in ENGINE_CORES() if p == core.pid])
 
 
 def test_kill_engine_kills_the_engine_core_child_once(monkeypatch, tmp_path):
     monkeypatch.setenv(faults.ENV, "kill_engine:batch=2,delay=0")
     monkeypatch.setenv(faults.DIR_ENV, str(tmp_path))
     core = _fake_engine_core()
+    only(monkeypatch, core)
     try:
         faults.point("engine_batch", 1)
         assert core.poll() is None, "not at batch 1"
@@ -69,6 +78,7 @@ def test_a_poison_prompt_waits_for_an_engine_kill_armed_in_its_actor(monkeypatch
     monkeypatch.setenv(faults.ENV, "kill_engine:batch=1,delay=0.5;crash_on_prompt:poison")
     monkeypatch.setenv(faults.DIR_ENV, str(tmp_path))
     core = _fake_engine_core()
+    only(monkeypatch, core)
     try:
         faults.point("engine_batch", 1)
         assert core.poll() is None and kills == [], "the engine kill waits its delay"
