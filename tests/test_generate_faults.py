@@ -5,8 +5,8 @@ Every run generates the same 24 samples (batches of 4, shards of 4 rows) and is 
 uninterrupted reference run: same sample ids, none twice, none lost, and the same tokens and top-k
 arrays (per-request seeds make a sample independent of its batch). Runs that need a real kill of a
 driver, or fault injection in Ray workers (DISTILL_LLM_FAULTS reaches them only through ray.init),
-run `python -m pipelines.generate_teacher` in their own session, and everything in that session is
-killed by pid afterwards, so no Ray or vLLM process leaks into later tests.
+run `python -m pipelines.generate_teacher` in their own session (the reference run too, as a user runs it),
+and everything in that session is killed by pid afterwards, so no Ray or vLLM process leaks into later tests.
 """
 
 from __future__ import annotations
@@ -151,14 +151,36 @@ class Driver:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_session, tmp_path_factory):
-    """The uninterrupted run every faulty run is compared with."""
-    from distill_llm.teacher.stage import generate
+def clean_run(ray_session, tmp_path_factory):
+    """The uninterrupted run every faulty run is compared with: `python -m pipelines.generate_teacher` as a
+    user runs it, in its own session."""
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = config(tmp)
+    driver = Driver(cfg, tmp / "driver.log")
+    rc = driver.wait(grace=30)
+    log = driver.output()
+    assert rc == 0, log[-5000:]
+    return cfg, log, driver
 
-    cfg = config(tmp_path_factory.mktemp("reference"))
-    manifest = generate(cfg)
+
+@pytest.fixture(scope="module")
+def reference(clean_run):
+    from distill_llm.corpus.shards import read_manifest
+
+    cfg = clean_run[0]
+    manifest = read_manifest(cfg.output.dir)
     assert manifest["totals"]["rows"] == SAMPLES and len(manifest["shards"]) >= 4, "several shards per run"
     return rows_by_id(cfg.output.dir)
+
+
+def test_a_run_of_its_own_says_what_it_read_and_leaves_nothing_running(clean_run):
+    """The prompts line, exit 0 (clean_run), no process left, and no alarm after success (vLLM's "engine core
+    exited unexpectedly" ended most runs, a resource-tracker KeyError traceback some)."""
+    _, log, driver = clean_run
+    assert "generate: 24 prompts from toy:train (0 skipped)" in log
+    assert not driver.leftovers, f"processes outlived the finished run: {driver.leftovers}"
+    assert "exited unexpectedly" not in log, log[-5000:]
+    assert "resource_tracker" not in log, log[-5000:]  # a relaunched tracker's KeyError traceback (issue 12 item 11)
 
 
 def test_sigkilled_driver_resumes_without_loss_or_duplicates(reference, tmp_path):
