@@ -205,27 +205,35 @@ def features(dirs: list[str], spec: filters.FeatureSpec, parts: int) -> tuple[li
     return ds.to_arrow_refs(), ds.count()
 
 
-def feature_rows(refs: list, part: int = 0, parts: int = 1, columns: list[str] | None = None,
-                 banded: bool = False) -> pa.Table:
-    """The feature rows whose prompt key falls in hash partition ``part`` of ``parts`` (in a Ray task);
-    ``banded``: only the rows carrying LSH bands."""
+def feature_rows(refs: list, part: int, parts: int) -> pa.Table:
+    """The feature rows whose prompt key falls in hash partition ``part`` of ``parts`` (in a Ray task)."""
     import ray
 
-    tables = []
-    for ref in refs:
-        table = filters.key_partition(ray.get(ref), part, parts)
-        table = filters.banded_rows(table) if banded else table
-        tables.append(table.select(columns) if columns else table)
+    tables = [filters.key_partition(ray.get(ref), part, parts) for ref in refs]
     tables = [t for t in tables if t.num_rows]
-    schema = pa.schema([filters.FEATURE_SCHEMA.field(c) for c in columns]) if columns else filters.FEATURE_SCHEMA
-    return pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()
+    return pa.concat_tables(tables).cast(filters.FEATURE_SCHEMA) if tables else filters.FEATURE_SCHEMA.empty_table()
 
 
-def heads_task(refs: list) -> dict[int, str]:
-    """The near-duplicate map over every prompt (a Ray task: only the rows carrying LSH bands, one per prompt
-    and block, are gathered). Its worker process exits after it (max_calls=1): its heap grows with the
-    prompts, and a reused worker would carry it into the tasks it runs next."""
-    return filters.near_duplicate_heads(feature_rows(refs, columns=["input", "prompt_id", "key", "bands"], banded=True))
+def band_task(refs: list, part: int, parts: int) -> pa.Table:
+    """LSH band partition ``part`` of ``parts`` of the near-duplicate search over every feature block (a
+    Ray task, filters.band_links): only the links of prompts sharing a bucket come back."""
+    import ray
+
+    return filters.band_links((ray.get(ref) for ref in refs), part, parts)
+
+
+def heads_task(*links: pa.Table) -> dict[int, str]:
+    """The near-duplicate map over every prompt (a Ray task) from the band tasks' links alone."""
+    return filters.heads_of_links(pa.concat_tables(links))
+
+
+def near_duplicates(refs: list, parts: int):
+    """A ref of the near-duplicate map: one band task per LSH band partition (``parts``, as many as the key
+    partitions), each holding its share of every prompt's bands, then heads_task over their links."""
+    import ray
+
+    links = [ray.remote(band_task).remote(refs, j, parts) for j in range(parts)]
+    return ray.remote(heads_task).remote(*links)
 
 
 def decide_task(refs: list, part: int, parts: int, pol: filters.Policy, heads: dict[int, str] | None,
@@ -264,7 +272,7 @@ def decide_all(refs: list, rows: int, parts: int, pol: filters.Policy,
     removed counts; refuses a curation that keeps nothing (it would train nothing), before writing."""
     import ray
 
-    heads = ray.remote(max_calls=1)(heads_task).remote(refs) if pol.near_duplicates else None
+    heads = near_duplicates(refs, parts) if pol.near_duplicates else None
     pol_ref = ray.put(pol)
     task = ray.remote(decide_task).options(num_returns=3)
     outs = [task.remote(refs, j, parts, pol_ref, heads, weigh_failed) for j in range(parts)]
