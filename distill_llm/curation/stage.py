@@ -134,6 +134,13 @@ def feature_spec(c: CurateConfig, grams: frozenset) -> filters.FeatureSpec:
     return spec
 
 
+# Arrow thread pools of the read tasks. Ray Data's Parquet reader sets them to 32 CPU and 128 IO threads per
+# process (tuned for S3), each decoding column chunks at once with its own allocator cache, so a reader
+# worker's private memory rises with the files a read task bundles. A few threads suffice for shard files;
+# the read tasks then run in workers of their own (their env differs from the other tasks').
+READER_THREADS = {"RAY_DATA_PARQUET_READER_CPU_COUNT": "2", "RAY_DATA_PARQUET_READER_IO_THREAD_COUNT": "4"}
+
+
 def read_input(shard_dir: str, columns: list[str] | None = None, paths: list[str] | None = None):
     """A Ray Dataset of a complete shard set's rows (files checked against its manifest). ``paths``: the
     set's shard_files, already listed by the caller; each row then carries its file path (column ``path``)."""
@@ -142,7 +149,8 @@ def read_input(shard_dir: str, columns: list[str] | None = None, paths: list[str
     include_paths = paths is not None
     paths = paths if include_paths else shard_files(shard_dir)
     fs, _ = filesystem(shard_dir)
-    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=include_paths)
+    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=include_paths,
+                               runtime_env={"env_vars": READER_THREADS})
     return ds.select_columns(columns + (["path"] if include_paths else [])) if columns else ds
 
 
