@@ -694,7 +694,6 @@ def planted_features():
     """A feature table of two inputs (through filters.row_features, in batches of 10 rows) with exact and
     near-duplicate prompts within and across inputs, contamination, truncation, failing, unchecked and
     format-less traces, identical completions and ties of length."""
-    rng = np.random.default_rng(3)
     base = [sentence(100 + i, 60) for i in range(24)]
     prompts = list(base)
     for i in range(0, 24, 4):
@@ -704,11 +703,24 @@ def planted_features():
         prompts.append(" ".join(words))  # a near-duplicate
     eval_problem = sentence(900, 12)
     prompts.append(" ".join(sentence(901, 6).split() + eval_problem.split()[:8]))
+    spec = feature_spec(eval_problem)
+    return features_of(((0, prompts), (1, prompts[::2] + [sentence(950 + i, 30) for i in range(5)])), spec)
+
+
+def feature_spec(eval_problem: str = "") -> filters.FeatureSpec:
+    """The planted tables' features: MinHash of 64 functions (5 bands of 11), 8-grams of ``eval_problem``."""
     spec = filters.FeatureSpec(eval_ngrams=frozenset(filters.word_ngrams(eval_problem, 8)), ngram=8,
                                minhash=filters.MinHasher(64, 3))
     spec.bands, spec.rows = filters.lsh_params(0.8, 64)
+    return spec
+
+
+def features_of(inputs, spec: filters.FeatureSpec) -> pa.Table:
+    """filters.row_features of 4 samples per prompt of each (input index, prompts), shuffled, in batches of
+    10 rows (a prompt's rows span batches, so its key carries bands in several)."""
+    rng = np.random.default_rng(3)
     tables = []
-    for input_index, chosen in ((0, prompts), (1, prompts[::2] + [sentence(950 + i, 30) for i in range(5)])):
+    for input_index, chosen in inputs:
         rows = []
         for p in chosen:
             for s in range(4):
@@ -766,3 +778,51 @@ def test_decisions_per_key_partition_are_the_decisions_over_every_row():
                 key = [("input", "ascending"), ("sample_id", "ascending")]
                 assert got.sort_by(key).equals(before.sort_by(key)), parts
         assert filters.decide(table, policy).sort_by(key).equals(before.sort_by(key))
+
+
+def chains(seeds=(302, 303, 304), length: int = 6) -> list[list[str]]:
+    """Prompts each one word from the one before (Jaccard about 0.9 of 3-word shingles), the ends of a
+    chain further apart (about 0.6): a cluster only through its middle links."""
+    out = []
+    for seed in seeds:
+        words = sentence(seed, 60).split()
+        out.append([" ".join(words)])
+        for i in range(1, length):
+            words[9 * i] = f"edit{i}"
+            out[-1].append(" ".join(words))
+    return out
+
+
+def test_near_duplicate_clusters_from_band_partitions_are_those_over_every_prompt():
+    """The stage's distributed near-duplicate route (filters.band_links per LSH band partition over the
+    feature blocks, filters.heads_of_links over their links alone) gives exactly near_duplicate_heads' map
+    over every row: chains of near-duplicates whose links fall in different band partitions, exact
+    duplicates of a key within and across inputs (the first by (input, prompt_id) stands for it), a key's
+    bands in several blocks. Only the keys of clusters of two or more travel as links."""
+    spec = feature_spec()
+    chained = chains()
+    tail = [c[3] for c in chained]  # in input 0 as an exact copy: the chain's head comes from input 0
+    table = pa.concat_tables([planted_features(), features_of(
+        ((0, [t.upper() for t in tail] + [sentence(400 + i, 60) for i in range(6)]),
+         (1, [p for c in chained for p in c] + tail)), spec)])
+    heads = filters.near_duplicate_heads(table)
+    first = table.sort_by([("input", "ascending"), ("prompt_id", "ascending")])
+    pid_key = dict(zip(first["prompt_id"].to_pylist(), first["key"].to_pylist()))
+    key_pid = {k: p for p, k in reversed(list(pid_key.items()))}  # each key's first (input, prompt_id)
+    clustered = set(heads) | {pid_key[p] for p in heads.values()}
+    for chain in chained:
+        keys = [filters.prompt_key([{"role": "user", "content": p}]) for p in chain]
+        bands = [filters.band_hashes(spec.minhash.signature(p), spec.bands, spec.rows) for p in chain]
+        assert not set(enumerate(bands[0])) & set(enumerate(bands[-1]))  # the ends share no bucket
+        head = heads.get(keys[3], key_pid[keys[3]])
+        assert {heads.get(k, key_pid[k]) for k in keys} == {head}  # one cluster through the middle links
+        assert first.filter(pc.equal(first["prompt_id"], head))["input"][0].as_py() == 0  # the input-0 copy
+    for parts in (1, 2, 5, 13):
+        blocks = [filters.order_by_partition(table.slice(start, 10), parts) for start in range(0, table.num_rows, 10)]
+        links = [filters.band_links(blocks, j, parts) for j in range(parts)]
+        assert filters.heads_of_links(pa.concat_tables(links)) == heads, parts
+        assert set(pa.concat_tables(links)["key"].to_pylist()) == clustered
+        if parts >= 5:  # each chain's links come from several band partitions
+            for chain in chained:
+                keys = {filters.prompt_key([{"role": "user", "content": p}]) for p in chain}
+                assert sum(bool(keys & set(l["key"].to_pylist())) for l in links) >= 2

@@ -449,11 +449,11 @@ def teacher_section(plan: Plan, cfg: Config, teacher: ModelShape | None, gpu: Gp
     teacher_fit(plan, cfg, teacher, gpu)
 
 
-# Curation's largest Ray worker: a fixed part plus bytes per input row (the write pass's workers map each
-# input's removed rows, which a gather task holds), fitted to its peak RSS at 100,000 and 1,000,000 rows in
+# Curation's largest Ray worker: a fixed part plus bytes per input row (a reader worker; most of its growth
+# is the object-store pages of the read blocks it wrote), fitted to its peak RSS at 100,000 and 1,000,000 rows in
 # bench/curate.py (bench/RESULTS.md); the driver's peak does not grow with the rows.
-CURATE_WORKER_BASE_BYTES = 560 * 2**20
-CURATE_WORKER_BYTES_PER_ROW = 820
+CURATE_WORKER_BASE_BYTES = 384 * 2**20
+CURATE_WORKER_BYTES_PER_ROW = 558
 
 
 def curate_section(plan: Plan, cfg: Config) -> None:
@@ -484,8 +484,8 @@ def curate_section(plan: Plan, cfg: Config) -> None:
     plan.add("curate output rows", kept, f"{kept:,}", how)
     memory = CURATE_WORKER_BASE_BYTES + rows * CURATE_WORKER_BYTES_PER_ROW
     plan.add("curate worker memory", memory, _bytes(memory), f"{_bytes(CURATE_WORKER_BASE_BYTES)} + input rows x "
-             f"{CURATE_WORKER_BYTES_PER_ROW} B in the largest Ray worker (the write pass maps each input's removed "
-             "rows; the driver stays flat; the rows themselves stream)")
+             f"{CURATE_WORKER_BYTES_PER_ROW} B in the largest Ray worker (a reader's object-store pages; the driver "
+             "stays flat; the rows themselves stream)")
 
 
 def teacher_fit(plan: Plan, cfg: Config, s: ModelShape, gpu: GpuSpec) -> None:

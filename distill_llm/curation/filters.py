@@ -374,6 +374,86 @@ def looked_up(heads: dict[int, str], keys: np.ndarray) -> np.ndarray:
     return out
 
 
+# A band task's candidate near-duplicates (band_links): per prompt key in a shared LSH bucket, the bucket's
+# smallest key and the key's first (input, prompt_id).
+LINK_SCHEMA = pa.schema([("key", pa.uint64()), ("link", pa.uint64()), ("input", pa.int32()),
+                         ("prompt_id", pa.string())])
+
+
+def band_entries(features: pa.Table, part: int, parts: int) -> pa.Table:
+    """(key, input, prompt_id, band, value) of every LSH band of the banded rows whose band hash ``value``
+    falls in band partition ``part`` of ``parts`` (value modulo parts; each band hash mixes in its band
+    index): every entry of a bucket goes to one partition."""
+    banded = banded_rows(features)
+    lists = banded["bands"].combine_chunks() if banded.num_rows else pa.array([], pa.list_(pa.uint64()))
+    values = lists.flatten().to_numpy()
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    parent = np.repeat(np.arange(len(lengths)), lengths)
+    band = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    mine = values % np.uint64(max(parts, 1)) == part
+    rows = pa.array(parent[mine])
+    return pa.table({"key": banded["key"].take(rows), "input": banded["input"].take(rows),
+                     "prompt_id": banded["prompt_id"].take(rows), "band": pa.array(band[mine], pa.int32()),
+                     "value": pa.array(values[mine], pa.uint64())})
+
+
+def band_links(blocks: Iterable[pa.Table], part: int, parts: int) -> pa.Table:
+    """Band partition ``part`` of ``parts`` of the near-duplicate search (LINK_SCHEMA rows): each
+    (band, band hash) bucket of the partition holding two or more distinct prompt keys gives a row per key
+    in it, linked to the bucket's smallest key. ``blocks``: feature tables (every row of a key carries the
+    same bands, so a partition holding one of a key's bands sees all its banded rows and their first
+    (input, prompt_id)). Prompts sharing no band with another give no row: the result holds only
+    near-duplicates."""
+    entries = [band_entries(block, part, parts) for block in blocks]
+    entries = pa.concat_tables([e for e in entries if e.num_rows]) if any(e.num_rows for e in entries) else None
+    if entries is None:
+        return LINK_SCHEMA.empty_table()
+    key, band, value = (entries[c].to_numpy() for c in ("key", "band", "value"))
+    order = np.lexsort((key, value, band))
+    key, band, value = key[order], band[order], value[order]
+    new_bucket = np.concatenate(([True], (band[1:] != band[:-1]) | (value[1:] != value[:-1])))
+    distinct = new_bucket | np.concatenate(([True], key[1:] != key[:-1]))
+    bucket = np.cumsum(new_bucket) - 1
+    shared = (np.bincount(bucket, weights=distinct) >= 2)[bucket] & distinct
+    link = key[np.flatnonzero(new_bucket)][bucket]  # sorted by key within a bucket: its smallest key
+    pairs = np.unique(np.stack([key[shared], link[shared]], axis=1), axis=0).reshape(-1, 2)
+    first = entries.take(pc.sort_indices(entries, [("input", "ascending"), ("prompt_id", "ascending")]))
+    firsts, at = np.unique(first["key"].to_numpy(), return_index=True)  # a stable sort: each key's first row
+    rows = pa.array(at[np.searchsorted(firsts, pairs[:, 0])])
+    return pa.table({"key": pa.array(pairs[:, 0], pa.uint64()), "link": pa.array(pairs[:, 1], pa.uint64()),
+                     "input": first["input"].take(rows), "prompt_id": first["prompt_id"].take(rows)},
+                    schema=LINK_SCHEMA)
+
+
+def heads_of_links(links: pa.Table) -> dict[int, str]:
+    """near_duplicate_heads from every band partition's band_links: the clusters are the connected
+    components of the links (a key sharing no bucket is alone, as there), and the first prompt by
+    (input, prompt_id) stands for its cluster."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if links.num_rows == 0:
+        return {}
+    links = links.take(pc.sort_indices(links, [("input", "ascending"), ("prompt_id", "ascending")]))
+    keys = links["key"].to_numpy()
+    _, first = np.unique(keys, return_index=True)
+    first = np.sort(first)  # each key's first row, in (input, prompt_id) order: node i is keys[first[i]]
+    by_key = np.argsort(keys[first])
+
+    def node(k: np.ndarray) -> np.ndarray:
+        return by_key[np.searchsorted(keys[first][by_key], k)]
+
+    n = len(first)
+    graph = coo_matrix((np.ones(len(keys), dtype=np.int8), (node(keys), node(links["link"].to_numpy()))),
+                       shape=(n, n))
+    component = connected_components(graph, directed=False)[1]
+    _, head_at = np.unique(component, return_index=True)  # each cluster's first prompt
+    heads = head_at[np.unique(component, return_inverse=True)[1]]
+    pids = links["prompt_id"].take(pa.array(first))
+    led = np.flatnonzero(pc.not_equal(pids.take(pa.array(heads)), pids).to_numpy(zero_copy_only=False))
+    return dict(zip(keys[first[led]].tolist(), pids.take(pa.array(heads[led])).to_pylist()))
+
+
 def near_duplicate_heads(features: pa.Table) -> dict[int, str]:
     """Prompt key -> the prompt_id standing for its near-duplicate cluster, for the keys whose cluster is
     headed by another prompt. Clusters are over distinct normalised prompts (the rows carrying LSH bands);

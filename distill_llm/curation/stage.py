@@ -134,6 +134,13 @@ def feature_spec(c: CurateConfig, grams: frozenset) -> filters.FeatureSpec:
     return spec
 
 
+# Arrow thread pools of the read tasks. Ray Data's Parquet reader sets them to 32 CPU and 128 IO threads per
+# process (tuned for S3), each decoding column chunks at once with its own allocator cache, so a reader
+# worker's private memory rises with the files a read task bundles. A few threads suffice for shard files;
+# the read tasks then run in workers of their own (their env differs from the other tasks').
+READER_THREADS = {"RAY_DATA_PARQUET_READER_CPU_COUNT": "2", "RAY_DATA_PARQUET_READER_IO_THREAD_COUNT": "4"}
+
+
 def read_input(shard_dir: str, columns: list[str] | None = None, paths: list[str] | None = None):
     """A Ray Dataset of a complete shard set's rows (files checked against its manifest). ``paths``: the
     set's shard_files, already listed by the caller; each row then carries its file path (column ``path``)."""
@@ -142,7 +149,8 @@ def read_input(shard_dir: str, columns: list[str] | None = None, paths: list[str
     include_paths = paths is not None
     paths = paths if include_paths else shard_files(shard_dir)
     fs, _ = filesystem(shard_dir)
-    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=include_paths)
+    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=include_paths,
+                               runtime_env={"env_vars": READER_THREADS})
     return ds.select_columns(columns + (["path"] if include_paths else [])) if columns else ds
 
 
@@ -205,27 +213,35 @@ def features(dirs: list[str], spec: filters.FeatureSpec, parts: int) -> tuple[li
     return ds.to_arrow_refs(), ds.count()
 
 
-def feature_rows(refs: list, part: int = 0, parts: int = 1, columns: list[str] | None = None,
-                 banded: bool = False) -> pa.Table:
-    """The feature rows whose prompt key falls in hash partition ``part`` of ``parts`` (in a Ray task);
-    ``banded``: only the rows carrying LSH bands."""
+def feature_rows(refs: list, part: int, parts: int) -> pa.Table:
+    """The feature rows whose prompt key falls in hash partition ``part`` of ``parts`` (in a Ray task)."""
     import ray
 
-    tables = []
-    for ref in refs:
-        table = filters.key_partition(ray.get(ref), part, parts)
-        table = filters.banded_rows(table) if banded else table
-        tables.append(table.select(columns) if columns else table)
+    tables = [filters.key_partition(ray.get(ref), part, parts) for ref in refs]
     tables = [t for t in tables if t.num_rows]
-    schema = pa.schema([filters.FEATURE_SCHEMA.field(c) for c in columns]) if columns else filters.FEATURE_SCHEMA
-    return pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()
+    return pa.concat_tables(tables).cast(filters.FEATURE_SCHEMA) if tables else filters.FEATURE_SCHEMA.empty_table()
 
 
-def heads_task(refs: list) -> dict[int, str]:
-    """The near-duplicate map over every prompt (a Ray task: only the rows carrying LSH bands, one per prompt
-    and block, are gathered). Its worker process exits after it (max_calls=1): its heap grows with the
-    prompts, and a reused worker would carry it into the tasks it runs next."""
-    return filters.near_duplicate_heads(feature_rows(refs, columns=["input", "prompt_id", "key", "bands"], banded=True))
+def band_task(refs: list, part: int, parts: int) -> pa.Table:
+    """LSH band partition ``part`` of ``parts`` of the near-duplicate search over every feature block (a
+    Ray task, filters.band_links): only the links of prompts sharing a bucket come back."""
+    import ray
+
+    return filters.band_links((ray.get(ref) for ref in refs), part, parts)
+
+
+def heads_task(*links: pa.Table) -> dict[int, str]:
+    """The near-duplicate map over every prompt (a Ray task) from the band tasks' links alone."""
+    return filters.heads_of_links(pa.concat_tables(links))
+
+
+def near_duplicates(refs: list, parts: int):
+    """A ref of the near-duplicate map: one band task per LSH band partition (``parts``, as many as the key
+    partitions), each holding its share of every prompt's bands, then heads_task over their links."""
+    import ray
+
+    links = [ray.remote(band_task).remote(refs, j, parts) for j in range(parts)]
+    return ray.remote(heads_task).remote(*links)
 
 
 def decide_task(refs: list, part: int, parts: int, pol: filters.Policy, heads: dict[int, str] | None,
@@ -264,7 +280,7 @@ def decide_all(refs: list, rows: int, parts: int, pol: filters.Policy,
     removed counts; refuses a curation that keeps nothing (it would train nothing), before writing."""
     import ray
 
-    heads = ray.remote(max_calls=1)(heads_task).remote(refs) if pol.near_duplicates else None
+    heads = near_duplicates(refs, parts) if pol.near_duplicates else None
     pol_ref = ray.put(pol)
     task = ray.remote(decide_task).options(num_returns=3)
     outs = [task.remote(refs, j, parts, pol_ref, heads, weigh_failed) for j in range(parts)]
