@@ -3,6 +3,7 @@ guards that need no Ray. No engine needed."""
 
 import shutil
 import subprocess
+from contextlib import contextmanager
 
 import pytest
 
@@ -19,7 +20,7 @@ def test_nothing_happens_without_the_variable(monkeypatch):
     faults.point("shard_commit", 1)
 
 
-ENGINE_CORES = faults._engine_core_children  # the search itself, before a test narrows it (see only)
+ENGINE_CORES = faults._engine_core_children  # the search itself, before engine_drill narrows it
 
 
 def _fake_engine_core() -> subprocess.Popen:
@@ -34,17 +35,24 @@ def _fake_engine_core() -> subprocess.Popen:
     return core
 
 
-def only(monkeypatch, core: subprocess.Popen) -> None:
-    """The drill's engine-core search sees only ``core``: an engine of an earlier test may still be up."""
+@contextmanager
+def engine_drill(monkeypatch, tmp_path, spec: str):
+    """``spec`` armed (markers in ``tmp_path``) over a fake engine core, the only one the drill may kill: an
+    engine of an earlier test may still be up under pytest. The core is killed afterwards."""
+    monkeypatch.setenv(faults.ENV, spec)
+    monkeypatch.setenv(faults.DIR_ENV, str(tmp_path))
+    core = _fake_engine_core()
     monkeypatch.setattr(faults, "_engine_core_children", lambda: [p for p in ENGINE_CORES() if p == core.pid])
+    try:
+        yield core
+    finally:
+        core.kill()
+        core.wait()
+        faults._pending_engine_kill = None
 
 
 def test_kill_engine_kills_the_engine_core_child_once(monkeypatch, tmp_path):
-    monkeypatch.setenv(faults.ENV, "kill_engine:batch=2,delay=0")
-    monkeypatch.setenv(faults.DIR_ENV, str(tmp_path))
-    core = _fake_engine_core()
-    only(monkeypatch, core)
-    try:
+    with engine_drill(monkeypatch, tmp_path, "kill_engine:batch=2,delay=0") as core:
         faults.point("engine_batch", 1)
         assert core.poll() is None, "not at batch 1"
         faults.point("engine_batch", 2)
@@ -55,9 +63,6 @@ def test_kill_engine_kills_the_engine_core_child_once(monkeypatch, tmp_path):
         assert again.poll() is None
         again.kill()
         again.wait()
-    finally:
-        core.kill()
-        core.wait()
 
 
 def test_a_poison_prompt_waits_for_an_engine_kill_armed_in_its_actor(monkeypatch, tmp_path):
@@ -75,11 +80,7 @@ def test_a_poison_prompt_waits_for_an_engine_kill_armed_in_its_actor(monkeypatch
             real_kill(pid, sig)
 
     monkeypatch.setattr(faults.os, "kill", kill)
-    monkeypatch.setenv(faults.ENV, "kill_engine:batch=1,delay=0.5;crash_on_prompt:poison")
-    monkeypatch.setenv(faults.DIR_ENV, str(tmp_path))
-    core = _fake_engine_core()
-    only(monkeypatch, core)
-    try:
+    with engine_drill(monkeypatch, tmp_path, "kill_engine:batch=1,delay=0.5;crash_on_prompt:poison") as core:
         faults.point("engine_batch", 1)
         assert core.poll() is None and kills == [], "the engine kill waits its delay"
         faults.point("engine_prompts", prompts=["a poison prompt"])
@@ -87,10 +88,6 @@ def test_a_poison_prompt_waits_for_an_engine_kill_armed_in_its_actor(monkeypatch
         assert core.wait(timeout=10) == -9
         faults.point("engine_prompts", prompts=["a poison prompt"])  # the restarted actor: nothing pending
         assert kills == [core.pid, os.getpid()]
-    finally:
-        core.kill()
-        core.wait()
-        faults._pending_engine_kill = None
 
 
 def test_one_shot_faults_need_a_marker_folder(monkeypatch):
