@@ -169,19 +169,29 @@ BATCH_ROWS = 10_000
 # it, and a write task buffers marked rows up to it, so a set smaller than a few such blocks would use
 # less memory per worker than a large one.
 BLOCK_BYTES = 16 * 2**20
+# Ray Data's object-store budget while curating (its default is a share of the object store): read blocks
+# waiting for the slower feature batches (MinHash) stay mapped in the reader workers that wrote them, so an
+# unbounded backlog grows a reader's memory with the rows.
+OBJECT_STORE_BUDGET_BYTES = 256 * 2**20
 
 
 @contextlib.contextmanager
-def small_blocks():
-    """Ray Data's target block size set to BLOCK_BYTES while curating (restored after)."""
+def data_limits():
+    """Ray Data's block size (BLOCK_BYTES) and object-store budget (OBJECT_STORE_BUDGET_BYTES) while curating,
+    restored after."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    old, ctx.target_max_block_size = ctx.target_max_block_size, BLOCK_BYTES
+    limits = ctx.execution_options.resource_limits
+    old = ctx.target_max_block_size
+    ctx.target_max_block_size = BLOCK_BYTES
+    budget = min(limits.object_store_memory, OBJECT_STORE_BUDGET_BYTES)  # a smaller one set by the user stays
+    ctx.execution_options.resource_limits = limits.copy(object_store_memory=budget)
     try:
         yield
     finally:
         ctx.target_max_block_size = old
+        ctx.execution_options.resource_limits = limits
 
 
 def partitions(rows: int) -> int:
@@ -467,7 +477,7 @@ def curate(cfg: Config, sample_passes=None) -> dict[str, Any]:
     init_ray(cfg.ray)
     grams = eval_ngrams(cfg)
     parts = partitions(sum(m["totals"]["rows"] for m in manifests.values()))
-    with small_blocks():
+    with data_limits():
         manifest, rows = curate_passes(cfg, dirs, grams, parts, resume, run, out_dir, manifests, sample_passes)
     t = manifest["totals"]
     print(f"curate: {rows:,} rows from {len(dirs)} shard sets -> {t['rows']:,} kept, "
