@@ -450,10 +450,10 @@ def teacher_section(plan: Plan, cfg: Config, teacher: ModelShape | None, gpu: Gp
 
 
 # Curation's largest Ray worker: a fixed part plus bytes per input row (a reader worker; most of its growth
-# is the object-store pages of the read blocks it wrote), fitted to its peak RSS at 100,000 and 1,000,000 rows in
+# is object-store pages mapped into it), fitted to its peak RSS at 100,000 and 1,000,000 rows in
 # bench/curate.py (bench/RESULTS.md); the driver's peak does not grow with the rows.
-CURATE_WORKER_BASE_BYTES = 384 * 2**20
-CURATE_WORKER_BYTES_PER_ROW = 558
+CURATE_WORKER_BASE_BYTES = 397 * 2**20
+CURATE_WORKER_BYTES_PER_ROW = 336
 
 
 def curate_section(plan: Plan, cfg: Config) -> None:
