@@ -4,7 +4,7 @@
     PYTHONPATH=$PWD python bench/curate.py --sizes 100000,1000000
 
 Each size runs in a fresh interpreter with its own local Ray: a synthetic shard set is written first through
-the teacher stage's writer (not timed: 4 samples per prompt, prompts of 40 words from a 2,000-word vocabulary,
+the teacher stage's writer in files of 4,096 rows (not timed: 4 samples per prompt, prompts of 40 words from a 2,000-word vocabulary,
 1 in 50 prompts an exact duplicate and 1 in 50 a one-word edit of another, completions of 64 tokens, k=0),
 then ``distill_llm.curation.stage.curate`` runs with every filter on (exact and near-duplicates,
 decontamination against the toy eval split, correct only, at most 2 correct per prompt, shortest first,
@@ -27,8 +27,9 @@ SAMPLES = 4
 TOKENS = 64
 
 
-def synthetic_set(out: Path, rows: int, seed: int = 0, chunk: int = 50_000) -> None:
-    """``rows`` shard rows of ``rows / SAMPLES`` prompts, written through ShardWriter + write_manifest."""
+def synthetic_set(out: Path, rows: int, seed: int = 0, chunk: int = 50_000, file_rows: int = 4096) -> None:
+    """``rows`` shard rows of ``rows / SAMPLES`` prompts, written through ShardWriter + write_manifest in files
+    of ``file_rows`` rows (the teacher stage's default ``generate.rows_per_shard``)."""
     import numpy as np
     import pyarrow as pa
 
@@ -76,8 +77,10 @@ def synthetic_set(out: Path, rows: int, seed: int = 0, chunk: int = 50_000) -> N
             "answer_correct": (steps % 3 != 0).tolist(),
             "skip_reason": [None] * n, "skip_detail": [None] * n,
         }
-        writer.write([pa.table({f.name: pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array)
-                                else cols[f.name] for f in schema}, schema=schema)])
+        table = pa.table({f.name: pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array)
+                          else cols[f.name] for f in schema}, schema=schema)
+        for at in range(0, table.num_rows, file_rows):
+            writer.write([table.slice(at, file_rows)])
     write_manifest(str(out))
 
 

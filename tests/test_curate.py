@@ -116,10 +116,13 @@ ALL_FILTERS = {"verify": {"correct_only": True, "max_correct_per_prompt": 2, "pr
 # ---------------------------------------------------------------- the stage on Ray Data
 
 
-def test_curate_removes_planted_rows_by_reason(ray_session, tmp_path):
+def test_curate_removes_planted_rows_by_reason(ray_session, tmp_path, monkeypatch):
+    from distill_llm.curation import stage
     from distill_llm.curation.stage import curate
 
+    monkeypatch.setattr(stage, "GROUP_ROWS", 14)  # the planted set's 7-row files in groups of two: 2 tasks a pass
     inp, eval_file, expect = planted(tmp_path)
+    assert len(stage.file_groups(read_manifest(str(inp)))) > 1
     cfg = curate_config(tmp_path, [inp], decontaminate=[str(eval_file)], **ALL_FILTERS)
     manifest = curate(cfg)
     wanted = {reason: sum(1 for r in expect.values() if r == reason) for reason in set(expect.values()) - {None}}
@@ -277,7 +280,7 @@ def test_decontamination_needs_a_whole_ngram():
 
 
 def test_plan_counts_curate_rows(tmp_path):
-    from distill_llm.cluster.plan import (CURATE_WORKER_BASE_BYTES, CURATE_WORKER_BYTES_PER_ROW, MODEL_TABLE, ModelShape,
+    from distill_llm.cluster.plan import (CURATE_FEATURE_BYTES_PER_ROW, CURATE_WORKER_BYTES, MODEL_TABLE, ModelShape,
                                           make_plan)
 
     qwen = ModelShape(**MODEL_TABLE["Qwen/Qwen2.5-7B"], source="table")
@@ -287,7 +290,8 @@ def test_plan_counts_curate_rows(tmp_path):
                  "curate": {"inputs": [str(tmp_path / "gen"), str(tmp_path / "other")], "output": str(tmp_path / "out")}}
     numbers = make_plan(build_config(overrides), qwen, qwen).numbers
     assert numbers["curate input rows"] == 200 + 5 and numbers["curate output rows"] == 205
-    assert numbers["curate worker memory"] == CURATE_WORKER_BASE_BYTES + 205 * CURATE_WORKER_BYTES_PER_ROW
+    assert numbers["curate worker memory"] == CURATE_WORKER_BYTES
+    assert numbers["curate object store"] == 205 * CURATE_FEATURE_BYTES_PER_ROW
     run = {"schema_version": SCHEMA_VERSION, "top_k_logprobs": K}
     prepare_output(str(tmp_path / "out"), run, resume=True, overwrite=False)
     ShardWriter(str(tmp_path / "out"), K, "float16", metadata=run).write(
@@ -358,20 +362,31 @@ def test_mark_keeps_a_curated_teacher_and_skips_committed_rows():
     assert out["kd_weight"].to_pylist() == [0.25, 0.0, 0.5]
 
 
-def test_write_pass_takes_each_files_decisions_and_cuts_shards():
-    """The write pass's helpers alone: the feature pass labels each row with its shard file, decisions sorted
-    by (input, file) give each file's rows as a slice equal to a filter, and a file's marked rows are cut
-    into shards of curate.rows_per_shard rows in order, the remainder joined to the last."""
-    from distill_llm.curation.stage import (by_file, file_decisions, partitioned_features, rows_of_file, shard_chunks,
-                                            with_files)
+def test_write_pass_takes_each_files_decisions_and_cuts_shards(tmp_path, monkeypatch):
+    """The two passes' per-group helpers alone: shard files are grouped by rows, the feature pass reads a
+    group's files in batches and labels each row with its input and file, decisions sorted by (input, file)
+    give a group's rows as a slice equal to a filter, and a group's marked rows are cut into shards of
+    curate.rows_per_shard rows in order, the remainder joined to the last."""
+    from distill_llm.curation import stage
+    from distill_llm.curation.stage import (by_file, file_decisions, file_groups, group_features, rows_of_files,
+                                            shard_chunks, with_files)
 
-    batch = pa.Table.from_pylist([row(sentence(i), 0, trace("7")) for i in range(4)], schema=engine_output_schema(K, "float16"))
-    batch = batch.select(filters.FEATURE_COLUMNS).append_column(
-        "path", pa.array(["/s/part-b.parquet", "/s/part-a.parquet", "/s/part-b.parquet", "/s/part-c.parquet"]))
-    feats = partitioned_features(batch, filters.FeatureSpec(), 1, 1, {"part-a.parquet": 0, "part-b.parquet": 1,
-                                                                      "part-c.parquet": 2})
+    monkeypatch.setattr(stage, "GROUP_ROWS", 10)
+    shards = {"shards": [{"rows": n} for n in (4, 6, 3, 12, 2, 2)]}
+    assert file_groups(shards) == [range(0, 2), range(2, 3), range(3, 4), range(4, 6)]
+    assert file_groups({"shards": []}) == []
+    rows = pa.Table.from_pylist([row(sentence(i), 0, trace("7")) for i in range(5)], schema=engine_output_schema(K, "float16"))
+    pq.write_table(rows.slice(0, 3), tmp_path / "part-b.parquet")
+    pq.write_table(rows.slice(3), tmp_path / "part-c.parquet")
+    monkeypatch.setattr(stage, "BATCH_ROWS", 2)  # the files are read in three batches
+    feats, n = group_features(str(tmp_path), [str(tmp_path / "part-b.parquet"), str(tmp_path / "part-c.parquet")],
+                              1, 6, filters.FeatureSpec(), 3)
+    whole = filters.row_features(rows.select(filters.FEATURE_COLUMNS), filters.FeatureSpec(), 1)
+    assert n == 5 and feats["input"].to_pylist() == [1] * 5
     assert dict(zip(feats["sample_id"].to_pylist(), feats["file"].to_pylist())) == dict(
-        zip(batch["sample_id"].to_pylist(), [1, 0, 1, 2]))
+        zip(rows["sample_id"].to_pylist(), [6, 6, 6, 7, 7]))
+    assert feats.drop_columns(["file"]).sort_by("sample_id").equals(whole.drop_columns(["file"]).sort_by("sample_id"))
+    assert feats.equals(filters.order_by_partition(feats, 3))  # ordered for the decision tasks' key partitions
     rng = np.random.default_rng(0)
     table = pa.table({"input": pa.array(rng.integers(0, 2, 200), pa.int32()),
                       "file": pa.array(rng.integers(0, 5, 200), pa.int32()),
@@ -381,17 +396,21 @@ def test_write_pass_takes_each_files_decisions_and_cuts_shards():
                                                                    ("reason", pa.string()), ("detail", pa.string())]))
     joined = by_file(with_files(removed.slice(0, 150), table))
     for index in (0, 1):
-        for file in range(6):
-            mine = pc.and_(pc.equal(table["input"], index), pc.equal(table["file"], file)).to_numpy(zero_copy_only=False)
-            got = rows_of_file(joined, index, file)
-            assert sorted(got["sample_id"].to_pylist()) == sorted(
-                s for s, m, i in zip(table["sample_id"].to_pylist(), mine, range(200)) if m and i < 150)
-            assert set(got["file"].to_pylist()) <= {file}
-    mine, done, failed = file_decisions(1, 3, "t1:", [joined.slice(0, 70), joined.slice(70)], [by_file(table)],
+        for files in (range(f, f + 1) for f in range(6)), (range(0, 2), range(2, 5), range(5, 6)):
+            for group in files:
+                mine = pc.and_(pc.equal(table["input"], index), pc.is_in(table["file"], pa.array(list(group), pa.int32())))
+                got = rows_of_files(joined, index, group)
+                assert sorted(got["sample_id"].to_pylist()) == sorted(
+                    s for s, m, i in zip(table["sample_id"].to_pylist(), mine.to_pylist(), range(200)) if m and i < 150)
+                assert set(got["file"].to_pylist()) <= set(group)
+    group = range(2, 4)
+    mine, done, failed = file_decisions(1, group, "t1:", [joined.slice(0, 70), joined.slice(70)], [by_file(table)],
                                         pa.array(["x"]))
-    expect = joined.filter(pc.and_(pc.equal(joined["input"], 1), pc.equal(joined["file"], 3)))
+    in_group = pc.is_in(joined["file"], pa.array([2, 3], pa.int32()))
+    expect = joined.filter(pc.and_(pc.equal(joined["input"], 1), in_group))
     assert sorted(mine["sample_id"].to_pylist()) == sorted("t1:" + s for s in expect["sample_id"].to_pylist())
-    assert len(failed) == table.filter(pc.and_(pc.equal(table["input"], 1), pc.equal(table["file"], 3))).num_rows
+    assert len(failed) == table.filter(pc.and_(pc.equal(table["input"], 1),
+                                               pc.is_in(table["file"], pa.array([2, 3], pa.int32())))).num_rows
     rows = [pa.table({"n": list(range(a, b))}) for a, b in ((0, 5), (5, 12), (12, 13))]
     chunks = list(shard_chunks(rows, 3))
     assert [c.num_rows for c in chunks] == [3, 3, 3, 4]
@@ -562,7 +581,7 @@ def test_killed_curate_run_reruns_to_the_same_set(ray_session, tmp_path):
 
     rows = [row(sentence(i, 30), s, trace("7" if (i + s) % 3 else "8", f"steps {i} {s}"), correct=bool((i + s) % 3))
             for i in range(120) for s in range(2)]
-    write_set(tmp_path / "in", rows, per_shard=60)  # 4 input files: a write task (a fresh worker) per file
+    write_set(tmp_path / "in", rows, per_shard=60)  # 4 input files, one file group: one write task
     tree = {"curate": {"inputs": [str(tmp_path / "in")], "output": str(tmp_path / "out"), "rows_per_shard": 3,
                        "verify": {"kd_weight_incorrect": 0.0, "max_correct_per_prompt": 1}},
             "eval": {"num_prompts": 8}, "ray": {"num_cpus": 2}}

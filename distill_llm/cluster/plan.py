@@ -449,11 +449,13 @@ def teacher_section(plan: Plan, cfg: Config, teacher: ModelShape | None, gpu: Gp
     teacher_fit(plan, cfg, teacher, gpu)
 
 
-# Curation's largest Ray worker: a fixed part plus bytes per input row (a reader worker; most of its growth
-# is object-store pages mapped into it), fitted to its peak RSS at 100,000 and 1,000,000 rows in
-# bench/curate.py (bench/RESULTS.md); the driver's peak does not grow with the rows.
-CURATE_WORKER_BASE_BYTES = 397 * 2**20
-CURATE_WORKER_BYTES_PER_ROW = 336
+# Curation's largest Ray worker: its peak RSS in bench/curate.py (bench/RESULTS.md), flat from 100,000 to
+# 1,000,000 input rows, since every task holds one group of about 50,000 input rows (or one key partition)
+# in a worker process of its own. What grows with the rows is the feature table in Ray's object store,
+# about 101 bytes a row (ids of 20-26 characters), held until the decisions; Ray spills it to disk past
+# the store's size.
+CURATE_WORKER_BYTES = 341 * 2**20
+CURATE_FEATURE_BYTES_PER_ROW = 101
 
 
 def curate_section(plan: Plan, cfg: Config) -> None:
@@ -482,10 +484,12 @@ def curate_section(plan: Plan, cfg: Config) -> None:
     except ShardError:
         kept, how = rows, "at most the input rows: what the filters remove is known after the run"
     plan.add("curate output rows", kept, f"{kept:,}", how)
-    memory = CURATE_WORKER_BASE_BYTES + rows * CURATE_WORKER_BYTES_PER_ROW
-    plan.add("curate worker memory", memory, _bytes(memory), f"{_bytes(CURATE_WORKER_BASE_BYTES)} + input rows x "
-             f"{CURATE_WORKER_BYTES_PER_ROW} B in the largest Ray worker (a reader's object-store pages; the driver "
-             "stays flat; the rows themselves stream)")
+    plan.add("curate worker memory", CURATE_WORKER_BYTES, _bytes(CURATE_WORKER_BYTES),
+             "the largest Ray worker, flat in the input rows (a task holds one 50,000-row file group or key "
+             "partition); the driver holds refs and counts")
+    store = rows * CURATE_FEATURE_BYTES_PER_ROW
+    plan.add("curate object store", store, _bytes(store), f"input rows x {CURATE_FEATURE_BYTES_PER_ROW} B: the "
+             "feature table, held until the decisions (Ray spills to disk past the object store)")
 
 
 def teacher_fit(plan: Plan, cfg: Config, s: ModelShape, gpu: GpuSpec) -> None:

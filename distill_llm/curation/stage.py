@@ -1,19 +1,19 @@
 """The curation stage: shard sets in (``curate.inputs``) -> filters -> one shard set out (``curate.output``).
 
-Two passes over the inputs on Ray Data. The first reads a few light columns and computes each row's
-features in parallel (filters.row_features) into the object store. Ray tasks then decide which rows go
-(filters.decide), one task per hash partition of the prompt keys, so each holds a bounded share of the
-rows and the driver holds only object refs and counts. The second streams every column of every row
-through the shard writer of the teacher stage: kept rows become shards, removed rows go to rejects/ with their reason, under the same
-commit protocol (a rerun resumes; a killed run never commits a row twice) and a manifest listing the
-inputs, their manifests' sha256 and the rows each filter removed.
+Two passes over the inputs, each one Ray task per group of consecutive input shard files (about 50,000
+rows) in a fresh worker process, so a worker's memory is bounded by its group, not by the rows of every
+input. The first reads a few light columns and computes each row's features (filters.row_features) into
+the object store. Ray tasks then decide which rows go (filters.decide), one task per hash partition of the
+prompt keys, so each holds a bounded share of the rows and the driver holds only object refs and counts.
+The second streams every column of every row of its files through the shard writer of the teacher stage:
+kept rows become shards, removed rows go to rejects/ with their reason, under the same commit protocol (a
+rerun resumes; a killed run never commits a row twice) and a manifest listing the inputs, their
+manifests' sha256 and the rows each filter removed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import posixpath
 import time
 from typing import Any
 
@@ -141,57 +141,61 @@ def feature_spec(c: CurateConfig, grams: frozenset) -> filters.FeatureSpec:
 READER_THREADS = {"RAY_DATA_PARQUET_READER_CPU_COUNT": "2", "RAY_DATA_PARQUET_READER_IO_THREAD_COUNT": "4"}
 
 
-def read_input(shard_dir: str, columns: list[str] | None = None, paths: list[str] | None = None):
-    """A Ray Dataset of a complete shard set's rows (files checked against its manifest). ``paths``: the
-    set's shard_files, already listed by the caller; each row then carries its file path (column ``path``)."""
+def read_input(shard_dir: str, columns: list[str] | None = None):
+    """A Ray Dataset of a complete shard set's rows (files checked against its manifest)."""
     import ray.data
 
-    include_paths = paths is not None
-    paths = paths if include_paths else shard_files(shard_dir)
     fs, _ = filesystem(shard_dir)
-    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=include_paths,
-                               runtime_env={"env_vars": READER_THREADS})
-    return ds.select_columns(columns + (["path"] if include_paths else [])) if columns else ds
-
-
-def file_names(paths: list[str]) -> dict[str, int]:
-    """Each shard file's name (unique within a set) -> its index in ``paths`` (shard_files' order)."""
-    return {posixpath.basename(p): i for i, p in enumerate(paths)}
+    ds = ray.data.read_parquet(shard_files(shard_dir), filesystem=fs, runtime_env={"env_vars": READER_THREADS})
+    return ds.select_columns(columns) if columns else ds
 
 
 # Input rows per decision task (a hash partition of the prompt keys): bounds each task's memory.
 PARTITION_ROWS = 50_000
-# Rows per batch of both passes' map tasks: Ray Data's read blocks hold several shard files (up to its
-# target block size), and the feature pass holds a batch as Python objects, so a whole block would grow
-# with the shard set until that cap.
+# Rows per batch of both passes' tasks: the feature pass holds a batch as Python objects.
 BATCH_ROWS = 10_000
-# Ray Data's largest block during curation (its default is 128 MiB): read blocks bundle shard files up to
-# it, and a write task buffers marked rows up to it, so a set smaller than a few such blocks would use
-# less memory per worker than a large one.
-BLOCK_BYTES = 16 * 2**20
-# Ray Data's object-store budget while curating (its default is a share of the object store): read blocks
-# waiting for the slower feature batches (MinHash) stay mapped in the reader workers that wrote them, so an
-# unbounded backlog grows a reader's memory with the rows.
-OBJECT_STORE_BUDGET_BYTES = 256 * 2**20
+# Input rows per task of both passes: consecutive shard files are grouped up to this many rows (a larger
+# file alone), so a task's memory is bounded by its group and a fresh worker is started once per group, not
+# once per shard file (the teacher stage writes files of about 4,096 rows).
+GROUP_ROWS = 50_000
 
 
-@contextlib.contextmanager
-def data_limits():
-    """Ray Data's block size (BLOCK_BYTES) and object-store budget (OBJECT_STORE_BUDGET_BYTES) while curating,
-    restored after."""
-    import ray.data
+def file_groups(manifest: dict[str, Any]) -> list[range]:
+    """A shard set's files (indices into its manifest's shards, shard_files' order) as consecutive runs of
+    at most GROUP_ROWS rows; a file of more rows makes a group of its own."""
+    groups, start, rows = [], 0, 0
+    for i, shard in enumerate(manifest["shards"]):
+        if i > start and rows + shard["rows"] > GROUP_ROWS:
+            groups.append(range(start, i))
+            start, rows = i, 0
+        rows += shard["rows"]
+    return groups + ([range(start, len(manifest["shards"]))] if manifest["shards"] else [])
 
-    ctx = ray.data.DataContext.get_current()
-    limits = ctx.execution_options.resource_limits
-    old = ctx.target_max_block_size
-    ctx.target_max_block_size = BLOCK_BYTES
-    budget = min(limits.object_store_memory, OBJECT_STORE_BUDGET_BYTES)  # a smaller one set by the user stays
-    ctx.execution_options.resource_limits = limits.copy(object_store_memory=budget)
-    try:
-        yield
-    finally:
-        ctx.target_max_block_size = old
-        ctx.execution_options.resource_limits = limits
+
+def read_group(shard_dir: str, paths: list[str], columns: list[str] | None = None):
+    """The rows of a group's shard files, BATCH_ROWS at a time, as (file's index in ``paths``, table)."""
+    import pyarrow.parquet as pq
+
+    fs, _ = filesystem(shard_dir)
+    for at, path in enumerate(paths):
+        with fs.open_input_file(path) as f:
+            for b in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                yield at, pa.Table.from_batches([b])
+
+
+# The per-group and per-partition tasks each run in a process of their own: a worker that ran other tasks
+# before keeps the heap they grew and every object-store page they read or wrote mapped, so a reused
+# worker's memory would add up its share of every group and partition, growing with the inputs. Ray's
+# max_calls ends the worker after its task; the env var gives these tasks a worker pool of their own, so
+# no worker that ran another task (a band task, Ray Data's) is leased to them.
+FRESH_WORKER = {"max_calls": 1, "runtime_env": {"env_vars": {"DISTILL_LLM_CURATE_TASK": "1"}}}
+
+
+def fresh_task(fn, **options):
+    """``fn`` as a Ray task that runs in a fresh worker process (FRESH_WORKER)."""
+    import ray
+
+    return ray.remote(**FRESH_WORKER, **options)(fn)
 
 
 def partitions(rows: int) -> int:
@@ -199,28 +203,31 @@ def partitions(rows: int) -> int:
     return max(1, -(-rows // PARTITION_ROWS))
 
 
-def partitioned_features(batch: pa.Table, spec: filters.FeatureSpec, input_index: int, parts: int,
-                         files: dict[str, int] | None = None) -> pa.Table:
-    """filters.row_features of a block, its rows grouped by key partition (filters.order_by_partition), so
-    each decision task reads its own rows of the block without touching the others' pages. ``files``
-    (file_names): the block's ``path`` column becomes each row's file index."""
-    if files is not None:
-        paths = batch["path"].cast(pa.string()).combine_chunks().dictionary_encode()
-        index = pa.array([files[posixpath.basename(p)] for p in paths.dictionary.to_pylist()], pa.int32())
-        batch = batch.drop_columns(["path"]).append_column("file", pc.take(index, paths.indices))
-    return filters.order_by_partition(filters.row_features(batch, spec, input_index), parts)
+def group_features(shard_dir: str, paths: list[str], index: int, first: int, spec: filters.FeatureSpec,
+                   parts: int) -> tuple[pa.Table, int]:
+    """The feature rows of a group of input ``index``'s shard files (a Ray task; ``first``: the index of
+    ``paths[0]`` in shard_files), the light columns read BATCH_ROWS rows at a time, ordered for ``parts`` key
+    partitions (filters.order_by_partition); and their row count."""
+    tables = [filters.row_features(b.append_column("file", pa.array(np.full(b.num_rows, first + at, np.int32))),
+                                   spec, index)
+              for at, b in read_group(shard_dir, paths, filters.FEATURE_COLUMNS)]
+    table = pa.concat_tables(tables) if tables else filters.FEATURE_SCHEMA.empty_table()
+    return filters.order_by_partition(table, parts), table.num_rows
 
 
-def features(dirs: list[str], spec: filters.FeatureSpec, parts: int) -> tuple[list, int]:
-    """The first pass: the slim feature table of every input row as object refs of its blocks (left in the
-    object store), each ordered for ``parts`` key partitions, and its row count."""
-    listed = [shard_files(d) for d in dirs]  # once per input: each listing reads the manifest and checks every file
-    parts_ = [read_input(d, filters.FEATURE_COLUMNS, paths=paths).map_batches(
-        partitioned_features, batch_format="pyarrow", batch_size=BATCH_ROWS,
-        fn_kwargs={"spec": spec, "input_index": i, "parts": parts, "files": file_names(paths)})
-        for i, (d, paths) in enumerate(zip(dirs, listed))]
-    ds = (parts_[0].union(*parts_[1:]) if len(parts_) > 1 else parts_[0]).materialize()
-    return ds.to_arrow_refs(), ds.count()
+def features(dirs: list[str], manifests: dict[str, dict[str, Any]], spec: filters.FeatureSpec,
+             parts: int) -> tuple[list, int]:
+    """The first pass: the slim feature table of every input row as object refs, one per file group
+    (file_groups; left in the object store), each ordered for ``parts`` key partitions, and the row count."""
+    import ray
+
+    task = fresh_task(group_features, num_returns=2)
+    spec_ref = ray.put(spec)
+    outs = []
+    for i, d in enumerate(dirs):
+        paths = shard_files(d)  # once per input: each listing reads the manifest and checks every file
+        outs += [task.remote(d, paths[g.start:g.stop], i, g.start, spec_ref, parts) for g in file_groups(manifests[d])]
+    return [o[0] for o in outs], sum(ray.get([o[1] for o in outs]))
 
 
 def feature_rows(refs: list, part: int, parts: int) -> pa.Table:
@@ -272,15 +279,15 @@ def with_files(removed: pa.Table, table: pa.Table) -> pa.Table:
 
 
 def by_file(table: pa.Table) -> pa.Table:
-    """Rows sorted by (input, file), so each write task takes its file's rows as one slice (rows_of_file)."""
+    """Rows sorted by (input, file), so each write task takes its files' rows as one slice (rows_of_files)."""
     return table.sort_by([("input", "ascending"), ("file", "ascending")]).combine_chunks()
 
 
-def rows_of_file(table: pa.Table, index: int, file: int) -> pa.Table:
-    """The rows of input ``index``'s shard file ``file`` in a table sorted by by_file: a zero-copy slice, so
-    a write task touches only its own file's decisions."""
+def rows_of_files(table: pa.Table, index: int, files: range) -> pa.Table:
+    """The rows of input ``index``'s shard files ``files`` (consecutive) in a table sorted by by_file: a
+    zero-copy slice, so a write task touches only its own files' decisions."""
     code = (table["input"].to_numpy().astype(np.int64) << 32) | pc.fill_null(table["file"], -1).to_numpy()
-    lo, hi = np.searchsorted(code, [(index << 32) | file, (index << 32) | (file + 1)])
+    lo, hi = np.searchsorted(code, [(index << 32) | files.start, (index << 32) | files.stop])
     return table.slice(lo, hi - lo)
 
 
@@ -292,7 +299,7 @@ def decide_all(refs: list, rows: int, parts: int, pol: filters.Policy,
 
     heads = near_duplicates(refs, parts) if pol.near_duplicates else None
     pol_ref = ray.put(pol)
-    task = ray.remote(decide_task).options(num_returns=3)
+    task = fresh_task(decide_task, num_returns=3)
     outs = [task.remote(refs, j, parts, pol_ref, heads, weigh_failed) for j in range(parts)]
     stats = ray.get([o[2] for o in outs])
     counts = {r: sum(s["removed"].get(r, 0) for s in stats) for r in filters.REASONS}
@@ -382,16 +389,16 @@ def removed_counts(removed: pa.Table) -> dict[str, int]:
     return {reason: found[reason] for reason in filters.REASONS if reason in found}
 
 
-def file_decisions(index: int, file: int, prefix: str, removed: list, failed: list,
+def file_decisions(index: int, files: range, prefix: str, removed: list, failed: list,
                    done_ids: pa.Array) -> tuple:
-    """mark's decisions for one shard file (in its write task, from every partition's refs): its removed
-    rows and failed rows by output sample id, and the ids committed before. ``removed``, ``failed``: object
-    refs of decide_task's tables, or the tables."""
+    """mark's decisions for a group of shard files (in its write task, from every partition's refs): their
+    removed rows and failed rows by output sample id, and the ids committed before. ``removed``, ``failed``:
+    object refs of decide_task's tables, or the tables."""
     import ray
 
     def mine(refs: list) -> pa.Table:
         tables = [ray.get(r) if isinstance(r, ray.ObjectRef) else r for r in refs]
-        table = pa.concat_tables([rows_of_file(t, index, file) for t in tables]).drop_columns(["input", "file"])
+        table = pa.concat_tables([rows_of_files(t, index, files) for t in tables]).drop_columns(["input", "file"])
         ids = pc.binary_join_element_wise(pa.scalar(prefix), table["sample_id"], "") if prefix else table["sample_id"]
         return table.set_column(table.schema.get_field_index("sample_id"), "sample_id", ids.combine_chunks())
 
@@ -411,32 +418,24 @@ def shard_chunks(tables, rows: int):
         yield pending
 
 
-def write_file(shard_dir: str, path: str, index: int, file: int, prefix: str, removed: list, failed: list,
-               done_ids: pa.Array, writer: ShardWriter, rows_per_shard: int, marking: dict[str, Any]) -> list:
-    """One input shard file through mark and the writer (a Ray task): read in batches of BATCH_ROWS rows,
-    committed in shards of curate.rows_per_shard rows; its commit records. A task holds one file's
-    decisions and a shard's rows, however many rows the inputs hold."""
-    import pyarrow.parquet as pq
-
-    decisions = file_decisions(index, file, prefix, removed, failed, done_ids)
-    fs, _ = filesystem(shard_dir)
-    with fs.open_input_file(path) as f:
-        marked = (mark(pa.Table.from_batches([b]), decisions, prefix, **marking)
-                  for b in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS))
-        return [writer.write([chunk]) for chunk in shard_chunks(marked, rows_per_shard)]
+def write_group(shard_dir: str, paths: list[str], index: int, first: int, prefix: str, removed: list,
+                failed: list, done_ids: pa.Array, writer: ShardWriter, rows_per_shard: int,
+                marking: dict[str, Any]) -> list:
+    """A group of input shard files through mark and the writer (a Ray task; ``first``: the index of
+    ``paths[0]`` in shard_files): read BATCH_ROWS rows at a time, committed in shards of
+    curate.rows_per_shard rows; its commit records. A task holds its group's decisions and a shard's rows,
+    however many rows the inputs hold."""
+    decisions = file_decisions(index, range(first, first + len(paths)), prefix, removed, failed, done_ids)
+    marked = (mark(b, decisions, prefix, **marking) for _, b in read_group(shard_dir, paths))
+    return [writer.write([chunk]) for chunk in shard_chunks(marked, rows_per_shard)]
 
 
-# Write tasks run in a fresh worker process each (Ray's max_calls): a reused worker keeps the heap a
-# previous task (a Parquet read, a decision) grew to, so its peak would add them up.
-WRITE_TASK_CALLS = 1
-
-
-def write_pass(cfg: Config, dirs: list[str], removed: list, done: set[str], run: dict[str, Any],
-               failed: list) -> None:
+def write_pass(cfg: Config, dirs: list[str], manifests: dict[str, dict[str, Any]], removed: list, done: set[str],
+               run: dict[str, Any], failed: list) -> None:
     """The second pass: every input row through the teacher stage's writer (shards + rejects, committed),
-    one Ray task per input shard file. ``removed``, ``failed``: refs of decide_task's removed and failed
-    rows (the rows whose answer check failed, weighted by kd_weight_incorrect) per partition; each task
-    takes its own file's share of them."""
+    one Ray task per file group (file_groups). ``removed``, ``failed``: refs of decide_task's removed and
+    failed rows (the rows whose answer check failed, weighted by kd_weight_incorrect) per partition; each
+    task takes its own files' share of them."""
     import ray
 
     c = cfg.curate
@@ -444,14 +443,15 @@ def write_pass(cfg: Config, dirs: list[str], removed: list, done: set[str], run:
     labels = [t["teacher"] for t in run["curate"]["inputs"]]
     writer = ShardWriter(absolute(c.output), run.get("top_k_logprobs") or 0, run.get("logprobs_dtype") or "float16",
                          metadata=run, teacher_column=True)
-    task = ray.remote(max_calls=WRITE_TASK_CALLS)(write_file)
+    task = fresh_task(write_group)
     refs = [ray.put(x) for x in (removed, failed, done_ids, writer)]
     tasks = []
     for i, (d, prefix) in enumerate(zip(dirs, prefixes(dirs))):
         marking = {"teacher": labels[i], "kd_weight": c.inputs[i].kd_weight,
                    "kd_weight_incorrect": c.verify.kd_weight_incorrect}
-        tasks += [task.remote(d, path, i, f, prefix, *refs, c.rows_per_shard, marking)
-                  for f, path in enumerate(shard_files(d))]
+        paths = shard_files(d)
+        tasks += [task.remote(d, paths[g.start:g.stop], i, g.start, prefix, *refs, c.rows_per_shard, marking)
+                  for g in file_groups(manifests[d])]
     ray.get(tasks)
 
 
@@ -477,8 +477,7 @@ def curate(cfg: Config, sample_passes=None) -> dict[str, Any]:
     init_ray(cfg.ray)
     grams = eval_ngrams(cfg)
     parts = partitions(sum(m["totals"]["rows"] for m in manifests.values()))
-    with data_limits():
-        manifest, rows = curate_passes(cfg, dirs, grams, parts, resume, run, out_dir, manifests, sample_passes)
+    manifest, rows = curate_passes(cfg, dirs, grams, parts, resume, run, out_dir, manifests, sample_passes)
     t = manifest["totals"]
     print(f"curate: {rows:,} rows from {len(dirs)} shard sets -> {t['rows']:,} kept, "
           f"{t['rejected']:,} removed ({manifest['curate']['removed'] or 'none'}) in {time.time() - start:.1f}s "
@@ -491,7 +490,7 @@ def curate_passes(cfg: Config, dirs: list[str], grams: frozenset, parts: int, re
     """curate's work once its output is claimed: features, decisions, the write pass; the manifest and
     the input rows."""
     c = cfg.curate
-    refs, rows = features(dirs, feature_spec(c, grams), parts)
+    refs, rows = features(dirs, manifests, feature_spec(c, grams), parts)
     rates = (student_pass_rates(cfg, dirs, manifests, out_dir, sample_passes)
              if c.difficulty.student_max_pass_rate is not None else {})
     removed, failed, counts = decide_all(refs, rows, parts, policy(c, rates), c.verify.kd_weight_incorrect is not None)
@@ -499,7 +498,7 @@ def curate_passes(cfg: Config, dirs: list[str], grams: frozenset, parts: int, re
     with storage_errors(out_dir):
         if resume.committed:
             print(f"curate: resuming {out_dir}: {len(resume.done_sample_ids):,} rows already committed")
-        write_pass(cfg, dirs, removed, resume.done_sample_ids, run, failed)
+        write_pass(cfg, dirs, manifests, removed, resume.done_sample_ids, run, failed)
         extra = {"curate": {**run["curate"], "removed": counts, "eval_ngrams": len(grams),
                             **({"student_pass": pass_summary(rates)} if rates else {})},
                  "config": cfg.model_dump(mode="json")}
