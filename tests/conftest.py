@@ -135,3 +135,16 @@ def pytest_runtest_logreport(report):
     if path:
         with open(path, "a") as f:
             f.write(f"{report.duration:.2f}\t{report.when}\t{report.outcome}\t{report.nodeid}\n")
+
+
+@pytest.fixture(scope="session")
+def rescored(ray_session, tmp_path_factory):
+    """The first 8 prompts of the ``generated`` set again (2 samples each), sampled without logprobs and then
+    scored by prefill (generate.logprobs=rescore), graded by the math checker: test_generate checks the top-k,
+    test_checkers the math checker's verdicts inside the engine actor (one engine run for both)."""
+    from distill_llm.teacher.stage import generate
+
+    tmp = tmp_path_factory.mktemp("rescore")
+    cfg = small_config(tmp, data={"num_prompts": 8, "checker": "math"}, generate={"logprobs": "rescore"})
+    return cfg, generate(cfg)
+
