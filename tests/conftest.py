@@ -135,3 +135,31 @@ def pytest_runtest_logreport(report):
     if path:
         with open(path, "a") as f:
             f.write(f"{report.duration:.2f}\t{report.when}\t{report.outcome}\t{report.nodeid}\n")
+
+
+@pytest.fixture(scope="session")
+def rescored(ray_session, tmp_path_factory):
+    """The first 8 prompts of the ``generated`` set again (2 samples each), sampled without logprobs and then
+    scored by prefill (generate.logprobs=rescore), graded by the math checker: test_generate checks the top-k,
+    test_checkers the math checker's verdicts inside the engine actor (one engine run for both)."""
+    from distill_llm.teacher.stage import generate
+
+    tmp = tmp_path_factory.mktemp("rescore")
+    cfg = small_config(tmp, data={"num_prompts": 8, "checker": "math"}, generate={"logprobs": "rescore"})
+    return cfg, generate(cfg)
+
+
+def toy_lora_adapter(out: Path) -> Path:
+    """A peft LoRA adapter over the toy student with random (non-zero) LoRA weights, saved in ``out`` as
+    ``student.merge_lora: false`` exports it: adapter_config.json naming the base, no config.json."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from distill_llm.paths import resolve_model
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(resolve_model("toy-student")), lora).save_pretrained(str(out))
+    assert not (out / "config.json").exists() and (out / "adapter_config.json").is_file()
+    return out

@@ -6,7 +6,6 @@ import threading
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import small_config
 from distill_llm.evaluation.checkers import check, get_checker
 
 CASES = [("<think>7+5=12</think>632", "632", True), ("<think></think>\\boxed{\\frac{1}{2}}", "0.5", True),
@@ -38,17 +37,19 @@ def test_unknown_checker_names_the_key_and_the_choices():
 
 
 @pytest.mark.slow
-def test_math_checker_inside_the_teacher_stage(ray_session, tmp_path):
+def test_math_checker_inside_the_teacher_stage(rescored):
     """The toy answers are integers, so the math checker must agree with the toy checker on every sample.
 
-    Evaluation grades its samples in the same engine actor (TeacherEngine._row, with ``data.checker``), and the
-    evaluation tests pass through it with the toy checker, so one engine run covers both stages."""
+    The engine run is conftest.py's ``rescored`` (data.checker=math, 8 prompts x 2 samples), whose top-k
+    test_generate.py checks. Evaluation grades its samples in the same engine actor (TeacherEngine._row, with
+    ``data.checker``), and the evaluation tests pass through it with the toy checker, so one engine run covers
+    both stages."""
     from distill_llm.corpus.shards import read_shards
-    from distill_llm.teacher.stage import generate
 
-    cfg = small_config(tmp_path, data={"checker": "math", "num_prompts": 16}, generate={"samples_per_prompt": 1})
-    generate(cfg)
+    cfg, _ = rescored
+    assert cfg.data.checker == "math"
     rows = read_shards(cfg.output.dir, columns=["completion_text", "answer", "answer_correct"]).to_pylist()
+    assert len(rows) == 16
     toy = get_checker("toy")
     assert [r["answer_correct"] for r in rows] == [check(toy, r["completion_text"], r["answer"]) for r in rows]
-    assert sum(r["answer_correct"] for r in rows) >= 14, "the toy teacher solves nearly every problem"
+    assert sum(r["answer_correct"] for r in rows) >= 13, "the toy teacher solves nearly every problem"

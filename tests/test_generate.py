@@ -43,16 +43,6 @@ def traces_of(shard_dir, n):
 
 
 @pytest.fixture(scope="module")
-def rescored(generated, tmp_path_factory):
-    """The first 4 prompts of the generated set again, sampled without logprobs and then scored by prefill."""
-    from distill_llm.teacher.stage import generate
-
-    tmp = tmp_path_factory.mktemp("rescore")
-    cfg = small_config(tmp, data={"num_prompts": 4}, generate={"logprobs": "rescore"})
-    return cfg, generate(cfg)
-
-
-@pytest.fixture(scope="module")
 def scored(generated, tmp_path_factory):
     """6 traces of the generated set, brought as a Parquet trace set and scored (generate.mode=score)."""
     from distill_llm.teacher.stage import generate
@@ -67,7 +57,8 @@ def scored(generated, tmp_path_factory):
 @pytest.mark.parametrize("path", ["inline", "rescore", "score"])
 def test_stored_topk_equals_transformers_log_softmax(path, request):
     """Recompute the teacher's distribution with transformers on stored prompt+completion ids: top-k
-    collected while sampling (inline), by a prefill after sampling (rescore), or of traces brought (score)."""
+    collected while sampling (inline), by a prefill after sampling (rescore: the ``rescored`` fixture of
+    conftest.py), or of traces brought (score)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -106,7 +97,7 @@ def test_rescore_stores_the_inline_topk_for_the_same_sampled_tokens(generated, r
     inline = {r["sample_id"]: r for r in rows_of(generated[0].output.dir).to_pylist()}
     cfg, manifest = rescored
     rows = rows_of(cfg.output.dir).to_pylist()
-    assert manifest["complete"] and len(rows) == 4 * 2
+    assert manifest["complete"] and len(rows) == 8 * 2
     assert manifest["run"]["generation"] == {"mode": "generate", "logprobs": "rescore"}
     assert generated[1]["run"]["generation"] == {"mode": "generate", "logprobs": "inline"}
     for row in rows:

@@ -2,7 +2,9 @@
 
 The slow test quantises the narrow toy student with both CPU schemes on the session's real shards, checks the
 tensors (int8; int4 packed eight per int32) and the sizes, then scores both folders through ``evaluate``
-(real vLLM CPU engines behind Ray), which is how ``eval`` serves them next to the student and teacher.
+(real vLLM CPU engines behind Ray), which is how ``eval`` serves them next to the student and teacher. The
+student scored beside them is a LoRA adapter export (student.merge_lora: false), so the same run serves
+test_evaluate_engines.py::test_a_lora_adapter_export_is_merged_and_served's adapter, merged.
 """
 
 import json
@@ -107,18 +109,21 @@ def test_quantised_students_are_int8_and_int4_and_vllm_cpu_serves_them(generated
     from distill_llm import registry
     from distill_llm.evaluation.stage import evaluate
     from distill_llm.quantize.stage import quantize
-    from tests.conftest import small_config
+    from distill_llm.evaluation.stage import served_model
+    from tests.conftest import small_config, toy_lora_adapter
 
     shard_cfg, _ = generated
     student = str(registry.model("toy-student").path())
+    # The distilled student beside the quantised folders is a LoRA adapter export over the toy student:
+    # output.student_dir holds adapter_config.json and no config.json, and evaluation serves it merged.
+    adapter = toy_lora_adapter(tmp_path / "student")
     cfg = small_config(tmp_path, output={"dir": shard_cfg.output.dir, "quant_dir": tmp_path / "q",
-                                         "student_dir": tmp_path / "none"},
+                                         "student_dir": adapter},
                        quantize={"schemes": "[w8a8-int8,w4a16]", "model": student, "group_size": 32,
                                  "calibration_samples": 16},
-                       # max_restarts=0: an engine that dies fails the test at once, not after 10 restarts;
-                       # eval.models: the unquantised student scored beside its quantised folders
+                       # max_restarts=0: an engine that dies fails the test at once, not after 10 restarts
                        eval={"include_teacher": "false", "include_base_student": "false", "num_prompts": 8,
-                             "max_restarts": 0, "models": f"[{student}]"})
+                             "max_restarts": 0})
     folders = quantize(cfg)
     assert folders == [str(tmp_path / "q" / "w8a8-int8"), str(tmp_path / "q" / "w4a16")]
     source_bytes = sum(p.stat().st_size for p in Path(student).glob("*.safetensors"))
@@ -137,10 +142,14 @@ def test_quantised_students_are_int8_and_int4_and_vllm_cpu_serves_them(generated
                 assert str(packed.dtype) == "torch.int32" and tuple(packed.shape) == (64, 256 // 8)
                 assert tuple(f.get_tensor(f"{name}.weight_scale").shape) == (64, 256 // 32)
     results = evaluate(cfg)
-    assert list(results) == ["student (w8a8-int8)", "student (w4a16)", student]  # the unquantised one beside them
+    # the adapter export found as output.student_dir, not dropped, and scored before the quantised folders
+    assert list(results) == ["student (distilled)", "student (w8a8-int8)", "student (w4a16)"]
+    assert results["student (distilled)"]["model"] == str(adapter)
+    merged = Path(served_model(cfg, "student (distilled)", str(adapter)).model)  # the folder its engine served
     for label, row in results.items():
         assert row["prompts"] == 8 and row["mean_completion_tokens"] > 0 and "pass@1" in row
-        assert row["weight_bytes"] == sum(p.stat().st_size for p in Path(row["model"]).glob("*.safetensors"))
+        served = merged if label == "student (distilled)" else Path(row["model"])
+        assert row["weight_bytes"] == sum(p.stat().st_size for p in served.glob("*.safetensors"))
 
 
 def test_run_refuses_an_unservable_scheme_before_the_teacher_starts(tmp_path, capsys):

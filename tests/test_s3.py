@@ -76,9 +76,9 @@ def pipeline(s3, tmp_path_factory, request):
 
     tmp = tmp_path_factory.mktemp("s3run")
     cfg = small_config(tmp, output={"dir": f"{RUN}/shards", "student_dir": f"{RUN}/student"},
-                       data={"num_prompts": 32},
-                       train={"storage_path": f"{RUN}/train", "max_steps": 24, "checkpoint_every": 12,
-                              "batch_size": 8, "log_every": 12})
+                       data={"num_prompts": 16},
+                       train={"storage_path": f"{RUN}/train", "max_steps": 4, "checkpoint_every": 2,
+                              "batch_size": 8, "log_every": 2, "num_workers": 1})
     capman = request.config.pluginmanager.getplugin("capturemanager")
     capman.read_global_capture()  # start the capture of this run's output from here
     manifest = generate(cfg)
@@ -95,7 +95,7 @@ def test_shards_are_committed_to_s3_with_the_manifest_last(pipeline, s3):
     from distill_llm.corpus.shards import commit_records, read_manifest, shard_files
 
     manifest = read_manifest(f"{RUN}/shards")
-    assert manifest["totals"]["rows"] == 64 and manifest == pipeline["manifest"], "32 prompts x 2 samples"
+    assert manifest["totals"]["rows"] == 32 and manifest == pipeline["manifest"], "16 prompts x 2 samples"
     assert manifest["run"]["top_k_logprobs"] == 8
     objects = _objects(s3, "run/shards/")
     keys = set(objects)
@@ -119,7 +119,7 @@ def test_inspect_reads_a_shard_set_in_s3(pipeline, capsys):
 
     assert main(["inspect", f"{RUN}/shards"]) == 0
     out = capsys.readouterr().out
-    assert "64 completions of 32 prompts" in out and "k=8" in out
+    assert "32 completions of 16 prompts" in out and "k=8" in out
 
 
 def test_train_checkpoints_and_student_live_in_s3(pipeline, s3, tmp_path):
@@ -131,11 +131,11 @@ def test_train_checkpoints_and_student_live_in_s3(pipeline, s3, tmp_path):
 
     assert pipeline["student"] == f"{RUN}/student"
     checkpoints = {k.split("/")[3] for k in _objects(s3, "run/train/") if "/checkpoint_step" in k}
-    assert checkpoints == {"checkpoint_step0000012", "checkpoint_step0000024"}
+    assert checkpoints == {"checkpoint_step0000002", "checkpoint_step0000004"}
     files = _download(s3, "run/student/", tmp_path / "student")
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "distill_llm.json"} <= set(files)
     info = json.loads((tmp_path / "student" / "distill_llm.json").read_text())
-    assert info["steps"] == 24 and info["shards"] == [f"{RUN}/shards"]
+    assert info["steps"] == 4 and info["shards"] == [f"{RUN}/shards"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
     assert model.num_parameters() > 0
     fetched = Path(resolve_model(f"{RUN}/student"))  # what `distill-llm eval model=s3://...` loads
@@ -155,9 +155,9 @@ def test_the_run_in_s3_is_what_a_rerun_resumes_from(pipeline, s3):
     assert len(runs) == 1
     fs, path = filesystem(f"{RUN}/train/{runs.pop()}")
     result = ray.train.Result.from_path(path, storage_filesystem=fs)
-    assert result.checkpoint.path.endswith("checkpoint_step0000024")
+    assert result.checkpoint.path.endswith("checkpoint_step0000004")
     with result.checkpoint.as_directory() as d:
-        assert json.loads((Path(d) / "trainer_state.json").read_text())["step"] == 24
+        assert json.loads((Path(d) / "trainer_state.json").read_text())["step"] == 4
 
 
 def test_no_secret_reaches_outputs_logs_or_the_runtime_env(pipeline, s3):
