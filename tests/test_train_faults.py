@@ -87,13 +87,20 @@ def _wait_for(predicate, proc, log: Path, timeout: float) -> None:
         time.sleep(1)
 
 
-def test_rerun_after_the_whole_job_died_resumes_from_its_checkpoint(generated, tmp_path):
+def test_rerun_after_the_whole_job_died_resumes_from_its_checkpoint(generated, tmp_path, monkeypatch, capfd):
+    """`python -m pipelines.train_student` on its own local Ray (a laptop run) is SIGKILLed with that Ray after
+    Ray Train registered its step-8 checkpoint; the same command run again resumes there. The rerun is the
+    command's own entry point in this process, on the session's Ray: that Ray never saw the dead job, and what
+    it resumes from is only what the dead job left on disk."""
+    from distill_llm.cli import main
+
     cfg, manifest = generated
     storage = tmp_path / "train"
-    command = [sys.executable, "-m", "pipelines.train_student", str(ROOT / "configs" / "quickstart.yaml"),
-               f"data.shards={cfg.output.dir}", f"output.student_dir={tmp_path / 'student'}",
-               f"train.storage_path={storage}", "student.lora={r: 8, alpha: 16}",
-               "train.max_steps=12", "train.checkpoint_every=4", "train.batch_size=4", "train.log_every=4"]
+    args = [str(ROOT / "configs" / "quickstart.yaml"),
+            f"data.shards={cfg.output.dir}", f"output.student_dir={tmp_path / 'student'}",
+            f"train.storage_path={storage}", "student.lora={r: 8, alpha: 16}",
+            "train.max_steps=12", "train.checkpoint_every=4", "train.batch_size=4", "train.log_every=4"]
+    command = [sys.executable, "-m", "pipelines.train_student", *args]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, like a laptop run
     env["PYTHONPATH"] = str(ROOT)
     marker = tmp_path / "stalled"
@@ -111,9 +118,12 @@ def test_rerun_after_the_whole_job_died_resumes_from_its_checkpoint(generated, t
         _kill_tree(proc)
     assert not (tmp_path / "student" / "distill_llm.json").exists(), "nothing exported by the killed run"
 
-    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resumed from step 8" in second.stdout
+    monkeypatch.chdir(tmp_path)  # where the command ran
+    capfd.readouterr()
+    rc = main(["train", *args])
+    out = capfd.readouterr()
+    assert rc == 0, out.out[-3000:] + out.err[-3000:]
+    assert "resumed from step 8" in out.out
     info = json.loads((tmp_path / "student" / "distill_llm.json").read_text())
     assert info["steps"] == 12 and info["resumed"] == [{"step": 8, "epoch": 0, "batches_in_epoch": 8}]
     run, ckpts = _checkpoints(storage)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -213,24 +214,61 @@ def _metrics(run: Path, step: int) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def test_fsdp_trains_the_same_student_as_ddp_and_resumes_on_one_worker(ray_session, tmp_path, capfd):
-    """2 FSDP workers and 2 DDP workers: equal losses over 4 steps and equal exported weights; the FSDP run's
-    sharded checkpoint then resumes on 1 worker. TensorBoard events are written during the run and each
-    progress line reaches the driver once."""
+class _Tee:
+    """A stream that writes to ``target`` and keeps a copy."""
+
+    def __init__(self, target, copy: list[str]):
+        self.target, self.copy = target, copy
+
+    def write(self, text: str) -> int:
+        self.copy.append(text)
+        return self.target.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.target, name)
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(ray_session, tmp_path_factory):
+    """The three Ray Train runs both FSDP tests read: 2 DDP workers for 6 steps; the same 6 steps on 2 FSDP
+    workers with rank 1 SIGKILLed after step 5 (Ray Train may not restart it, so the run fails with the step-4
+    checkpoint, sharded by 2 workers, its last); that run resumed on 1 worker with grad_accum 4 (the same 8 rows
+    a step). Also what Ray relayed to the driver's stdout and stderr during the runs."""
     import time
 
+    tmp = tmp_path_factory.mktemp("fsdp")
+    stream = _stream([rows_table(LENGTHS * 3, seed=r) for r in range(2)])  # 48 rows = 6 steps of 8
+    marker = tmp / "killed"
+    relayed: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:  # Ray's log relay prints to sys.stdout / sys.stderr as they are then
+        mp.setattr(sys, "stdout", _Tee(sys.stdout, relayed))
+        mp.setattr(sys, "stderr", _Tee(sys.stderr, relayed))
+        ddp = _train(tmp, "ddp", 2, 6, stream, "ddp")
+        killed = _train(tmp, "fsdp", 2, 6, stream, "fsdp",
+                        faults=f"kill_train_worker:step=5,rank=1,delay=3,marker={marker}")
+        time.sleep(3)  # Ray relays worker output asynchronously
+    checkpoints = sorted(p.name for p in killed.glob("checkpoint_step*"))
+    before = _metrics(killed, 4)
+    resumed = _train(tmp, "fsdp", 1, 6, stream, "fsdp", grad_accum=4)
+    return SimpleNamespace(tmp=tmp, ddp=ddp, killed=killed, marker=marker, checkpoints=checkpoints, before=before,
+                           resumed=resumed, relayed="".join(relayed))
+
+
+def test_fsdp_trains_the_same_student_as_ddp_and_resumes_on_one_worker(fsdp_runs):
+    """2 FSDP workers and 2 DDP workers: equal losses over 4 steps and equal exported weights; the FSDP run's
+    sharded checkpoint then resumes on 1 worker. TensorBoard events are written during the run and each
+    progress line reaches the driver once. (The FSDP run is fsdp_runs' killed one, up to its step-4 checkpoint;
+    test_fsdp_worker_killed_mid_run_resumes_on_one_worker checks the kill and the resumed run's log.)"""
     from distill_llm.student.checkpoint import checkpoint_model
 
-    stream = _stream([rows_table(LENGTHS * 3, seed=r) for r in range(2)])  # 48 rows = 6 steps of 8
-    ddp = _train(tmp_path, "ddp", 2, 6, stream, "ddp")
-    fsdp = _train(tmp_path, "fsdp", 2, 4, stream, "fsdp")
-    a, b = _metrics(ddp, 4)[:4], _metrics(fsdp, 4)
-    assert [m["step"] for m in a] == [1, 2, 3, 4]
+    ddp, fsdp = fsdp_runs.ddp, fsdp_runs.killed
+    a, b = _metrics(ddp, 4)[:4], fsdp_runs.before
+    assert [m["step"] for m in a] == [1, 2, 3, 4] and [m["step"] for m in b] == [1, 2, 3, 4]
     for key in ("loss", "ce", "kd"):
         np.testing.assert_allclose([m[key] for m in b], [m[key] for m in a], rtol=1e-5)
     assert a[0]["tokens"] == 2 * sum(c for _, c in LENGTHS[:4]), "the step's tokens over both workers"
 
-    student_cfg = build_config(_config(tmp_path)).student
+    student_cfg = build_config(_config(fsdp_runs.tmp)).student
     weights = [checkpoint_model(run / "checkpoint_step0000004", _student_path(), student_cfg).state_dict()
                for run in (ddp, fsdp)]
     for name, value in weights[0].items():
@@ -238,14 +276,12 @@ def test_fsdp_trains_the_same_student_as_ddp_and_resumes_on_one_worker(ray_sessi
 
     events = list((fsdp / "tensorboard").glob("events.out.tfevents.*"))
     assert events, "TensorBoard events in the run folder"
-    time.sleep(3)  # Ray relays worker output asynchronously
-    out = capfd.readouterr()
-    lines = [line for line in (out.out + out.err).splitlines() if "train: step 3/" in line]
+    lines = [line for line in fsdp_runs.relayed.splitlines() if "train: step 3/" in line]
     assert len(lines) == 2, lines  # once per run (ddp, fsdp), not twice each
 
     # The FSDP run resumes on 1 worker with grad_accum 4 (the same 8 rows a step): steps 5-6 take the rows
     # the 2 workers would have, and train as the uninterrupted 2-worker DDP run did.
-    resumed = _train(tmp_path, "fsdp", 1, 6, stream, "fsdp", grad_accum=4)
+    resumed = fsdp_runs.resumed
     state = json.loads((resumed / "checkpoint_step0000006" / "trainer_state.json").read_text())
     assert state["resumed"] == [{"step": 4, "epoch": 0, "batches_in_epoch": 8}]
     steps = _metrics(resumed, 6)
@@ -254,23 +290,20 @@ def test_fsdp_trains_the_same_student_as_ddp_and_resumes_on_one_worker(ray_sessi
         np.testing.assert_allclose([m[key] for m in steps[4:]], [m[key] for m in _metrics(ddp, 6)[4:]], rtol=1e-5)
 
 
-def test_fsdp_worker_killed_mid_run_resumes_on_one_worker(ray_session, tmp_path):
-    """FSDP on 2 workers; rank 1 is SIGKILLed after step 3 and Ray Train may not restart it, so the run fails
-    with the step-2 checkpoint (sharded by 2 workers) its last. The same run on 1 worker resumes from it:
-    steps 1-2 are kept as logged, steps 3-6 train, the losses stay finite."""
-    stream = _stream([rows_table(LENGTHS * 3, seed=r) for r in range(2)])  # 48 rows = 6 steps of 8
-    marker = tmp_path / "killed"
-    run = _train(tmp_path, "fsdp", 2, 4, stream, "killed",
-                 faults=f"kill_train_worker:step=3,rank=1,delay=3,marker={marker}")
-    assert marker.exists(), "rank 1 was SIGKILLed after step 3"
-    assert sorted(p.name for p in run.glob("checkpoint_step*")) == ["checkpoint_step0000002"]
-    before = _metrics(run, 2)
-    shards = list((run / "checkpoint_step0000002").rglob("*.distcp"))
+def test_fsdp_worker_killed_mid_run_resumes_on_one_worker(fsdp_runs):
+    """FSDP on 2 workers; rank 1 is SIGKILLed after step 5 and Ray Train may not restart it, so the run fails
+    with the step-4 checkpoint (sharded by 2 workers) its last. The same run on 1 worker resumes from it:
+    steps 1-4 are kept as logged, steps 5-6 train, the losses stay finite. (The runs are fsdp_runs', shared
+    with test_fsdp_trains_the_same_student_as_ddp_and_resumes_on_one_worker, which checks their numbers against
+    the DDP run.)"""
+    run = fsdp_runs.killed
+    assert fsdp_runs.marker.exists(), "rank 1 was SIGKILLed after step 5"
+    assert fsdp_runs.checkpoints == ["checkpoint_step0000002", "checkpoint_step0000004"]
+    shards = list((run / "checkpoint_step0000004").rglob("*.distcp"))
     assert len(shards) == 2, "each of the 2 workers wrote its shard"
 
-    resumed = _train(tmp_path, "fsdp", 1, 6, stream, "killed", grad_accum=4)
-    state = json.loads((resumed / "checkpoint_step0000006" / "trainer_state.json").read_text())
-    assert state["resumed"] == [{"step": 2, "epoch": 0, "batches_in_epoch": 4}]
-    steps = _metrics(resumed, 6)
-    assert [m["step"] for m in steps] == list(range(1, 7)) and steps[:2] == before
+    state = json.loads((fsdp_runs.resumed / "checkpoint_step0000006" / "trainer_state.json").read_text())
+    assert state["resumed"] == [{"step": 4, "epoch": 0, "batches_in_epoch": 8}]
+    steps = _metrics(fsdp_runs.resumed, 6)
+    assert [m["step"] for m in steps] == list(range(1, 7)) and steps[:4] == fsdp_runs.before
     assert all(np.isfinite(m["loss"]) for m in steps)
