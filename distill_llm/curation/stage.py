@@ -215,18 +215,26 @@ def group_features(shard_dir: str, paths: list[str], index: int, first: int, spe
     return filters.order_by_partition(table, parts), table.num_rows
 
 
-def features(dirs: list[str], manifests: dict[str, dict[str, Any]], spec: filters.FeatureSpec,
+def input_groups(dirs: list[str], manifests: dict[str, dict[str, Any]]) -> list[tuple[int, str, list[str], int]]:
+    """The tasks of both passes, one per file group (file_groups) of every input: (input index, input dir,
+    the group's shard paths, the first one's index in shard_files). Each input is listed once: the listing
+    reads its manifest and checks every file."""
+    groups = []
+    for i, d in enumerate(dirs):
+        paths = shard_files(d)
+        groups += [(i, d, paths[g.start:g.stop], g.start) for g in file_groups(manifests[d])]
+    return groups
+
+
+def features(groups: list[tuple[int, str, list[str], int]], spec: filters.FeatureSpec,
              parts: int) -> tuple[list, int]:
     """The first pass: the slim feature table of every input row as object refs, one per file group
-    (file_groups; left in the object store), each ordered for ``parts`` key partitions, and the row count."""
+    (input_groups; left in the object store), each ordered for ``parts`` key partitions, and the row count."""
     import ray
 
     task = fresh_task(group_features, num_returns=2)
     spec_ref = ray.put(spec)
-    outs = []
-    for i, d in enumerate(dirs):
-        paths = shard_files(d)  # once per input: each listing reads the manifest and checks every file
-        outs += [task.remote(d, paths[g.start:g.stop], i, g.start, spec_ref, parts) for g in file_groups(manifests[d])]
+    outs = [task.remote(d, paths, i, first, spec_ref, parts) for i, d, paths, first in groups]
     return [o[0] for o in outs], sum(ray.get([o[1] for o in outs]))
 
 
@@ -430,10 +438,10 @@ def write_group(shard_dir: str, paths: list[str], index: int, first: int, prefix
     return [writer.write([chunk]) for chunk in shard_chunks(marked, rows_per_shard)]
 
 
-def write_pass(cfg: Config, dirs: list[str], manifests: dict[str, dict[str, Any]], removed: list, done: set[str],
-               run: dict[str, Any], failed: list) -> None:
+def write_pass(cfg: Config, dirs: list[str], groups: list[tuple[int, str, list[str], int]], removed: list,
+               done: set[str], run: dict[str, Any], failed: list) -> None:
     """The second pass: every input row through the teacher stage's writer (shards + rejects, committed),
-    one Ray task per file group (file_groups). ``removed``, ``failed``: refs of decide_task's removed and
+    one Ray task per file group (input_groups). ``removed``, ``failed``: refs of decide_task's removed and
     failed rows (the rows whose answer check failed, weighted by kd_weight_incorrect) per partition; each
     task takes its own files' share of them."""
     import ray
@@ -445,14 +453,11 @@ def write_pass(cfg: Config, dirs: list[str], manifests: dict[str, dict[str, Any]
                          metadata=run, teacher_column=True)
     task = fresh_task(write_group)
     refs = [ray.put(x) for x in (removed, failed, done_ids, writer)]
-    tasks = []
-    for i, (d, prefix) in enumerate(zip(dirs, prefixes(dirs))):
-        marking = {"teacher": labels[i], "kd_weight": c.inputs[i].kd_weight,
-                   "kd_weight_incorrect": c.verify.kd_weight_incorrect}
-        paths = shard_files(d)
-        tasks += [task.remote(d, paths[g.start:g.stop], i, g.start, prefix, *refs, c.rows_per_shard, marking)
-                  for g in file_groups(manifests[d])]
-    ray.get(tasks)
+    markings = [{"teacher": labels[i], "kd_weight": c.inputs[i].kd_weight,
+                 "kd_weight_incorrect": c.verify.kd_weight_incorrect} for i in range(len(dirs))]
+    ids = prefixes(dirs)
+    ray.get([task.remote(d, paths, i, first, ids[i], *refs, c.rows_per_shard, markings[i])
+             for i, d, paths, first in groups])
 
 
 def curate(cfg: Config, sample_passes=None) -> dict[str, Any]:
@@ -490,7 +495,8 @@ def curate_passes(cfg: Config, dirs: list[str], grams: frozenset, parts: int, re
     """curate's work once its output is claimed: features, decisions, the write pass; the manifest and
     the input rows."""
     c = cfg.curate
-    refs, rows = features(dirs, manifests, feature_spec(c, grams), parts)
+    groups = input_groups(dirs, manifests)
+    refs, rows = features(groups, feature_spec(c, grams), parts)
     rates = (student_pass_rates(cfg, dirs, manifests, out_dir, sample_passes)
              if c.difficulty.student_max_pass_rate is not None else {})
     removed, failed, counts = decide_all(refs, rows, parts, policy(c, rates), c.verify.kd_weight_incorrect is not None)
@@ -498,7 +504,7 @@ def curate_passes(cfg: Config, dirs: list[str], grams: frozenset, parts: int, re
     with storage_errors(out_dir):
         if resume.committed:
             print(f"curate: resuming {out_dir}: {len(resume.done_sample_ids):,} rows already committed")
-        write_pass(cfg, dirs, manifests, removed, resume.done_sample_ids, run, failed)
+        write_pass(cfg, dirs, groups, removed, resume.done_sample_ids, run, failed)
         extra = {"curate": {**run["curate"], "removed": counts, "eval_ngrams": len(grams),
                             **({"student_pass": pass_summary(rates)} if rates else {})},
                  "config": cfg.model_dump(mode="json")}
